@@ -1,0 +1,18 @@
+# cosmos3-serve for Hopper / Blackwell GPUs.
+#   docker build -t cosmos3-serve .
+#   docker run --gpus all -p 8000:8000 -v /path/to/Cosmos3-Nano:/models/cosmos3 cosmos3-serve
+# The base image carries CUDA, torch, the real torchvision and vLLM (0.26 to 0.33 are supported).
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.26.0
+FROM ${VLLM_IMAGE}
+
+WORKDIR /opt/cosmos3-serve
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY model_executor ./model_executor
+COPY sampling ./sampling
+COPY quant ./quant
+RUN python3 -m pip install --no-cache-dir '.[gpu]'
+
+ENV HF_HUB_OFFLINE=1
+EXPOSE 8000
+ENTRYPOINT ["cosmos3-serve", "serve", "/models/cosmos3", "--host", "0.0.0.0", "--port", "8000"]

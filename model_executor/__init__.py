@@ -1,0 +1,1 @@
+"""Model code: the reasoner plugin for vLLM, the generator executor, checkpoint handling."""

@@ -1,0 +1,1 @@
+"""Checkpoints in the released Cosmos 3 unified (Diffusers) layout."""

@@ -1,0 +1,1 @@
+"""Per-deployment precision (BF16 / FP8 / NVFP4) for both towers."""

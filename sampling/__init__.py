@@ -1,0 +1,1 @@
+"""Flow-matching schedules, classifier-free guidance and per-request sampler state for the generator."""

@@ -1,0 +1,1 @@
+"""Command line and HTTP front end of cosmos3-serve."""

@@ -1,0 +1,79 @@
+"""`cosmos3-serve` command line: `serve` a checkpoint, `make-tiny` a random-weight one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cosmos3_serve.model_executor.checkpoint.shapes import SHAPES
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from cosmos3_serve.model_executor.checkpoint.writer import write_checkpoint
+
+    out = write_checkpoint(
+        args.out, shape=args.shape, vocab=args.vocab, seed=args.seed, action=args.action, progress=True
+    )
+    kind = "weights, configs and tokenizer" if args.shape == "tiny" else "configs and tokenizer (no weights)"
+    print(f"wrote {args.shape} Cosmos 3 checkpoint ({kind}) to {out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cosmos3_serve.server.launcher import ServeOptions, serve
+
+    return serve(
+        ServeOptions(
+            checkpoint=Path(args.checkpoint),
+            host=args.host,
+            port=args.port,
+            dtype=args.dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
+            max_model_len=args.max_model_len,
+            api_key=args.api_key,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cosmos3-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny", help="write a random-weight checkpoint in the released Cosmos 3 layout")
+    tiny.add_argument("out", help="output directory")
+    tiny.add_argument("--seed", type=int, default=0, help="weights are a pure function of the seed (default 0)")
+    tiny.add_argument(
+        "--vocab",
+        choices=["qwen", "compact"],
+        default="qwen",
+        help="qwen: Qwen special tokens at their real ids (151643...); compact: small vocabulary for tests",
+    )
+    tiny.add_argument("--action", action="store_true", help="add the action head (policy / dynamics modes)")
+    tiny.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="tiny",
+        help="tiny: random weights; nano / super: real dimensions, configs and tokenizer only",
+    )
+    tiny.set_defaults(func=_make_tiny)
+
+    serve = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI-style API)")
+    serve.add_argument("checkpoint", help="checkpoint directory in the released unified layout")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", default="auto", help="reasoner compute dtype (auto, bfloat16, float32, ...)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

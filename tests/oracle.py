@@ -1,0 +1,71 @@
+"""The reference implementations our outputs are compared against, loaded on a checkpoint as released.
+
+- Generator: diffusers' `Cosmos3OmniPipeline` (`enable_safety_checker=False`: the guardrail needs downloads).
+- Reasoner: transformers' `Cosmos3OmniForConditionalGeneration` with its own unified-layout key renames. The
+  released layout keeps the reasoner's weights in `transformer/` and `vision_encoder/`, not at the root, so a
+  view directory links the root files and lists both safetensors in a `model.safetensors.index.json`; the
+  checkpoint itself stays as released.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+REASONER_WEIGHT_FILES = ("transformer/diffusion_pytorch_model.safetensors", "vision_encoder/model.safetensors")
+
+
+@dataclass
+class Reasoner:
+    model: Any  # Cosmos3OmniForConditionalGeneration
+    processor: Any  # Qwen3VLProcessor
+
+    @torch.no_grad()
+    def greedy(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    def inputs(self, prompt: str, images=None, videos=None, video_metadata=None) -> dict[str, torch.Tensor]:
+        """Processor inputs for an already rendered prompt (vLLM renders the chat template the same way)."""
+        kwargs: dict[str, Any] = {"text": [prompt], "return_tensors": "pt"}
+        if images is not None:
+            kwargs["images"] = images
+        if videos is not None:
+            kwargs["videos"] = videos
+            metadata = [{k: v for k, v in m.items() if k != "do_sample_frames"} for m in video_metadata]
+            kwargs["videos_kwargs"] = {"video_metadata": metadata, "do_sample_frames": False}
+        return dict(self.processor(**kwargs))
+
+    def render(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def load_diffusers_pipeline(checkpoint: Path, dtype: torch.dtype = torch.float32):
+    from diffusers import Cosmos3OmniPipeline
+
+    return Cosmos3OmniPipeline.from_pretrained(checkpoint, enable_safety_checker=False, dtype=dtype)
+
+
+def load_transformers_reasoner(checkpoint: Path, view_dir: Path, dtype: torch.dtype = torch.float32) -> Reasoner:
+    from transformers import AutoProcessor, Cosmos3OmniForConditionalGeneration
+
+    view_dir.mkdir(parents=True, exist_ok=True)
+    for entry in checkpoint.iterdir():
+        link = view_dir / entry.name
+        if not link.exists():
+            link.symlink_to(entry.resolve())
+    weight_map = {}
+    for relpath in REASONER_WEIGHT_FILES:
+        with safe_open(checkpoint / relpath, "pt") as f:
+            weight_map.update({key: relpath for key in f.keys()})
+    (view_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    model, info = Cosmos3OmniForConditionalGeneration.from_pretrained(view_dir, dtype=dtype, output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise RuntimeError(f"transformers could not load the reasoner: {info}")
+    return Reasoner(model=model.eval(), processor=AutoProcessor.from_pretrained(checkpoint))
