@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml deploy/cpu/install_torchvision.py deploy/cpu/
 	touch $@
 
 $(TINY)/model_index.json: $(VENV)/.installed
-	$(BIN)/cosmos3-serve make-tiny $(TINY) --seed 0
+	$(BIN)/cosmos3-serve make-tiny $(TINY) --seed 0 --vocab compact
 
 serve: $(VENV)/.installed $(TINY)/model_index.json
 	$(BIN)/cosmos3-serve serve $(TINY) --host $(HOST) --port $(PORT) --dtype float32 --max-model-len 4096
