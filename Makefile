@@ -25,7 +25,7 @@ $(TINY)/model_index.json: $(VENV)/.installed
 	$(BIN)/cosmos3-serve make-tiny $(TINY) --seed 0 --vocab compact
 
 serve: $(VENV)/.installed $(TINY)/model_index.json
-	$(BIN)/cosmos3-serve serve $(TINY) --host $(HOST) --port $(PORT) --dtype float32 --max-model-len 4096
+	$(BIN)/cosmos3-serve serve $(TINY) --host $(HOST) --port $(PORT) --dtype float32 --max-model-len 4096 --gpu-memory-utilization 0.2
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

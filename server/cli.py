@@ -31,7 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             tensor_parallel_size=args.tensor_parallel_size,
             max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
             api_key=args.api_key,
+            video_pruning_rate=args.video_pruning_rate,
+            video_pruning_method=args.video_pruning_method,
         )
     )
 
@@ -65,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="auto", help="reasoner compute dtype (auto, bfloat16, float32, ...)")
     serve.add_argument("--tensor-parallel-size", type=int, default=1)
     serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of device memory for the engine (on CPU: of host memory that must be free at start)",
+    )
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    serve.add_argument(
+        "--video-pruning-rate", type=float, default=None, help="fraction of video tokens to prune (EVS), in [0, 1)"
+    )
+    serve.add_argument("--video-pruning-method", choices=["evs", "vidcom2"], default="evs")
     serve.set_defaults(func=_serve)
     return parser
 

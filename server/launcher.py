@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from cosmos3_serve.model_executor import vllm_compat
+
 READY_TIMEOUT_S = 600.0
 
 
@@ -32,7 +34,10 @@ class ServeOptions:
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
     api_key: str | None = None
+    video_pruning_rate: float | None = None
+    video_pruning_method: str = "evs"
 
     @property
     def model_name(self) -> str:
@@ -57,8 +62,12 @@ def vllm_server_command(options: ServeOptions) -> list[str]:
     ]  # fmt: skip
     if options.max_model_len is not None:
         command += ["--max-model-len", str(options.max_model_len)]
+    if options.gpu_memory_utilization is not None:
+        command += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
     if options.api_key is not None:
         command += ["--api-key", options.api_key]
+    for name, value in vllm_compat.video_pruning_kwargs(options.video_pruning_rate, options.video_pruning_method).items():
+        command += ["--" + name.replace("_", "-"), str(value)]
     return command
 
 

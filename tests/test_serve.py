@@ -4,76 +4,37 @@ client and by the curl line the command prints for the user."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-READY_MARK = "is ready on"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RunningServer:
-    def __init__(self, checkpoint: Path) -> None:
-        self.port = _free_port()
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(checkpoint), "--port", str(self.port),
-             "--dtype", "float32", "--max-model-len", "4096"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if READY_MARK in line:
-                self.ready.set()
-        self.ready.set()  # exited: let the waiter see it
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        if not self.ready.wait(timeout_s) or self.process.poll() is not None:
-            raise RuntimeError(f"server did not start:\n{self.output[-5000:]}")
-        self.ready.clear()
-        self.ready.wait(2.0)  # the example requests follow the ready line
+from tests.server_process import ServerProcess, free_port
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[RunningServer]:
-    running = RunningServer(tiny_checkpoint)
+def server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
+    port = free_port()
+    running = ServerProcess(
+        [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint), "--port", str(port),
+         "--dtype", "float32", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2"],
+        port,
+    )  # fmt: skip
     try:
-        running.wait_ready(timeout_s=600)
+        running.wait_ready(then_output="-H 'Content-Type: application/json'")
         yield running
     finally:
-        running.process.terminate()
-        try:
-            running.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            running.process.kill()
+        running.stop()
 
 
-def test_openai_client_chat_completion(server: RunningServer, tiny_checkpoint: Path) -> None:
+def test_openai_client_chat_completion(server: ServerProcess, tiny_checkpoint: Path) -> None:
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused")
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
     [model] = client.models.list().data
     assert model.id == tiny_checkpoint.name
     reply = client.chat.completions.create(
@@ -89,7 +50,7 @@ def test_openai_client_chat_completion(server: RunningServer, tiny_checkpoint: P
     assert streamed == reply.choices[0].message.content  # greedy: the stream carries the same text
 
 
-def test_printed_curl_lines_work_as_pasted(server: RunningServer) -> None:
+def test_printed_curl_lines_work_as_pasted(server: ServerProcess) -> None:
     curls = [line.strip() for line in server.output.splitlines() if line.strip().startswith("curl ")]
     assert len(curls) >= 2, server.output[-3000:]
     for line in curls:
@@ -99,3 +60,25 @@ def test_printed_curl_lines_work_as_pasted(server: RunningServer) -> None:
         assert "error" not in body, body
     chat_line = next(line for line in curls if "/v1/chat/completions" in line)
     assert re.search(r"-d '\{.*\"messages\"", chat_line)
+
+
+@pytest.mark.parametrize("part", ["image_url", "video_url"])
+def test_multimodal_chat_streams_what_the_engine_answers(server: ServerProcess, vllm_reasoner, part: str) -> None:
+    """OpenAI content parts with data URLs, streamed and not, equal the in-process engine's greedy answer."""
+    from openai import OpenAI
+    from vllm import SamplingParams
+
+    from tests import media
+
+    url = (media.png_data_url(media.smooth_image(seed=6)) if part == "image_url"
+           else media.mp4_data_url(media.smooth_video(seed=7, num_frames=8), fps=4))  # fmt: skip
+    messages = [{"role": "user", "content": [{"type": part, part: {"url": url}}, {"type": "text", "text": "Describe."}]}]
+    expected = vllm_reasoner.chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert reply.choices[0].message.content == streamed == expected.text
+    assert reply.usage.completion_tokens == len(expected.token_ids)

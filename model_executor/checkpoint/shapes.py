@@ -99,7 +99,7 @@ SHAPES: dict[str, CheckpointShape] = {
         ),
         vae=VaeShape(base_dim=16, decoder_base_dim=16, num_res_blocks=1),
         processor=ProcessorShape(
-            image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=32 * 32, video_max_pixels=4 * 64 * 64
+            image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=32 * 32, video_max_pixels=32 * 64 * 64
         ),
         action_dim=8,
         num_embodiment_domains=4,

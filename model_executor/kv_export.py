@@ -1,0 +1,241 @@
+"""Export of the reasoner's prompt K/V to the generator, through vLLM's KV-connector API.
+
+A request becomes a *generation context* when its sampling params carry
+`extra_args={"kv_transfer_params": {"cosmos3_export": KEY}}` (see `generation_context_args`). Usually it is
+prefill-only (`max_tokens=1`). In the step that completes its prefill:
+
+- scheduler side (`Cosmos3KVExportConnector` in the engine core): `build_connector_meta` lists the request's
+  blocks, cached prefix blocks included, and its prompt length;
+- worker side (one per tensor-parallel rank): after the forward (`wait_for_save`) every attention layer's blocks
+  are read out of vLLM's paged cache, which holds K after `norm_k` and mRoPE, exactly what the generator's
+  queries attend to, and V, and are put in the process-local `PROMPT_KV_STORE` under KEY as a `PromptKV`
+  (per layer `[num_tokens, num_kv_heads_of_this_rank, head_dim]`).
+
+The reasoner never runs again for that prompt: a second request with the same prefix is served from vLLM's
+prefix cache and exported the same way. The generator takes the K/V from the store of its own worker process
+(`take_prompt_kv`, also callable through `LLM.collective_rpc` from another process). The finished request
+reports `{"cosmos3_export": KEY, "num_prompt_tokens": N}` in `RequestOutput.kv_transfer_params`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from cosmos3_serve.model_executor.plugin import KV_EXPORT_CONNECTOR, KV_EXPORT_MODULE
+
+EXPORT_PARAM = "cosmos3_export"
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def kv_transfer_config() -> dict[str, Any]:
+    """Engine argument `kv_transfer_config` that turns the export on (our plugin registers the name)."""
+    return {"kv_connector": KV_EXPORT_CONNECTOR, "kv_connector_module_path": KV_EXPORT_MODULE, "kv_role": "kv_producer"}
+
+
+def generation_context_args(key: str) -> dict[str, Any]:
+    """`SamplingParams.extra_args` marking a request as a generation context exported under `key`."""
+    return {"kv_transfer_params": {EXPORT_PARAM: key}}
+
+
+@dataclass
+class PromptKV:
+    """The prompt's K/V of every reasoner layer, as the generator consumes them (one tensor-parallel shard)."""
+
+    keys: list[torch.Tensor]  # per layer [num_tokens, num_kv_heads, head_dim], after norm_k and mRoPE
+    values: list[torch.Tensor]  # per layer [num_tokens, num_kv_heads, head_dim]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class PromptKVStore:
+    """Process-local hand-off from the connector (writer) to the generator (reader), keyed by export key."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, PromptKV] = {}
+
+    def put(self, key: str, prompt_kv: PromptKV) -> None:
+        with self._lock:
+            self._items[key] = prompt_kv
+
+    def take(self, key: str) -> PromptKV:
+        with self._lock:
+            return self._items.pop(key)
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+PROMPT_KV_STORE = PromptKVStore()
+
+
+def take_prompt_kv(worker: Any, key: str) -> PromptKV:
+    """`LLM.collective_rpc(take_prompt_kv, args=(key,))`: each rank returns (and forgets) its shard."""
+    del worker
+    return PROMPT_KV_STORE.take(key)
+
+
+class PagedKVReader:
+    """Reads K and V of whole blocks out of one layer's paged KV cache.
+
+    Every backend we run exposes the logical cache shape `[num_blocks, num_kv_heads, block_size, 2 * head_dim]`;
+    what differs is where K and V sit inside the last two dimensions:
+    - `FLASH_ATTN` (GPU): K is `[..., :head_dim]`, V is `[..., head_dim:]`.
+    - `CPU_ATTN`: per block and head, one slab of `block_size * head_dim` for K then one for V, packed by the
+      kernel's instruction set: `vec` stores K transposed (`[head_dim, block_size]`) and V as is; `amx` stores
+      K as 16-token tiles of bf16 pairs and V as `[head_dim / 16, block_size / 2, 16, 2]` tiles.
+    """
+
+    def __init__(self, cache: torch.Tensor, layout: str) -> None:
+        if layout not in ("flash", "cpu_vec", "cpu_amx"):
+            raise NotImplementedError(f"reading K/V from a {layout!r} paged cache is not supported")
+        self.cache = cache
+        self.layout = layout
+        _, self.num_kv_heads, self.block_size, two_head_dim = cache.shape
+        self.head_dim = two_head_dim // 2
+
+    @classmethod
+    def for_attention_layer(cls, cache: torch.Tensor, attention: torch.nn.Module) -> PagedKVReader:
+        backend = attention.attn_backend.get_name()
+        if backend == "FLASH_ATTN":
+            return cls(cache, "flash")
+        if backend == "CPU_ATTN":
+            isa = getattr(attention.impl, "isa", None) or getattr(attention, "isa", None)
+            return cls(cache, f"cpu_{isa}")
+        return cls(cache, backend)
+
+    def read(self, block_ids: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V `[num_tokens, num_kv_heads, head_dim]` of the first `num_tokens` slots of `block_ids`."""
+        index = torch.tensor(block_ids, device=self.cache.device)
+        blocks = self.cache.index_select(0, index)  # [nb, H, N, 2D]
+        nb, h, n, d = len(block_ids), self.num_kv_heads, self.block_size, self.head_dim
+        if self.layout == "flash":
+            k, v = blocks[..., :d], blocks[..., d:]  # [nb, H, N, D]
+        else:
+            slabs = blocks.view(nb, h, 2, n * d)
+            if self.layout == "cpu_vec":
+                k = slabs[:, :, 0].reshape(nb, h, d, n).transpose(-1, -2)
+                v = slabs[:, :, 1].reshape(nb, h, n, d)
+            else:  # cpu_amx: K in int32 pairs of bf16, 16 tokens per tile
+                k_pairs = slabs[:, :, 0].contiguous().view(torch.int32).view(nb, h, n // 16, d // 2, 16)
+                k = k_pairs.permute(0, 1, 2, 4, 3).contiguous().view(blocks.dtype).view(nb, h, n, d)
+                v = slabs[:, :, 1].reshape(nb, h, d // 16, n // 2, 16, 2).permute(0, 1, 3, 5, 2, 4).reshape(nb, h, n, d)
+        k = k.transpose(1, 2).reshape(nb * n, h, d)[:num_tokens]
+        v = v.transpose(1, 2).reshape(nb * n, h, d)[:num_tokens]
+        return k.contiguous(), v.contiguous()
+
+
+@dataclass
+class _Export:
+    request_id: str
+    key: str
+    block_ids: list[int]
+    num_tokens: int
+
+
+@dataclass
+class Cosmos3ExportMetadata(KVConnectorMetadata):
+    exports: list[_Export] = field(default_factory=list)
+
+
+class Cosmos3KVExportConnector(KVConnectorBase_V1):
+    """Producer-only KV connector: exports the prompt K/V of generation contexts, loads nothing."""
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._block_size = vllm_config.cache_config.block_size
+        self._pending: dict[str, Any] = {}  # scheduler: request id -> Request, until its prefill completes
+        self._block_ids: dict[str, list[int]] = {}  # scheduler: blocks of pending requests, cached prefix included
+        self._readers: list[PagedKVReader] = []  # worker: one per attention layer, in layer order
+
+    # Scheduler side -------------------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        return 0, False  # nothing is loaded from outside: prefix hits come from vLLM's own cache
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        if EXPORT_PARAM in (request.kv_transfer_params or {}):
+            self._pending[request.request_id] = request
+
+    def build_connector_meta(self, scheduler_output) -> Cosmos3ExportMetadata:
+        self._track_block_ids(scheduler_output)
+        meta = Cosmos3ExportMetadata()
+        for request_id, request in list(self._pending.items()):
+            scheduled = scheduler_output.num_scheduled_tokens.get(request_id, 0)
+            # num_computed_tokens advances after this call: this step completes the prefill if it reaches the end.
+            if scheduled and request.num_computed_tokens + scheduled >= request.num_prompt_tokens:
+                num_blocks = math.ceil(request.num_prompt_tokens / self._block_size)
+                block_ids = self._block_ids.pop(request_id)[:num_blocks]
+                key = request.kv_transfer_params[EXPORT_PARAM]
+                meta.exports.append(_Export(request_id, key, block_ids, request.num_prompt_tokens))
+                del self._pending[request_id]
+        return meta
+
+    def _track_block_ids(self, scheduler_output) -> None:
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id in self._pending:
+                self._block_ids[new.req_id] = list(new.block_ids[0])
+        cached = scheduler_output.scheduled_cached_reqs
+        for request_id, new_block_ids in zip(cached.req_ids, cached.new_block_ids):
+            if request_id not in self._pending or new_block_ids is None:
+                continue
+            if request_id in cached.resumed_req_ids:  # resumed after preemption: the full list
+                self._block_ids[request_id] = list(new_block_ids[0])
+            else:
+                self._block_ids[request_id].extend(new_block_ids[0])
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._pending.pop(request.request_id, None)
+        self._block_ids.pop(request.request_id, None)
+        params = request.kv_transfer_params or {}
+        if EXPORT_PARAM not in params:
+            return False, None
+        # The worker copied the K/V out synchronously: the blocks can be freed (or kept by the prefix cache).
+        return False, {EXPORT_PARAM: params[EXPORT_PARAM], "num_prompt_tokens": request.num_prompt_tokens}
+
+    # Worker side ----------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        attention_layers = self._vllm_config.compilation_config.static_forward_context
+        names = sorted(kv_caches, key=lambda name: int(_LAYER_INDEX.search(name).group(1)))
+        self._readers = [PagedKVReader.for_attention_layer(kv_caches[n], attention_layers[n]) for n in names]
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs) -> None:
+        return None  # the whole prompt (cached blocks too) is read once all layers are written: wait_for_save
+
+    def wait_for_save(self) -> None:
+        for export in self._get_connector_metadata().exports:
+            keys, values = zip(*(reader.read(export.block_ids, export.num_tokens) for reader in self._readers))
+            PROMPT_KV_STORE.put(export.key, PromptKV(keys=list(keys), values=list(values)))

