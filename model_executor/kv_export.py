@@ -112,29 +112,35 @@ class PagedKVReader:
       K as 16-token tiles of bf16 pairs and V as `[head_dim / 16, block_size / 2, 16, 2]` tiles.
     """
 
-    def __init__(self, cache: torch.Tensor, layout: str) -> None:
+    def __init__(self, cache: torch.Tensor, layout: str, scheduler_block_size: int) -> None:
         if layout not in ("flash", "cpu_vec", "cpu_amx"):
             raise NotImplementedError(f"reading K/V from a {layout!r} paged cache is not supported")
         self.cache = cache
         self.layout = layout
         _, self.num_kv_heads, self.block_size, two_head_dim = cache.shape
         self.head_dim = two_head_dim // 2
+        # The kernel may split each scheduler block into several smaller cache blocks.
+        self.blocks_per_scheduler_block = scheduler_block_size // self.block_size
 
     @classmethod
-    def for_attention_layer(cls, cache: torch.Tensor, attention: torch.nn.Module) -> PagedKVReader:
+    def for_attention_layer(
+        cls, cache: torch.Tensor, attention: torch.nn.Module, scheduler_block_size: int
+    ) -> PagedKVReader:
         backend = attention.attn_backend.get_name()
         if backend == "FLASH_ATTN":
-            return cls(cache, "flash")
-        if backend == "CPU_ATTN":
-            isa = getattr(attention.impl, "isa", None) or getattr(attention, "isa", None)
-            return cls(cache, f"cpu_{isa}")
-        return cls(cache, backend)
+            layout = "flash"
+        elif backend == "CPU_ATTN":
+            layout = f"cpu_{getattr(attention.impl, 'isa', None) or getattr(attention, 'isa', None)}"
+        else:
+            layout = backend
+        return cls(cache, layout, scheduler_block_size)
 
     def read(self, block_ids: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V `[num_tokens, num_kv_heads, head_dim]` of the first `num_tokens` slots of `block_ids`."""
-        index = torch.tensor(block_ids, device=self.cache.device)
+        r = self.blocks_per_scheduler_block
+        index = torch.tensor([b * r + j for b in block_ids for j in range(r)], device=self.cache.device)
         blocks = self.cache.index_select(0, index)  # [nb, H, N, 2D]
-        nb, h, n, d = len(block_ids), self.num_kv_heads, self.block_size, self.head_dim
+        nb, h, n, d = len(index), self.num_kv_heads, self.block_size, self.head_dim
         if self.layout == "flash":
             k, v = blocks[..., :d], blocks[..., d:]  # [nb, H, N, D]
         else:
@@ -224,7 +230,9 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         attention_layers = self._vllm_config.compilation_config.static_forward_context
         names = sorted(kv_caches, key=lambda name: int(_LAYER_INDEX.search(name).group(1)))
-        self._readers = [PagedKVReader.for_attention_layer(kv_caches[n], attention_layers[n]) for n in names]
+        self._readers = [
+            PagedKVReader.for_attention_layer(kv_caches[name], attention_layers[name], self._block_size) for name in names
+        ]
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         return None

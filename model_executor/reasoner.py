@@ -88,7 +88,9 @@ class Cosmos3ReasonerForConditionalGeneration(Cosmos3ForConditionalGeneration):
         following[-1] = -1
         opens_media = torch.isin(
             following,
-            torch.tensor([config.image_token_id, config.video_token_id, config.vision_end_token_id]),
+            torch.tensor(
+                [config.image_token_id, config.video_token_id, config.vision_end_token_id], device=input_ids_n.device
+            ),
         )
         outer = (input_ids_n == config.vision_start_token_id) & ~opens_media
         return torch.where(outer, torch.full_like(input_ids_n, -1), input_ids_n)

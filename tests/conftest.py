@@ -24,8 +24,14 @@ TINY_SEED = 0
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random checkpoint (compact vocabulary, action head) in the released unified layout."""
+    """The tiny random checkpoint (compact vocabulary, action head) in the released unified layout.
+
+    `COSMOS3_TEST_CHECKPOINT` names one written beforehand by `cosmos3-serve make-tiny OUT --vocab compact
+    --action` (the GPU machine's transformers predates `Cosmos3OmniConfig`, which the writer uses)."""
     from cosmos3_serve.model_executor.checkpoint.writer import write_checkpoint
+
+    if os.environ.get("COSMOS3_TEST_CHECKPOINT"):
+        return Path(os.environ["COSMOS3_TEST_CHECKPOINT"])
 
     return write_checkpoint(
         tmp_path_factory.mktemp("ckpt") / "cosmos3-tiny", seed=TINY_SEED, vocab="compact", action=True, progress=False

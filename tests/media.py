@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -42,6 +41,8 @@ def png_data_url(image: Image.Image) -> str:
 
 
 def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
+    import av
+
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
