@@ -11,6 +11,12 @@ prefill-only (`max_tokens=1`). In the step that completes its prefill:
   queries attend to, and V, and are put in the process-local `PROMPT_KV_STORE` under KEY as a `PromptKV`
   (per layer `[num_tokens, num_kv_heads_of_this_rank, head_dim]`).
 
+When the generator re-normalises the reasoner's keys (`k_norm_und_for_gen`, checkpoints with
+`qk_norm_for_text=False`), the exported keys are `RoPE(norm(RoPE^-1(K)))`: the cache holds `RoPE(K)`, RoPE is a
+rotation, so this is exact. It needs the prompt's positions, which are 0..N-1 on every mRoPE axis for text-only
+prompts (what generation prompts are); a multimodal generation context on such a checkpoint is refused with an
+`error` in its `kv_transfer_params`.
+
 The reasoner never runs again for that prompt: a second request with the same prefix is served from vLLM's
 prefix cache and exported the same way. The generator takes the K/V from the store of its own worker process
 (`take_prompt_kv`, also callable through `LLM.collective_rpc` from another process). The finished request
@@ -32,6 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from cosmos3_serve.model_executor.checkpoint.generator_config import KeyNorms, checkpoint_file
 from cosmos3_serve.model_executor.plugin import KV_EXPORT_CONNECTOR, KV_EXPORT_MODULE
 
 EXPORT_PARAM = "cosmos3_export"
@@ -157,6 +164,51 @@ class PagedKVReader:
         return k.contiguous(), v.contiguous()
 
 
+class GeneratorKeyNorm:
+    """`k_norm_und_for_gen` on cached keys: `RoPE(RMSNorm_w(RoPE^-1(K)))` at text positions 0..N-1."""
+
+    def __init__(self, weights: list[torch.Tensor], eps: float, rope_theta: float) -> None:
+        self.weights = weights  # per layer [head_dim]
+        self.eps = eps
+        head_dim = weights[0].shape[0]
+        self.inv_freq = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+    @classmethod
+    def from_checkpoint(cls, model: str, num_layers: int) -> GeneratorKeyNorm:
+        import json
+
+        from safetensors import safe_open
+
+        config = json.loads(checkpoint_file(model, "transformer/config.json").read_text())
+        keys = [f"layers.{i}.self_attn.k_norm_und_for_gen.weight" for i in range(num_layers)]
+        index_file = "transformer/diffusion_pytorch_model.safetensors.index.json"
+        try:
+            shard_of = json.loads(checkpoint_file(model, index_file).read_text())["weight_map"]
+        except (FileNotFoundError, OSError):
+            shard_of = {key: "diffusion_pytorch_model.safetensors" for key in keys}
+        weights = []
+        for key in keys:
+            with safe_open(checkpoint_file(model, f"transformer/{shard_of[key]}"), "pt") as f:
+                weights.append(f.get_tensor(key).float())
+        return cls(weights, eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 5e6))
+
+    def __call__(self, layer: int, keys_thd: torch.Tensor) -> torch.Tensor:
+        device = keys_thd.device
+        positions = torch.arange(keys_thd.shape[0], device=device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]  # [T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        cos, sin = angles.cos(), angles.sin()
+        rotated = keys_thd.float()
+        raw = rotated * cos - _rotate_half(rotated) * sin  # RoPE^-1
+        normed = raw * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + self.eps) * self.weights[layer].to(device)
+        return (normed * cos + _rotate_half(normed) * sin).to(keys_thd.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 @dataclass
 class _Export:
     request_id: str
@@ -179,6 +231,8 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
         self._pending: dict[str, Any] = {}  # scheduler: request id -> Request, until its prefill completes
         self._block_ids: dict[str, list[int]] = {}  # scheduler: blocks of pending requests, cached prefix included
         self._readers: list[PagedKVReader] = []  # worker: one per attention layer, in layer order
+        self._key_norms = KeyNorms.of_checkpoint(vllm_config.model_config.model)
+        self._generator_key_norm: GeneratorKeyNorm | None = None  # worker, when the checkpoint needs it
 
     # Scheduler side -------------------------------------------------------------------------------------
 
@@ -186,8 +240,11 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
         return 0, False  # nothing is loaded from outside: prefix hits come from vLLM's own cache
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        if EXPORT_PARAM in (request.kv_transfer_params or {}):
-            self._pending[request.request_id] = request
+        if EXPORT_PARAM not in (request.kv_transfer_params or {}):
+            return
+        if self._key_norms.und_k_norm_for_gen and request.has_encoder_inputs:
+            return  # refused in request_finished: the re-normalisation needs text positions
+        self._pending[request.request_id] = request
 
     def build_connector_meta(self, scheduler_output) -> Cosmos3ExportMetadata:
         self._track_block_ids(scheduler_output)
@@ -222,8 +279,11 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
         params = request.kv_transfer_params or {}
         if EXPORT_PARAM not in params:
             return False, None
+        reply = {EXPORT_PARAM: params[EXPORT_PARAM], "num_prompt_tokens": request.num_prompt_tokens}
+        if self._key_norms.und_k_norm_for_gen and request.has_encoder_inputs:
+            reply["error"] = "this checkpoint's generator re-normalises reasoner keys: generation contexts must be text"
         # The worker copied the K/V out synchronously: the blocks can be freed (or kept by the prefix cache).
-        return False, {EXPORT_PARAM: params[EXPORT_PARAM], "num_prompt_tokens": request.num_prompt_tokens}
+        return False, reply
 
     # Worker side ----------------------------------------------------------------------------------------
 
@@ -233,6 +293,8 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
         self._readers = [
             PagedKVReader.for_attention_layer(kv_caches[name], attention_layers[name], self._block_size) for name in names
         ]
+        if self._key_norms.und_k_norm_for_gen:
+            self._generator_key_norm = GeneratorKeyNorm.from_checkpoint(self._vllm_config.model_config.model, len(names))
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         return None
@@ -246,4 +308,6 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         for export in self._get_connector_metadata().exports:
             keys, values = zip(*(reader.read(export.block_ids, export.num_tokens) for reader in self._readers))
+            if self._generator_key_norm is not None:
+                keys = [self._generator_key_norm(layer, k) for layer, k in enumerate(keys)]
             PROMPT_KV_STORE.put(export.key, PromptKV(keys=list(keys), values=list(values)))

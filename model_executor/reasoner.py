@@ -15,8 +15,11 @@ from collections.abc import Sequence
 
 import regex
 import torch
+from torch import nn
 from vllm.model_executor.models.cosmos3 import Cosmos3ForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
+
+from cosmos3_serve.model_executor.checkpoint.generator_config import KeyNorms
 
 GENERATOR_ONLY_SUBSTRINGS = (
     "_moe_gen",
@@ -66,6 +69,14 @@ class Cosmos3ReasonerForConditionalGeneration(Cosmos3ForConditionalGeneration):
             "lm_head.": "language_model.lm_head.",
         },
     )
+
+    def __init__(self, *, vllm_config, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if not KeyNorms.of_checkpoint(vllm_config.model_config.model).qk_norm_for_text:
+            for layer in self.language_model.model.layers:
+                if hasattr(layer, "self_attn"):  # not a pipeline-parallel placeholder
+                    layer.self_attn.q_norm = nn.Identity()
+                    layer.self_attn.k_norm = nn.Identity()
 
     def recompute_mrope_positions(
         self,

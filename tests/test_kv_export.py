@@ -4,6 +4,10 @@ diffusers' `Cosmos3OmniTransformer` computes inside its attention for the same p
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -15,14 +19,26 @@ ATOL = 1e-4  # float32, two implementations (vLLM CPU kernels vs torch SDPA path
 _keys = (f"export-{i}" for i in itertools.count())
 
 
-def _reference_prompt_kv(pipe, prompt: str, negative_prompt: str) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Per forward (cond, then uncond), the und K (after norm_k and mRoPE) and V that diffusers attends to."""
+def _reference_prompt_kv(
+    pipe, prompt: str, negative_prompt: str, capture: str = "und"
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Per forward (cond, then uncond), the prompt's K (after its norms and mRoPE) and V inside diffusers' attention.
+
+    `capture="und"`: as the reasoner attends to them (the causal call); `"gen"`: as the generator's queries see
+    them (the first `und_len` keys of the full-attention call, after `k_norm_und_for_gen` where the model has it).
+    """
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
     original = transformer_cosmos3.dispatch_attention_fn
+    und_len: list[int] = []
 
     def recording(query, key, value, *args, is_causal=False, **kwargs):
-        if is_causal:  # the understanding pathway: K/V of the prompt
-            captured.append((key[0].clone(), value[0].clone()))
+        if is_causal:
+            und_len.append(key.shape[1])
+            if capture == "und":
+                captured.append((key[0].clone(), value[0].clone()))
+        elif capture == "gen":
+            n = und_len[-1]
+            captured.append((key[0, :n].clone(), value[0, :n].clone()))
         return original(query, key, value, *args, is_causal=is_causal, **kwargs)
 
     with mock.patch.object(transformer_cosmos3, "dispatch_attention_fn", recording):
@@ -91,3 +107,24 @@ def test_store_take_forgets() -> None:
     PROMPT_KV_STORE.put("k", PromptKV(keys=[torch.zeros(2, 1, 4)], values=[torch.ones(2, 1, 4)]))
     assert "k" in PROMPT_KV_STORE and PROMPT_KV_STORE.take("k").nbytes == 2 * 2 * 4 * 4
     assert "k" not in PROMPT_KV_STORE
+
+
+def test_generator_key_norm_variant_exports_renormalised_keys(tmp_path: Path) -> None:
+    """Towers without q/k norms whose generator re-normalises the reasoner's keys (`k_norm_und_for_gen`)."""
+    from cosmos3_serve.model_executor.checkpoint.writer import write_checkpoint
+    from tests.oracle import load_diffusers_pipeline
+
+    checkpoint = write_checkpoint(tmp_path / "knorm", vocab="compact", und_k_norm_for_gen=True, progress=False)
+    pipe = load_diffusers_pipeline(checkpoint)
+    assert pipe.transformer.layers[0].self_attn.k_norm_und_for_gen is not None
+    prompt, negative = "A robot arm picks up a red cube.", ""
+    token_ids = pipe.tokenize_prompt(prompt, negative, num_frames=1, height=32, width=32)
+    reference = _reference_prompt_kv(pipe, prompt, negative, capture="gen")
+
+    out = tmp_path / "exported.pt"
+    subprocess.run([sys.executable, "-m", "tests.export_prompt_kv", str(checkpoint), str(out),
+                    json.dumps([list(ids) for ids in token_ids])], check=True, capture_output=True)  # fmt: skip
+    for exported, (ref_keys, ref_values) in zip(torch.load(out), reference):
+        for layer, (k, v, ref_k, ref_v) in enumerate(zip(exported["keys"], exported["values"], ref_keys, ref_values)):
+            torch.testing.assert_close(k, ref_k, rtol=0, atol=ATOL, msg=f"K of layer {layer}")
+            torch.testing.assert_close(v, ref_v, rtol=0, atol=ATOL, msg=f"V of layer {layer}")

@@ -44,10 +44,14 @@ def write_checkpoint(
     vocab: VocabKind = "compact",
     seed: int = 0,
     action: bool = False,
+    und_k_norm_for_gen: bool = False,
     weights: bool | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write the checkpoint to `out` and return its path. `weights` defaults to True for `shape="tiny"` only."""
+    """Write the checkpoint to `out` and return its path. `weights` defaults to True for `shape="tiny"` only.
+
+    `und_k_norm_for_gen` writes the attention variant without query / key norms in which the generator
+    re-normalises the reasoner's keys (`qk_norm_for_text=False`, `use_und_k_norm_for_gen=True`)."""
     from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
 
     if shape not in SHAPES:
@@ -64,6 +68,8 @@ def write_checkpoint(
 
     reasoner_config = _reasoner_config(dims, tokenizer, vocab_rows, dtype)
     transformer_kwargs = _transformer_kwargs(dims, vocab_rows, action, dtype)
+    if und_k_norm_for_gen:
+        transformer_kwargs.update(qk_norm_for_text=False, use_und_k_norm_for_gen=True)
     vae_kwargs = _vae_kwargs(dims, seed)
     with torch.device("meta"):
         transformer = Cosmos3OmniTransformer(**transformer_kwargs)

@@ -1,0 +1,41 @@
+"""What the reasoner side needs to know from the generator's config (`transformer/config.json`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def checkpoint_file(model: str, relpath: str) -> Path:
+    """A file of a checkpoint given as a local directory or a hub id (read from the local hub cache)."""
+    if Path(model).is_dir():
+        local = Path(model) / relpath
+        if not local.is_file():
+            raise FileNotFoundError(local)
+        return local
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(model, relpath))
+
+
+@dataclass(frozen=True)
+class KeyNorms:
+    """How keys are normalised on each path (diffusers `Cosmos3PackedMoTAttention`).
+
+    `qk_norm_for_text`: the reasoner applies per-head RMS norms to its queries and keys (Qwen3 towers do).
+    `und_k_norm_for_gen`: the generator's queries see the reasoner's keys through one more per-head RMS norm
+    (`k_norm_und_for_gen`, applied before RoPE); only when `use_und_k_norm_for_gen` and not `qk_norm_for_text`.
+    """
+
+    qk_norm_for_text: bool = True
+    und_k_norm_for_gen: bool = False
+
+    @classmethod
+    def of_checkpoint(cls, model: str) -> KeyNorms:
+        config = json.loads(checkpoint_file(model, "transformer/config.json").read_text())
+        qk_norm_for_text = config.get("qk_norm_for_text", True)
+        return cls(
+            qk_norm_for_text=qk_norm_for_text,
+            und_k_norm_for_gen=config.get("use_und_k_norm_for_gen", False) and not qk_norm_for_text,
+        )
