@@ -66,6 +66,9 @@ class PromptKV:
     def num_tokens(self) -> int:
         return self.keys[0].shape[0]
 
+    def to(self, device: torch.device | str) -> PromptKV:
+        return PromptKV(keys=[k.to(device) for k in self.keys], values=[v.to(device) for v in self.values])
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

@@ -1,0 +1,176 @@
+"""Text -> image and text -> video on the generator tower, conditioned on the reasoner's exported prompt K/V.
+
+One request: its prompts (conditional and, with classifier-free guidance, unconditional) are prefilled once by
+vLLM as generation contexts; their K/V leave through `kv_export`. Then every denoising step is one packed
+generator forward over both CFG branches (`GeneratorSequence` each), a guidance combine and a flow-matching
+scheduler step (the checkpoint's own scheduler, one copy per request). The reasoner does not run again.
+Initial noise, positions, patching and scheduling follow diffusers' `Cosmos3OmniPipeline`, so for the same
+seed the latents equal the reference's.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import AutoTokenizer
+
+from cosmos3_serve.model_executor import kv_export
+from cosmos3_serve.model_executor.generator import (
+    Cosmos3GeneratorTower,
+    GeneratorConfig,
+    GeneratorSequence,
+    iter_transformer_weights,
+)
+from cosmos3_serve.sampling.prompts import PromptSpec, cfg_token_ids
+
+_export_ids = (f"cosmos3-gen-{i}" for i in itertools.count())
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    num_frames: int = 1  # 4k + 1; 1 is an image
+    height: int = 720
+    width: int = 1280
+    fps: float = 24.0
+    num_inference_steps: int = 35
+    guidance_scale: float = 6.0
+    seed: int = 0
+
+    @property
+    def spec(self) -> PromptSpec:
+        return PromptSpec(num_frames=self.num_frames, height=self.height, width=self.width, fps=self.fps)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+def vision_positions(
+    config: GeneratorConfig, grid_thw: tuple[int, int, int], und_len: int, fps: float, temporal_compression: int
+) -> torch.Tensor:
+    """mRoPE positions `[3, T*H*W]` of the generator tokens that follow a prompt of `und_len` tokens."""
+    grid_t, grid_h, grid_w = grid_thw
+    offset = und_len + config.unified_3d_mrope_temporal_modality_margin
+    frames = torch.arange(grid_t, dtype=torch.float32)
+    if config.enable_fps_modulation and grid_t > 1:  # time in units of the base frame rate
+        t = frames / (fps / temporal_compression) * (config.base_fps / temporal_compression) + offset
+    else:
+        t = frames + int(offset)
+    h = torch.arange(grid_h, dtype=torch.float32)
+    w = torch.arange(grid_w, dtype=torch.float32)
+    if not config.unified_3d_mrope_reset_spatial_ids:
+        h, w = h + int(offset), w + int(offset)
+    return torch.stack(
+        [
+            t.view(-1, 1, 1).expand(grid_t, grid_h, grid_w).flatten(),
+            h.view(1, -1, 1).expand(grid_t, grid_h, grid_w).flatten(),
+            w.view(1, 1, -1).expand(grid_t, grid_h, grid_w).flatten(),
+        ]
+    )
+
+
+def patchify(latents_cthw: torch.Tensor, patch: int) -> torch.Tensor:
+    """[C, T, H, W] -> [T * H/p * W/p, p * p * C] (H, W multiples of p)."""
+    c, t, h, w = latents_cthw.shape
+    x = latents_cthw.reshape(c, t, h // patch, patch, w // patch, patch)
+    return torch.einsum("cthpwq->thwpqc", x).reshape(-1, patch * patch * c)
+
+
+def unpatchify(tokens: torch.Tensor, shape_cthw: tuple[int, int, int, int], patch: int) -> torch.Tensor:
+    c, t, h, w = shape_cthw
+    x = tokens.reshape(t, h // patch, w // patch, patch, patch, c)
+    return torch.einsum("thwpqc->cthpwq", x).reshape(c, t, h, w)
+
+
+class Cosmos3Generator:
+    """The generator sidecar of one process: tower, VAE and scheduler template, fed by a vLLM engine."""
+
+    def __init__(self, checkpoint: str | Path, llm, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+        checkpoint = Path(checkpoint)
+        self.config = GeneratorConfig.from_checkpoint(checkpoint)
+        self.device, self.dtype = torch.device(device), dtype
+        engine_config = llm.llm_engine.vllm_config
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:  # vLLM's layers read the engine's settings and allocate in the default dtype
+            with set_current_vllm_config(engine_config), self.device:
+                tower = Cosmos3GeneratorTower(self.config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        tower.load_weights(iter_transformer_weights(checkpoint))
+        process_weights_after_loading(tower, engine_config.model_config, self.device)  # quantization, CPU packing
+        self.tower = tower.eval()
+        self.vae = AutoencoderKLWan.from_pretrained(checkpoint, subfolder="vae").to(self.device).eval()
+        self.scheduler = UniPCMultistepScheduler.from_pretrained(checkpoint, subfolder="scheduler")
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
+        self.llm = llm
+
+    def prompt_kvs(self, prompts: list[list[int]]) -> list[kv_export.PromptKV]:
+        """Prefill the prompts once as generation contexts and take their exported K/V."""
+        from vllm import SamplingParams
+
+        keys = [next(_export_ids) for _ in prompts]
+        requests = [{"prompt_token_ids": ids} for ids in prompts]
+        params = [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(k)) for k in keys]
+        self.llm.generate(requests, params, use_tqdm=False)
+        return [kv_export.PROMPT_KV_STORE.take(k) for k in keys]
+
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
+        vae = self.vae.config
+        latent_t = (request.num_frames - 1) // vae.scale_factor_temporal + 1
+        return (1, vae.z_dim, latent_t, request.height // vae.scale_factor_spatial,
+                request.width // vae.scale_factor_spatial)  # fmt: skip
+
+    @torch.no_grad()
+    def generate_latents(self, request: GenerationRequest) -> torch.Tensor:
+        """Normalised latents `[1, z_dim, T, H/16, W/16]`, as the reference pipeline returns them."""
+        cond_ids, uncond_ids = cfg_token_ids(self.tokenizer, request.prompt, request.negative_prompt, request.spec)
+        prompts = [cond_ids, uncond_ids] if request.uses_cfg else [cond_ids]
+        prompt_kvs = [kv.to(self.device) for kv in self.prompt_kvs(prompts)]
+
+        shape = self.latent_shape(request)
+        generator = torch.Generator().manual_seed(request.seed)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        patch = self.config.latent_patch_size
+        grid = (shape[2], shape[3] // patch, shape[4] // patch)
+        tokens_per_sequence = grid[0] * grid[1] * grid[2]
+        sequences = [GeneratorSequence(tokens_per_sequence, kv) for kv in prompt_kvs]
+        positions = torch.cat([
+            vision_positions(self.config, grid, len(ids), request.fps, self.vae.config.scale_factor_temporal)
+            for ids in prompts
+        ], dim=1).to(self.device)  # fmt: skip
+        noisy = torch.ones(tokens_per_sequence * len(prompts), dtype=torch.bool, device=self.device)
+
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        for t in scheduler.timesteps:
+            tokens = patchify(latents[0].to(self.dtype), patch).repeat(len(prompts), 1)
+            timesteps = torch.full((tokens.shape[0],), t.item(), device=self.device)
+            velocity = self.tower(tokens, timesteps, noisy, positions, sequences).float()
+            per_branch = [unpatchify(v, shape[1:], patch) for v in velocity.split(tokens_per_sequence)]
+            guided = per_branch[0]
+            if request.uses_cfg:
+                guided = per_branch[1] + request.guidance_scale * (per_branch[0] - per_branch[1])
+            latents = scheduler.step(guided[None, None], t, latents[None], return_dict=False)[0].squeeze(0)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """uint8 frames `[T, H, W, 3]` from normalised latents."""
+        vae = self.vae.config
+        mean = torch.tensor(vae.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+        video = self.vae.decode(latents.to(self.vae.dtype) * std + mean).sample  # [1, 3, T, H, W] in [-1, 1]
+        frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return frames.permute(1, 2, 3, 0)

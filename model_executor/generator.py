@@ -1,0 +1,311 @@
+"""The Cosmos 3 generator tower, built from vLLM's parallel, quantizable layers.
+
+Per layer (diffusers `Cosmos3VLTextMoTDecoderLayer`, generator half): `input_layernorm_moe_gen` -> `add_{q,k,v}_proj`
+-> per-head `norm_added_{q,k}` -> mRoPE at the generator tokens' positions -> attention over
+[reasoner K/V of the prompt ; generator K/V] -> `to_add_out` -> residual -> `post_attention_layernorm_moe_gen` ->
+`mlp_moe_gen` -> residual. The reasoner's K/V come from `kv_export.PromptKV` (already normed and rotated): the
+reasoner tower never runs here. Requests are packed without padding: `GeneratorBatch` holds, per sequence
+(one request and CFG branch), its token count and its prompt K/V; queries of a sequence see only its own keys.
+
+Tensor parallelism follows vLLM's: column-parallel projections split heads, row-parallel outputs all-reduce.
+The prompt K/V of a rank are its own heads, as the reasoner's rank exported them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
+from safetensors import safe_open
+from torch import nn
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+
+from cosmos3_serve.model_executor.kv_export import PromptKV
+
+TIME_PROJ_CHANNELS = 256
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The generator's fields of `transformer/config.json`."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_axes_dim: tuple[int, int, int]
+    patch_latent_dim: int
+    latent_channel: int
+    latent_patch_size: int
+    timestep_scale: float
+    attention_bias: bool
+    base_fps: float
+    enable_fps_modulation: bool
+    unified_3d_mrope_reset_spatial_ids: bool
+    unified_3d_mrope_temporal_modality_margin: int
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path) -> GeneratorConfig:
+        raw = json.loads((Path(checkpoint) / "transformer" / "config.json").read_text())
+        axes = raw.get("rope_axes_dim") or (raw.get("rope_scaling") or {}).get("mrope_section", [24, 20, 20])
+        if raw.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"generator MLP activation {raw['hidden_act']!r} is not supported yet")
+        return cls(
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=raw["num_attention_heads"],
+            num_key_value_heads=raw["num_key_value_heads"],
+            head_dim=raw["head_dim"],
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=raw.get("rope_theta", 5e6),
+            rope_axes_dim=tuple(axes),
+            patch_latent_dim=raw["patch_latent_dim"],
+            latent_channel=raw["latent_channel"],
+            latent_patch_size=raw["latent_patch_size"],
+            timestep_scale=raw.get("timestep_scale", 0.001),
+            attention_bias=raw.get("attention_bias", False),
+            base_fps=float(raw.get("base_fps", 24)),
+            enable_fps_modulation=raw.get("enable_fps_modulation", True),
+            unified_3d_mrope_reset_spatial_ids=raw.get("unified_3d_mrope_reset_spatial_ids", True),
+            unified_3d_mrope_temporal_modality_margin=raw.get("unified_3d_mrope_temporal_modality_margin", 15000),
+        )
+
+
+@dataclass
+class GeneratorSequence:
+    """One sequence of a packed batch: a request's CFG branch."""
+
+    num_tokens: int  # generator tokens of this sequence
+    prompt_kv: PromptKV  # the reasoner's K/V of its prompt (this rank's heads)
+
+
+class InterleavedMRoPE(nn.Module):
+    """Qwen3-VL interleaved multimodal RoPE: frequencies cycle T, H, W along the head dimension."""
+
+    def __init__(self, head_dim: int, rope_theta: float, axes_dim: tuple[int, int, int]) -> None:
+        super().__init__()
+        inv_freq = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        axis = torch.zeros(head_dim // 2, dtype=torch.long)  # which position axis each frequency reads
+        for a, offset in ((1, 1), (2, 2)):
+            axis[offset : axes_dim[a] * 3 : 3] = a
+        self.register_buffer("axis", axis, persistent=False)
+
+    def forward(self, positions_3n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[N, 1, head_dim]` for float positions `[3, N]`."""
+        positions = positions_3n.float()[self.axis]  # [D/2, N]: the axis each frequency uses
+        freqs = (positions * self.inv_freq[:, None]).T  # [N, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x_nhd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x_nhd.shape[-1] // 2
+    rotated = torch.cat((-x_nhd[..., half:], x_nhd[..., :half]), dim=-1)
+    return x_nhd * cos + rotated * sin
+
+
+class GeneratorAttention(nn.Module):
+    def __init__(self, config: GeneratorConfig, prefix: str) -> None:
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads // tp
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.head_dim, config.num_attention_heads, config.num_key_value_heads,
+            bias=config.attention_bias, return_bias=False, prefix=f"{prefix}.qkv_proj",
+        )  # fmt: skip
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * config.head_dim, config.hidden_size,
+            bias=config.attention_bias, return_bias=False, prefix=f"{prefix}.o_proj",
+        )  # fmt: skip
+        self.q_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_nd: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        sequences: list[GeneratorSequence],
+        layer: int,
+    ) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(hidden_nd).split([q_size, kv_size, kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
+        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = torch.empty_like(q)
+        start = 0
+        for seq in sequences:  # exact CPU path: one SDPA per sequence over [prompt K/V ; its own K/V]
+            end = start + seq.num_tokens
+            keys = torch.cat([seq.prompt_kv.keys[layer].to(k.dtype), k[start:end]], dim=0)
+            values = torch.cat([seq.prompt_kv.values[layer].to(v.dtype), v[start:end]], dim=0)
+            out[start:end] = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), enable_gqa=True
+            ).transpose(0, 1)
+            start = end
+        return self.o_proj(out.reshape(-1, q_size))
+
+
+class GeneratorMLP(nn.Module):
+    def __init__(self, config: GeneratorConfig, prefix: str) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=False, return_bias=False,
+            prefix=f"{prefix}.gate_up_proj",
+        )  # fmt: skip
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=False, return_bias=False, prefix=f"{prefix}.down_proj"
+        )
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class GeneratorLayer(nn.Module):
+    def __init__(self, config: GeneratorConfig, prefix: str) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = GeneratorAttention(config, f"{prefix}.attn")
+        self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = GeneratorMLP(config, f"{prefix}.mlp")
+
+    def forward(self, hidden, rope, sequences, layer: int) -> torch.Tensor:
+        hidden = hidden + self.attn(self.input_norm(hidden), rope, sequences, layer)
+        return hidden + self.mlp(self.post_attention_norm(hidden))
+
+
+class Cosmos3GeneratorTower(nn.Module):
+    """Latent patches (+ timestep embedding) in, velocity patches out."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.proj_in = ReplicatedLinear(config.patch_latent_dim, config.hidden_size, bias=True, return_bias=False)
+        self.proj_out = ReplicatedLinear(config.hidden_size, config.patch_latent_dim, bias=True, return_bias=False)
+        # The time embedding stays in float32 at every precision, as in the reference.
+        self.time_linear_1 = ReplicatedLinear(
+            TIME_PROJ_CHANNELS, config.hidden_size, bias=True, params_dtype=torch.float32, return_bias=False
+        )
+        self.time_linear_2 = ReplicatedLinear(
+            config.hidden_size, config.hidden_size, bias=True, params_dtype=torch.float32, return_bias=False
+        )
+        self.layers = nn.ModuleList(GeneratorLayer(config, f"layers.{i}") for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rope = InterleavedMRoPE(config.head_dim, config.rope_theta, config.rope_axes_dim)
+
+    def time_embedding(self, timesteps_n: torch.Tensor) -> torch.Tensor:
+        """diffusers `TimestepEmbedding(Timesteps(256, flip_sin_to_cos=True, shift=0))`, kept in float32."""
+        proj = get_timestep_embedding(timesteps_n * self.config.timestep_scale, TIME_PROJ_CHANNELS,
+                                      flip_sin_to_cos=True, downscale_freq_shift=0)  # fmt: skip
+        return self.time_linear_2(F.silu(self.time_linear_1(proj.float())))
+
+    def forward(
+        self,
+        patches_np: torch.Tensor,  # [N, patch_latent_dim] generator tokens of all sequences, packed
+        timesteps_n: torch.Tensor,  # [N] diffusion time per token (0 where a frame is clean conditioning)
+        noisy_n: torch.Tensor,  # [N] bool: tokens that get a timestep embedding
+        positions_3n: torch.Tensor,  # [3, N] mRoPE positions
+        sequences: list[GeneratorSequence],
+    ) -> torch.Tensor:
+        hidden = self.proj_in(patches_np)
+        time = self.time_embedding(timesteps_n).to(hidden.dtype)
+        hidden = hidden + time * noisy_n[:, None].to(hidden.dtype)
+        rope = self.rope(positions_3n)
+        rope = (rope[0].to(hidden.dtype), rope[1].to(hidden.dtype))
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, rope, sequences, i)
+        return self.proj_out(self.norm(hidden))
+
+    # Weights ---------------------------------------------------------------------------------------------
+
+    _RENAMES = (
+        (".self_attn.to_add_out.", ".attn.o_proj."),
+        (".self_attn.norm_added_q.", ".attn.q_norm."),
+        (".self_attn.norm_added_k.", ".attn.k_norm."),
+        (".mlp_moe_gen.down_proj.", ".mlp.down_proj."),
+        (".input_layernorm_moe_gen.", ".input_norm."),
+        (".post_attention_layernorm_moe_gen.", ".post_attention_norm."),
+        ("norm_moe_gen.", "norm."),
+        ("time_embedder.linear_1.", "time_linear_1."),
+        ("time_embedder.linear_2.", "time_linear_2."),
+    )
+    _SHARDS = (
+        (".self_attn.add_q_proj.", ".attn.qkv_proj.", "q"),
+        (".self_attn.add_k_proj.", ".attn.qkv_proj.", "k"),
+        (".self_attn.add_v_proj.", ".attn.qkv_proj.", "v"),
+        (".mlp_moe_gen.gate_proj.", ".mlp.gate_up_proj.", 0),
+        (".mlp_moe_gen.up_proj.", ".mlp.gate_up_proj.", 1),
+    )
+    _GENERATOR_PREFIXES = ("proj_in.", "proj_out.", "time_embedder.", "norm_moe_gen.")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load the generator keys of `transformer/`; returns the parameter names loaded."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            for old, new, shard in self._SHARDS:
+                if old in name:
+                    target = name.replace(old, new)
+                    params[target].weight_loader(params[target], tensor, shard)
+                    break
+            else:
+                target = name
+                for old, new in self._RENAMES:
+                    target = target.replace(old, new)
+                if target not in params:
+                    continue
+                param = params[target]
+                getattr(param, "weight_loader", _default_loader)(param, tensor)
+            loaded.add(target)
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"generator weights missing from the checkpoint: {sorted(missing)[:8]}")
+        return loaded
+
+    @classmethod
+    def generator_keys(cls, key: str) -> bool:
+        return (
+            key.startswith(cls._GENERATOR_PREFIXES)
+            or any(old in key for old, _, _ in cls._SHARDS)
+            or any(old in key for old, _ in cls._RENAMES[:6])
+        )
+
+
+def _default_loader(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    param.data.copy_(tensor)
+
+
+def iter_transformer_weights(checkpoint: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The generator's tensors of `transformer/` (single file or sharded with an index)."""
+    directory = Path(checkpoint) / "transformer"
+    index = directory / "diffusion_pytorch_model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "diffusion_pytorch_model.safetensors"]  # fmt: skip
+    for file in files:
+        with safe_open(directory / file, "pt") as f:
+            for key in f.keys():
+                if Cosmos3GeneratorTower.generator_keys(key):
+                    yield key, f.get_tensor(key)
+
