@@ -1,9 +1,11 @@
 """Text -> image and text -> video on the generator tower, conditioned on the reasoner's exported prompt K/V.
 
-One request: its prompts (conditional and, with classifier-free guidance, unconditional) are prefilled once by
-vLLM as generation contexts; their K/V leave through `kv_export`. Then every denoising step is one packed
-generator forward over both CFG branches (`GeneratorSequence` each), a guidance combine and a flow-matching
-scheduler step (the checkpoint's own scheduler, one copy per request). The reasoner does not run again.
+Requests are denoised together. On admission, the prompts of all of them (conditional and, with classifier-free
+guidance, unconditional) are prefilled once by vLLM as generation contexts; their K/V leave through `kv_export`.
+Then every step is one packed generator forward over every sequence (request x CFG branch) in flight, whatever
+their resolutions, frame counts and step counts, followed by each request's guidance combine and flow-matching
+scheduler step (the checkpoint's own scheduler, one copy per request). A finished or cancelled request leaves the
+batch at the next step and its K/V are released. The reasoner does not run again.
 Initial noise, positions, patching and scheduling follow diffusers' `Cosmos3OmniPipeline`, so for the same
 seed the latents equal the reference's.
 """
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
@@ -90,6 +94,39 @@ def unpatchify(tokens: torch.Tensor, shape_cthw: tuple[int, int, int, int], patc
     return torch.einsum("thwpqc->cthpwq", x).reshape(c, t, h, w)
 
 
+StepCallback = Callable[[str, int, int], None]  # (request id, steps done, steps in total)
+
+
+@dataclass
+class PromptTokenCounts:
+    """Prompt tokens prefilled for generation, and how many of them vLLM's prefix cache served."""
+
+    total: int = 0
+    cached: int = 0
+
+    def add(self, total: int, cached: int) -> None:
+        self.total += total
+        self.cached += cached
+
+
+@dataclass
+class DenoisingState:
+    """A request in flight: its sequences (one per CFG branch), latents and scheduler."""
+
+    request_id: str
+    request: GenerationRequest
+    sequences: list[GeneratorSequence]
+    positions_3n: torch.Tensor  # positions of all its sequences' tokens, in sequence order
+    latents: torch.Tensor  # [1, C, T, H, W]
+    scheduler: Any
+    timesteps: torch.Tensor
+    step: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= len(self.timesteps)
+
+
 class Cosmos3Generator:
     """The generator sidecar of one process: tower, VAE and scheduler template, fed by a vLLM engine."""
 
@@ -115,6 +152,8 @@ class Cosmos3Generator:
         self.scheduler = UniPCMultistepScheduler.from_pretrained(checkpoint, subfolder="scheduler")
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
         self.llm = llm
+        self._cancelled: set[str] = set()
+        self.prompt_token_counts = PromptTokenCounts()
 
     def prompt_kvs(self, prompts: list[list[int]]) -> list[kv_export.PromptKV]:
         """Prefill the prompts once as generation contexts and take their exported K/V."""
@@ -123,7 +162,8 @@ class Cosmos3Generator:
         keys = [next(_export_ids) for _ in prompts]
         requests = [{"prompt_token_ids": ids} for ids in prompts]
         params = [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(k)) for k in keys]
-        self.llm.generate(requests, params, use_tqdm=False)
+        for output in self.llm.generate(requests, params, use_tqdm=False):
+            self.prompt_token_counts.add(len(output.prompt_token_ids), output.num_cached_tokens or 0)
         return [kv_export.PROMPT_KV_STORE.take(k) for k in keys]
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
@@ -132,38 +172,104 @@ class Cosmos3Generator:
         return (1, vae.z_dim, latent_t, request.height // vae.scale_factor_spatial,
                 request.width // vae.scale_factor_spatial)  # fmt: skip
 
+    def cancel(self, request_id: str) -> None:
+        """Ask for `request_id` to leave the batch before its next step (its K/V and latents are released)."""
+        self._cancelled.add(request_id)
+
     @torch.no_grad()
     def generate_latents(self, request: GenerationRequest) -> torch.Tensor:
-        """Normalised latents `[1, z_dim, T, H/16, W/16]`, as the reference pipeline returns them."""
-        cond_ids, uncond_ids = cfg_token_ids(self.tokenizer, request.prompt, request.negative_prompt, request.spec)
-        prompts = [cond_ids, uncond_ids] if request.uses_cfg else [cond_ids]
-        prompt_kvs = [kv.to(self.device) for kv in self.prompt_kvs(prompts)]
+        """Normalised latents `[1, z_dim, T, H/16, W/16]` of one request, as the reference pipeline returns them."""
+        [latents] = self.generate({"single": request}).values()
+        return latents
 
+    @torch.no_grad()
+    def generate(
+        self, requests: dict[str, GenerationRequest], on_step: StepCallback | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """Denoise `requests` together: every step is one packed forward over all requests in flight, whatever
+        their resolutions, frame counts, step counts and CFG. Returns latents per id (None when cancelled)."""
+        active = self._admit(requests)
+        results: dict[str, torch.Tensor | None] = {}
+        while active:
+            for state in [s for s in active if s.request_id in self._cancelled]:
+                active.remove(state)
+                self._cancelled.discard(state.request_id)
+                results[state.request_id] = None
+            if not active:
+                break
+            self._step(active)
+            for state in list(active):
+                if on_step is not None:
+                    on_step(state.request_id, state.step, len(state.timesteps))
+                if state.finished:
+                    active.remove(state)
+                    results[state.request_id] = state.latents
+        return results
+
+    def _admit(self, requests: dict[str, GenerationRequest]) -> list[DenoisingState]:
+        prompts_per_request = {}
+        for request_id, request in requests.items():
+            cond, uncond = cfg_token_ids(self.tokenizer, request.prompt, request.negative_prompt, request.spec)
+            prompts_per_request[request_id] = [cond, uncond] if request.uses_cfg else [cond]
+        all_prompts = [ids for prompts in prompts_per_request.values() for ids in prompts]
+        prompt_kvs = iter(self.prompt_kvs(all_prompts))  # one batched prefill for every request's prompts
+        states = []
+        for request_id, request in requests.items():
+            prompts = prompts_per_request[request_id]
+            kvs = [next(prompt_kvs).to(self.device) for _ in prompts]
+            states.append(self._initial_state(request_id, request, prompts, kvs))
+        return states
+
+    def _initial_state(self, request_id, request, prompts, kvs) -> DenoisingState:
         shape = self.latent_shape(request)
-        generator = torch.Generator().manual_seed(request.seed)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         patch = self.config.latent_patch_size
         grid = (shape[2], shape[3] // patch, shape[4] // patch)
-        tokens_per_sequence = grid[0] * grid[1] * grid[2]
-        sequences = [GeneratorSequence(tokens_per_sequence, kv) for kv in prompt_kvs]
-        positions = torch.cat([
-            vision_positions(self.config, grid, len(ids), request.fps, self.vae.config.scale_factor_temporal)
-            for ids in prompts
-        ], dim=1).to(self.device)  # fmt: skip
-        noisy = torch.ones(tokens_per_sequence * len(prompts), dtype=torch.bool, device=self.device)
-
+        tokens = grid[0] * grid[1] * grid[2]
+        temporal = self.vae.config.scale_factor_temporal
+        positions = torch.cat([vision_positions(self.config, grid, len(ids), request.fps, temporal) for ids in prompts],
+                              dim=1)  # fmt: skip
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
-        for t in scheduler.timesteps:
-            tokens = patchify(latents[0].to(self.dtype), patch).repeat(len(prompts), 1)
-            timesteps = torch.full((tokens.shape[0],), t.item(), device=self.device)
-            velocity = self.tower(tokens, timesteps, noisy, positions, sequences).float()
-            per_branch = [unpatchify(v, shape[1:], patch) for v in velocity.split(tokens_per_sequence)]
-            guided = per_branch[0]
-            if request.uses_cfg:
-                guided = per_branch[1] + request.guidance_scale * (per_branch[0] - per_branch[1])
-            latents = scheduler.step(guided[None, None], t, latents[None], return_dict=False)[0].squeeze(0)
-        return latents
+        generator = torch.Generator().manual_seed(request.seed)
+        return DenoisingState(
+            request_id=request_id,
+            request=request,
+            sequences=[GeneratorSequence(tokens, kv) for kv in kvs],
+            positions_3n=positions.to(self.device),
+            latents=randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype),
+            scheduler=scheduler,
+            timesteps=scheduler.timesteps,
+        )
+
+    def _step(self, active: list[DenoisingState]) -> None:
+        """One packed generator forward for every sequence of every active request, then each request's step."""
+        patch = self.config.latent_patch_size
+        tokens, timesteps, positions, sequences = [], [], [], []
+        for state in active:
+            patches = patchify(state.latents[0].to(self.dtype), patch)
+            t = state.timesteps[state.step].item()
+            for _ in state.sequences:
+                tokens.append(patches)
+                timesteps.append(torch.full((patches.shape[0],), t, device=self.device))
+            positions.append(state.positions_3n)
+            sequences.extend(state.sequences)
+        packed = torch.cat(tokens)
+        noisy = torch.ones(packed.shape[0], dtype=torch.bool, device=self.device)
+        velocity = self.tower(packed, torch.cat(timesteps), noisy, torch.cat(positions, dim=1), sequences).float()
+
+        offset = 0
+        for state in active:
+            n = state.sequences[0].num_tokens
+            branches = [unpatchify(velocity[offset + i * n : offset + (i + 1) * n], state.latents.shape[1:], patch)
+                        for i in range(len(state.sequences))]  # fmt: skip
+            offset += n * len(state.sequences)
+            guided = branches[0]
+            if state.request.uses_cfg:
+                guided = branches[1] + state.request.guidance_scale * (branches[0] - branches[1])
+            t = state.timesteps[state.step]
+            state.latents = state.scheduler.step(guided[None, None], t, state.latents[None], return_dict=False)[0]
+            state.latents = state.latents.squeeze(0)
+            state.step += 1
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

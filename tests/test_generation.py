@@ -76,3 +76,62 @@ def test_decoded_frames_equal_the_reference(generator, diffusers_pipeline) -> No
     assert frames.shape == (5, 32, 64, 3) and frames.dtype == torch.uint8
     difference = (frames.float() - torch.from_numpy(reference) * 255).abs()
     assert difference.max() <= 1.0  # rounding to 8 bits
+
+
+MIXED = {
+    "image-cfg": GenerationRequest(PROMPT, NEGATIVE, num_frames=1, height=64, width=96, num_inference_steps=4, seed=1),
+    "video-cfg": GenerationRequest("A dog runs.", None, num_frames=9, height=32, width=64, fps=16.0,
+                                   num_inference_steps=3, seed=2),  # fmt: skip
+    "image-no-cfg": GenerationRequest("A red cube.", None, num_frames=1, height=32, width=32, num_inference_steps=5,
+                                      guidance_scale=1.0, seed=3),  # fmt: skip
+}
+
+
+def test_every_request_of_a_mixed_batch_equals_its_output_alone(generator) -> None:
+    together = generator.generate(MIXED)
+    for request_id, request in MIXED.items():
+        alone = generator.generate_latents(request)
+        assert (together[request_id] - alone).abs().max() <= 1e-5, request_id
+
+
+def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, monkeypatch) -> None:
+    import gc
+    import weakref
+
+    admitted = {}
+    original_admit = generator._admit
+
+    def spy(requests):
+        states = original_admit(requests)
+        admitted.update({s.request_id: weakref.ref(s.sequences[0].prompt_kv.keys[0]) for s in states})
+        return states
+
+    monkeypatch.setattr(generator, "_admit", spy)
+    requests = {"keep": MIXED["image-cfg"], "drop": MIXED["video-cfg"]}
+    steps_seen: dict[str, int] = {}
+    freed_while_running = []
+
+    def on_step(request_id: str, step: int, total: int) -> None:
+        steps_seen[request_id] = step
+        if request_id == "drop" and step == 1:
+            generator.cancel("drop")
+        if request_id == "keep" and step == 3:  # two steps after the cancel
+            gc.collect()
+            freed_while_running.append(admitted["drop"]() is None)
+
+    results = generator.generate(requests, on_step=on_step)
+    assert results["drop"] is None and steps_seen["drop"] == 1
+    assert freed_while_running == [True]
+    assert (results["keep"] - generator.generate_latents(requests["keep"])).abs().max() <= 1e-5
+
+
+def test_shared_system_and_negative_prompts_come_from_the_prefix_cache(generator, vllm_reasoner) -> None:
+    block = vllm_reasoner.llm_engine.vllm_config.cache_config.block_size
+    negative = "blurry, distorted, low quality, watermark, text, " * 30  # several KV blocks shared by both requests
+    counts = generator.prompt_token_counts
+    cached_before = counts.cached
+    generator.generate_latents(GenerationRequest("A cat.", negative, height=32, width=32, num_inference_steps=1))
+    first = counts.cached - cached_before
+    generator.generate_latents(GenerationRequest("A dog.", negative, height=32, width=32, num_inference_steps=1))
+    second = counts.cached - cached_before - first
+    assert second - first >= 2 * block  # the second request's negative prompt is served from the cache
