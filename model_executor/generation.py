@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from transformers import AutoTokenizer
 
 from cosmos3_serve.model_executor import kv_export
@@ -31,12 +32,13 @@ from cosmos3_serve.model_executor.generator import (
     GeneratorSequence,
     iter_transformer_weights,
 )
+from cosmos3_serve.sampling.conditioning import condition_mask, conditioning_clip
 from cosmos3_serve.sampling.prompts import PromptSpec, cfg_token_ids
 
 _export_ids = (f"cosmos3-gen-{i}" for i in itertools.count())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GenerationRequest:
     prompt: str
     negative_prompt: str | None = None
@@ -47,6 +49,9 @@ class GenerationRequest:
     num_inference_steps: int = 35
     guidance_scale: float = 6.0
     seed: int = 0
+    image: Image.Image | None = None  # image -> video: the first frame
+    video: list[Image.Image] | None = None  # video -> video: leading frames
+    condition_frame_indexes: tuple[int, ...] = (0, 1)  # latent frames kept clean in video -> video
 
     @property
     def spec(self) -> PromptSpec:
@@ -118,6 +123,8 @@ class DenoisingState:
     sequences: list[GeneratorSequence]
     positions_3n: torch.Tensor  # positions of all its sequences' tokens, in sequence order
     latents: torch.Tensor  # [1, C, T, H, W]
+    frame_mask: torch.Tensor  # [T] 1 for clean conditioning latent frames
+    noisy: torch.Tensor  # [sequences * tokens] bool, the tokens that get a timestep embedding
     scheduler: Any
     timesteps: torch.Tensor
     step: int = 0
@@ -231,15 +238,33 @@ class Cosmos3Generator:
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
         generator = torch.Generator().manual_seed(request.seed)
+        clean = self.encode(conditioning_clip(request.num_frames, request.height, request.width, request.image,
+                                              request.video, request.condition_frame_indexes))  # fmt: skip
+        mask = condition_mask(shape[2], request.image is not None, request.video is not None,
+                              request.condition_frame_indexes).to(self.device)  # fmt: skip
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        frame_mask = mask.view(-1, 1, 1).to(self.dtype)
+        noisy = (mask == 0).repeat_interleave(grid[1] * grid[2]).repeat(len(kvs))
         return DenoisingState(
             request_id=request_id,
             request=request,
             sequences=[GeneratorSequence(tokens, kv) for kv in kvs],
             positions_3n=positions.to(self.device),
-            latents=randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype),
+            latents=frame_mask * clean.to(self.dtype) + (1.0 - frame_mask) * noise,
+            frame_mask=mask,
+            noisy=noisy,
             scheduler=scheduler,
             timesteps=scheduler.timesteps,
         )
+
+    @torch.no_grad()
+    def encode(self, clip: torch.Tensor) -> torch.Tensor:
+        """Normalised latents of a `[1, 3, T, H, W]` clip in [-1, 1] (the VAE's distribution mode)."""
+        vae = self.vae.config
+        mean = torch.tensor(vae.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.latents_std, device=self.device).view(1, -1, 1, 1, 1)
+        raw = self.vae.encode(clip.to(self.device, self.vae.dtype)).latent_dist.mode()
+        return ((raw - mean) / std).float()
 
     def _step(self, active: list[DenoisingState]) -> None:
         """One packed generator forward for every sequence of every active request, then each request's step."""
@@ -254,7 +279,7 @@ class Cosmos3Generator:
             positions.append(state.positions_3n)
             sequences.extend(state.sequences)
         packed = torch.cat(tokens)
-        noisy = torch.ones(packed.shape[0], dtype=torch.bool, device=self.device)
+        noisy = torch.cat([state.noisy for state in active])
         velocity = self.tower(packed, torch.cat(timesteps), noisy, torch.cat(positions, dim=1), sequences).float()
 
         offset = 0
@@ -263,6 +288,8 @@ class Cosmos3Generator:
             branches = [unpatchify(velocity[offset + i * n : offset + (i + 1) * n], state.latents.shape[1:], patch)
                         for i in range(len(state.sequences))]  # fmt: skip
             offset += n * len(state.sequences)
+            keep = (1.0 - state.frame_mask).view(1, -1, 1, 1)  # clean conditioning frames get no velocity
+            branches = [branch * keep for branch in branches]
             guided = branches[0]
             if state.request.uses_cfg:
                 guided = branches[1] + state.request.guidance_scale * (branches[0] - branches[1])

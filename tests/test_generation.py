@@ -1,5 +1,6 @@
-"""The generator sidecar on the reasoner's exported K/V: text -> image and text -> video latents equal diffusers'
-`Cosmos3OmniPipeline` for the same seed (float32, CFG on and off), and the reasoner runs once per request."""
+"""The generator sidecar on the reasoner's exported K/V: text -> image, text -> video, image -> video and
+video -> video latents equal diffusers' `Cosmos3OmniPipeline` for the same seed (float32, CFG on and off);
+the reasoner runs once per request; mixed batches, cancellation and prefix caching."""
 
 from __future__ import annotations
 
@@ -135,3 +136,21 @@ def test_shared_system_and_negative_prompts_come_from_the_prefix_cache(generator
     generator.generate_latents(GenerationRequest("A dog.", negative, height=32, width=32, num_inference_steps=1))
     second = counts.cached - cached_before - first
     assert second - first >= 2 * block  # the second request's negative prompt is served from the cache
+
+
+@pytest.mark.parametrize("guidance_scale", [6.0, 1.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("mode", ["image-to-video", "video-to-video"])
+def test_conditioned_video_latents_equal_the_reference(generator, diffusers_pipeline, mode, guidance_scale) -> None:
+    from PIL import Image
+
+    from tests import media
+
+    image = media.smooth_image(seed=11, height=48, width=80)  # another size: resized to cover and cropped
+    frames = [Image.fromarray(f) for f in media.smooth_video(seed=12, num_frames=9, height=40, width=72)]
+    condition = {"image": image} if mode == "image-to-video" else {"video": frames}
+    common = dict(negative_prompt=NEGATIVE, num_frames=9, height=32, width=64, fps=16.0, num_inference_steps=3,
+                  guidance_scale=guidance_scale)  # fmt: skip
+    ours = generator.generate_latents(GenerationRequest(PROMPT, seed=5, **common, **condition))
+    reference = diffusers_pipeline(PROMPT, **common, **condition, generator=torch.Generator().manual_seed(5),
+                                   output_type="latent").video  # fmt: skip
+    assert (ours - reference).abs().max() <= LATENT_ATOL
