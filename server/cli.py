@@ -20,6 +20,16 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from cosmos3_serve.server.generate_cli import GenerateOptions, generate
+
+    return generate(GenerateOptions(
+        checkpoint=Path(args.checkpoint), prompt=args.prompt, negative_prompt=args.negative_prompt, out=Path(args.out),
+        num_frames=args.num_frames, height=args.height, width=args.width, fps=args.fps, steps=args.steps,
+        guidance_scale=args.guidance_scale, seed=args.seed, image=args.image, dtype=args.dtype, device=args.device,
+    ))  # fmt: skip
+
+
 def _serve(args: argparse.Namespace) -> int:
     from cosmos3_serve.server.launcher import ServeOptions, serve
 
@@ -60,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny: random weights; nano / super: real dimensions, configs and tokenizer only",
     )
     tiny.set_defaults(func=_make_tiny)
+
+    gen = sub.add_parser("generate", help="generate an image (PNG) or a video (MP4) from a prompt, on this machine")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--out", required=True, help="output file: .png for one frame, .mp4 for a video")
+    gen.add_argument("--num-frames", type=int, default=1, help="4k + 1 frames; 1 is an image")
+    gen.add_argument("--height", type=int, default=720)
+    gen.add_argument("--width", type=int, default=1280)
+    gen.add_argument("--fps", type=float, default=24.0)
+    gen.add_argument("--steps", type=int, default=35)
+    gen.add_argument("--guidance-scale", type=float, default=6.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--image", default=None, help="image -> video: the first frame (a PNG / JPEG file)")
+    gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    gen.set_defaults(func=_generate)
 
     serve = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI-style API)")
     serve.add_argument("checkpoint", help="checkpoint directory in the released unified layout")
