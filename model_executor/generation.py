@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -87,16 +88,19 @@ def vision_positions(
 
 
 def patchify(latents_cthw: torch.Tensor, patch: int) -> torch.Tensor:
-    """[C, T, H, W] -> [T * H/p * W/p, p * p * C] (H, W multiples of p)."""
+    """[C, T, H, W] -> [T * ceil(H/p) * ceil(W/p), p * p * C]; H and W are zero-padded to multiples of p."""
     c, t, h, w = latents_cthw.shape
-    x = latents_cthw.reshape(c, t, h // patch, patch, w // patch, patch)
+    x = F.pad(latents_cthw, (0, -w % patch, 0, -h % patch))
+    x = x.reshape(c, t, x.shape[2] // patch, patch, x.shape[3] // patch, patch)
     return torch.einsum("cthpwq->thwpqc", x).reshape(-1, patch * patch * c)
 
 
 def unpatchify(tokens: torch.Tensor, shape_cthw: tuple[int, int, int, int], patch: int) -> torch.Tensor:
+    """Inverse of `patchify`, cropping the padding."""
     c, t, h, w = shape_cthw
-    x = tokens.reshape(t, h // patch, w // patch, patch, patch, c)
-    return torch.einsum("thwpqc->cthpwq", x).reshape(c, t, h, w)
+    hp, wp = -(-h // patch), -(-w // patch)
+    x = tokens.reshape(t, hp, wp, patch, patch, c)
+    return torch.einsum("thwpqc->cthpwq", x).reshape(c, t, hp * patch, wp * patch)[:, :, :h, :w]
 
 
 StepCallback = Callable[[str, int, int], None]  # (request id, steps done, steps in total)
@@ -230,7 +234,7 @@ class Cosmos3Generator:
     def _initial_state(self, request_id, request, prompts, kvs) -> DenoisingState:
         shape = self.latent_shape(request)
         patch = self.config.latent_patch_size
-        grid = (shape[2], shape[3] // patch, shape[4] // patch)
+        grid = (shape[2], -(-shape[3] // patch), -(-shape[4] // patch))
         tokens = grid[0] * grid[1] * grid[2]
         temporal = self.vae.config.scale_factor_temporal
         positions = torch.cat([vision_positions(self.config, grid, len(ids), request.fps, temporal) for ids in prompts],

@@ -97,6 +97,69 @@ class GeneratorSequence:
     prompt_kv: PromptKV  # the reasoner's K/V of its prompt (this rank's heads)
 
 
+@dataclass
+class PackedAttention:
+    """Per-step layout of a packed batch: each sequence's queries see [its prompt K/V ; its own K/V].
+
+    Built once per step (not per layer): `key_order` interleaves the packed prompt keys of all sequences with
+    the packed generator keys, so a layer's keys are `cat([prompt_keys[layer], gen_keys])[key_order]`.
+    """
+
+    prompt_keys: list[torch.Tensor]  # per layer [sum prompt tokens, kv heads, head_dim]
+    prompt_values: list[torch.Tensor]
+    key_order: torch.Tensor  # [sum(prompt + gen tokens)]
+    cu_seqlens_q: torch.Tensor  # int32 [sequences + 1]
+    cu_seqlens_k: torch.Tensor  # int32 [sequences + 1]
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    @classmethod
+    def build(cls, sequences: list[GeneratorSequence], device: torch.device) -> PackedAttention:
+        num_layers = len(sequences[0].prompt_kv.keys)
+        prompt_lens = [seq.prompt_kv.num_tokens for seq in sequences]
+        gen_lens = [seq.num_tokens for seq in sequences]
+        total_prompt = sum(prompt_lens)
+        order, prompt_start, gen_start = [], 0, total_prompt
+        for p, g in zip(prompt_lens, gen_lens):
+            order += [torch.arange(prompt_start, prompt_start + p), torch.arange(gen_start, gen_start + g)]
+            prompt_start, gen_start = prompt_start + p, gen_start + g
+        lens_q = torch.tensor([0, *gen_lens])
+        lens_k = torch.tensor([0, *(p + g for p, g in zip(prompt_lens, gen_lens))])
+        return cls(
+            prompt_keys=[torch.cat([s.prompt_kv.keys[i] for s in sequences]) for i in range(num_layers)],
+            prompt_values=[torch.cat([s.prompt_kv.values[i] for s in sequences]) for i in range(num_layers)],
+            key_order=torch.cat(order).to(device),
+            cu_seqlens_q=lens_q.cumsum(0).to(device=device, dtype=torch.int32),
+            cu_seqlens_k=lens_k.cumsum(0).to(device=device, dtype=torch.int32),
+            max_seqlen_q=max(gen_lens),
+            max_seqlen_k=int(lens_k.max()),
+        )
+
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.cat([self.prompt_keys[layer].to(k.dtype), k])[self.key_order]
+        values = torch.cat([self.prompt_values[layer].to(v.dtype), v])[self.key_order]
+        return keys, values
+
+
+def varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: PackedAttention) -> torch.Tensor:
+    """Full attention of each sequence's queries over its keys. FlashAttention 3 varlen on CUDA; on CPU an exact
+    per-sequence SDPA."""
+    if q.is_cuda:
+        from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            q, keys, values, max_seqlen_q=layout.max_seqlen_q, cu_seqlens_q=layout.cu_seqlens_q,
+            max_seqlen_k=layout.max_seqlen_k, cu_seqlens_k=layout.cu_seqlens_k, causal=False, fa_version=3,
+        )  # fmt: skip
+    out = torch.empty_like(q)
+    cu_q, cu_k = layout.cu_seqlens_q.tolist(), layout.cu_seqlens_k.tolist()
+    for i in range(len(cu_q) - 1):
+        q_i, k_i, v_i = (t.transpose(0, 1) for t in (q[cu_q[i] : cu_q[i + 1]], keys[cu_k[i] : cu_k[i + 1]],
+                                                     values[cu_k[i] : cu_k[i + 1]]))  # fmt: skip
+        out[cu_q[i] : cu_q[i + 1]] = F.scaled_dot_product_attention(q_i, k_i, v_i, enable_gqa=True).transpose(0, 1)
+    return out
+
+
 class InterleavedMRoPE(nn.Module):
     """Qwen3-VL interleaved multimodal RoPE: frequencies cycle T, H, W along the head dimension."""
 
@@ -142,11 +205,7 @@ class GeneratorAttention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
 
     def forward(
-        self,
-        hidden_nd: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        sequences: list[GeneratorSequence],
-        layer: int,
+        self, hidden_nd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: PackedAttention, layer: int
     ) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden_nd).split([q_size, kv_size, kv_size], dim=-1)
@@ -154,17 +213,8 @@ class GeneratorAttention(nn.Module):
         k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = torch.empty_like(q)
-        start = 0
-        for seq in sequences:  # exact CPU path: one SDPA per sequence over [prompt K/V ; its own K/V]
-            end = start + seq.num_tokens
-            keys = torch.cat([seq.prompt_kv.keys[layer].to(k.dtype), k[start:end]], dim=0)
-            values = torch.cat([seq.prompt_kv.values[layer].to(v.dtype), v[start:end]], dim=0)
-            out[start:end] = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), enable_gqa=True
-            ).transpose(0, 1)
-            start = end
-        return self.o_proj(out.reshape(-1, q_size))
+        keys, values = layout.keys_values(layer, k, v)
+        return self.o_proj(varlen_attention(q, keys, values, layout).reshape(-1, q_size))
 
 
 class GeneratorMLP(nn.Module):
@@ -191,8 +241,8 @@ class GeneratorLayer(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = GeneratorMLP(config, f"{prefix}.mlp")
 
-    def forward(self, hidden, rope, sequences, layer: int) -> torch.Tensor:
-        hidden = hidden + self.attn(self.input_norm(hidden), rope, sequences, layer)
+    def forward(self, hidden, rope, layout: PackedAttention, layer: int) -> torch.Tensor:
+        hidden = hidden + self.attn(self.input_norm(hidden), rope, layout, layer)
         return hidden + self.mlp(self.post_attention_norm(hidden))
 
 
@@ -234,8 +284,9 @@ class Cosmos3GeneratorTower(nn.Module):
         hidden = hidden + time * noisy_n[:, None].to(hidden.dtype)
         rope = self.rope(positions_3n)
         rope = (rope[0].to(hidden.dtype), rope[1].to(hidden.dtype))
+        layout = PackedAttention.build(sequences, hidden.device)
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, rope, sequences, i)
+            hidden = layer(hidden, rope, layout, i)
         return self.proj_out(self.norm(hidden))
 
     # Weights ---------------------------------------------------------------------------------------------

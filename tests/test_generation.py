@@ -154,3 +154,13 @@ def test_conditioned_video_latents_equal_the_reference(generator, diffusers_pipe
     reference = diffusers_pipeline(PROMPT, **common, **condition, generator=torch.Generator().manual_seed(5),
                                    output_type="latent").video  # fmt: skip
     assert (ours - reference).abs().max() <= LATENT_ATOL
+
+
+def test_odd_latent_sizes_are_padded_like_the_reference(generator, diffusers_pipeline) -> None:
+    # 48x80 px -> 3x5 latents: an odd grid for 2x2 patches (like 720p: 45x80 latents).
+    common = dict(negative_prompt=NEGATIVE, num_frames=1, height=48, width=80, num_inference_steps=2)
+    ours = generator.generate_latents(GenerationRequest(PROMPT, seed=9, **common))
+    reference = diffusers_pipeline(PROMPT, **common, generator=torch.Generator().manual_seed(9),
+                                   output_type="latent").video  # fmt: skip
+    assert ours.shape == reference.shape == (1, 48, 1, 3, 5)
+    assert (ours - reference).abs().max() <= LATENT_ATOL
