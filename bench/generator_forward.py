@@ -75,15 +75,22 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
+    from vllm.config import CompilationConfig, VllmConfig, set_current_vllm_config
+
+    torch.manual_seed(0)
+    # vLLM's layers and parallel state read the current config; eager, with vLLM's fused kernels (norms, SiLU).
+    with set_current_vllm_config(VllmConfig(compilation_config=CompilationConfig(custom_ops=["all"]))):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     from diffusers import Cosmos3OmniTransformer
     from diffusers.models.transformers import transformer_cosmos3
-    from vllm.config import VllmConfig, set_current_vllm_config
 
     from cosmos3_serve.model_executor.generation import patchify, unpatchify, vision_positions
     from cosmos3_serve.model_executor.generator import Cosmos3GeneratorTower, GeneratorConfig, GeneratorSequence
     from cosmos3_serve.model_executor.kv_export import PromptKV
 
-    torch.manual_seed(0)
     init_vllm_single_process()
     config = GeneratorConfig.from_checkpoint(args.checkpoint)
     raw_config = json.loads((Path(args.checkpoint) / "transformer" / "config.json").read_text())
@@ -91,8 +98,7 @@ def main() -> int:
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         reference = Cosmos3OmniTransformer(**raw_config).eval()
-        with set_current_vllm_config(VllmConfig()):
-            ours = Cosmos3GeneratorTower(config).eval()
+        ours = Cosmos3GeneratorTower(config).eval()
     torch.set_default_dtype(torch.float32)
     with torch.no_grad():
         for p in reference.parameters():  # random weights with unit-scale activations

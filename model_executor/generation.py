@@ -142,17 +142,20 @@ class Cosmos3Generator:
     """The generator sidecar of one process: tower, VAE and scheduler template, fed by a vLLM engine."""
 
     def __init__(self, checkpoint: str | Path, llm, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
-        from vllm.config import set_current_vllm_config
+        from vllm.config import CompilationConfig, set_current_vllm_config
         from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
         checkpoint = Path(checkpoint)
         self.config = GeneratorConfig.from_checkpoint(checkpoint)
         self.device, self.dtype = torch.device(device), dtype
         engine_config = llm.llm_engine.vllm_config
+        # The tower runs eagerly: build it with vLLM's fused kernels (norms, SiLU), whatever the engine compiles.
+        tower_config = copy.copy(engine_config)
+        tower_config.compilation_config = CompilationConfig(custom_ops=["all"])
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
-        try:  # vLLM's layers read the engine's settings and allocate in the default dtype
-            with set_current_vllm_config(engine_config), self.device:
+        try:  # vLLM's layers read these settings and allocate in the default dtype
+            with set_current_vllm_config(tower_config), self.device:
                 tower = Cosmos3GeneratorTower(self.config)
         finally:
             torch.set_default_dtype(default_dtype)
