@@ -54,6 +54,24 @@ class GenerationRequest:
     video: list[Image.Image] | None = None  # video -> video: leading frames
     condition_frame_indexes: tuple[int, ...] = (0, 1)  # latent frames kept clean in video -> video
 
+    def invalid_field(self) -> tuple[str, str] | None:
+        """(field, message) for the first invalid field, or None."""
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            return "num_frames", f"must be 4k + 1 (1, 5, 9, ...), got {self.num_frames}"
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value <= 0 or value % 16:
+                return name, f"must be a positive multiple of 16, got {value}"
+        if self.num_inference_steps < 1:
+            return "num_inference_steps", f"must be >= 1, got {self.num_inference_steps}"
+        if self.fps <= 0:
+            return "fps", f"must be > 0, got {self.fps}"
+        if self.image is not None and self.video is not None:
+            return "video", "give either an image (image -> video) or a video (video -> video), not both"
+        if (self.image is not None or self.video is not None) and self.num_frames == 1:
+            return "num_frames", "image / video conditioning generates a video: num_frames must be > 1"
+        return None
+
     @property
     def spec(self) -> PromptSpec:
         return PromptSpec(num_frames=self.num_frames, height=self.height, width=self.width, fps=self.fps)

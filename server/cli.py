@@ -21,13 +21,18 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from cosmos3_serve.model_executor.generation import GenerationRequest
     from cosmos3_serve.server.generate_cli import GenerateOptions, generate
 
-    return generate(GenerateOptions(
-        checkpoint=Path(args.checkpoint), prompt=args.prompt, negative_prompt=args.negative_prompt, out=Path(args.out),
-        num_frames=args.num_frames, height=args.height, width=args.width, fps=args.fps, steps=args.steps,
-        guidance_scale=args.guidance_scale, seed=args.seed, image=args.image, dtype=args.dtype, device=args.device,
-    ))  # fmt: skip
+    request = GenerationRequest(
+        args.prompt, args.negative_prompt, num_frames=args.num_frames, height=args.height, width=args.width,
+        fps=args.fps, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        seed=args.seed, image=Image.open(args.image).convert("RGB") if args.image else None,
+    )  # fmt: skip
+    options = GenerateOptions(Path(args.checkpoint), Path(args.out), request, dtype=args.dtype, device=args.device)
+    return generate(options)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -80,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=720)
     gen.add_argument("--width", type=int, default=1280)
     gen.add_argument("--fps", type=float, default=24.0)
-    gen.add_argument("--steps", type=int, default=35)
+    gen.add_argument("--num-inference-steps", type=int, default=35)
     gen.add_argument("--guidance-scale", type=float, default=6.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--image", default=None, help="image -> video: the first frame (a PNG / JPEG file)")

@@ -18,7 +18,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_image_and_video(tiny_checkpoint: Path, tmp_path: Path) -> None:
     png, mp4 = tmp_path / "cube.png", tmp_path / "cube.mp4"
-    common = ["--prompt", "A red cube.", "--steps", "3", "--height", "32", "--width", "64", "--dtype", "float32"]
+    common = ["--prompt", "A red cube.", "--num-inference-steps", "3", "--height", "32", "--width", "64", "--dtype", "float32"]
     result = _run(str(tiny_checkpoint), *common, "--out", str(png))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "denoising" in result.stderr and "3/3" in result.stderr  # the progress bar
