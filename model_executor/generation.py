@@ -34,7 +34,13 @@ from cosmos3_serve.model_executor.generator import (
     iter_transformer_weights,
 )
 from cosmos3_serve.sampling.conditioning import condition_mask, conditioning_clip
-from cosmos3_serve.sampling.prompts import PromptSpec, cfg_token_ids
+from cosmos3_serve.sampling.prompts import (
+    PromptSpec,
+    augment,
+    cfg_token_ids,
+    chat_token_ids,
+    start_of_generation,
+)
 
 _export_ids = (f"cosmos3-gen-{i}" for i in itertools.count())
 
@@ -53,6 +59,10 @@ class GenerationRequest:
     image: Image.Image | None = None  # image -> video: the first frame
     video: list[Image.Image] | None = None  # video -> video: leading frames
     condition_frame_indexes: tuple[int, ...] = (0, 1)  # latent frames kept clean in video -> video
+    # Reason-then-generate (off by default): the reasoner first answers the conditional prompt (up to
+    # `reasoning_max_tokens`, greedy), and the generator is conditioned on prompt + answer.
+    reason_first: bool = False
+    reasoning_max_tokens: int = 256
 
     def invalid_field(self) -> tuple[str, str] | None:
         """(field, message) for the first invalid field, or None."""
@@ -238,10 +248,26 @@ class Cosmos3Generator:
                     results[state.request_id] = state.latents
         return results
 
+    def reason(self, request: GenerationRequest) -> list[int]:
+        """Reason-then-generate: the conditional context extended by the reasoner's own answer.
+
+        The answer's K/V stay in vLLM's prefix cache, so exporting prompt + answer recomputes at most the last,
+        partial KV block and the two tokens that open the generation."""
+        from vllm import SamplingParams
+
+        chat = chat_token_ids(self.tokenizer, augment(request.prompt, request.spec), request.spec)
+        eos = self.tokenizer.eos_token_id
+        params = SamplingParams(temperature=0.0, max_tokens=request.reasoning_max_tokens, stop_token_ids=[eos])
+        [output] = self.llm.generate({"prompt_token_ids": chat}, params, use_tqdm=False)
+        answer = [token for token in output.outputs[0].token_ids if token != eos]
+        return chat + answer + start_of_generation(self.tokenizer)
+
     def _admit(self, requests: dict[str, GenerationRequest]) -> list[DenoisingState]:
         prompts_per_request = {}
         for request_id, request in requests.items():
             cond, uncond = cfg_token_ids(self.tokenizer, request.prompt, request.negative_prompt, request.spec)
+            if request.reason_first:
+                cond = self.reason(request)
             prompts_per_request[request_id] = [cond, uncond] if request.uses_cfg else [cond]
         all_prompts = [ids for prompts in prompts_per_request.values() for ids in prompts]
         prompt_kvs = iter(self.prompt_kvs(all_prompts))  # one batched prefill for every request's prompts

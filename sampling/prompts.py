@@ -52,8 +52,8 @@ def augment(text: str, spec: PromptSpec, negative: bool = False) -> str:
     return text
 
 
-def generation_token_ids(tokenizer, text: str, spec: PromptSpec) -> list[int]:
-    """Chat-templated token ids of one (already augmented) prompt, ending in eos + <|vision_start|>."""
+def chat_token_ids(tokenizer, text: str, spec: PromptSpec) -> list[int]:
+    """Chat-templated token ids of one (already augmented) prompt, ending with the assistant's turn opened."""
     messages = []
     if spec.use_system_prompt:
         messages.append({"role": "system", "content": SYSTEM_PROMPT_IMAGE if spec.is_image else SYSTEM_PROMPT_VIDEO})
@@ -61,7 +61,17 @@ def generation_token_ids(tokenizer, text: str, spec: PromptSpec) -> list[int]:
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, add_vision_id=False, return_dict=True
     )
-    return list(encoded["input_ids"]) + [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|vision_start|>")]
+    return list(encoded["input_ids"])
+
+
+def start_of_generation(tokenizer) -> list[int]:
+    """What follows the context for the generator's tokens: eos + <|vision_start|>."""
+    return [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|vision_start|>")]
+
+
+def generation_token_ids(tokenizer, text: str, spec: PromptSpec) -> list[int]:
+    """Chat-templated token ids of one (already augmented) prompt, ending in eos + <|vision_start|>."""
+    return chat_token_ids(tokenizer, text, spec) + start_of_generation(tokenizer)
 
 
 def cfg_token_ids(tokenizer, prompt: str, negative_prompt: str | None, spec: PromptSpec) -> tuple[list[int], list[int]]:

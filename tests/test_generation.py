@@ -164,3 +164,25 @@ def test_odd_latent_sizes_are_padded_like_the_reference(generator, diffusers_pip
                                    output_type="latent").video  # fmt: skip
     assert ours.shape == reference.shape == (1, 48, 1, 3, 5)
     assert (ours - reference).abs().max() <= LATENT_ATOL
+
+
+def test_reason_then_generate_conditions_on_the_answer_without_recomputing_it(generator, vllm_reasoner) -> None:
+    from vllm import SamplingParams
+
+    from cosmos3_serve.sampling.prompts import augment, chat_token_ids
+
+    request = GenerationRequest(PROMPT, NEGATIVE, height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+                                reason_first=True, reasoning_max_tokens=200)  # fmt: skip
+    chat = chat_token_ids(generator.tokenizer, augment(PROMPT, request.spec), request.spec)
+    answer = vllm_reasoner.generate({"prompt_token_ids": chat}, SamplingParams(temperature=0.0, max_tokens=200),
+                                    use_tqdm=False)[0].outputs[0].token_ids  # fmt: skip
+    counts = generator.prompt_token_counts
+    total_before, cached_before = counts.total, counts.cached
+    reasoned = generator.generate_latents(request)
+    context = counts.total - total_before  # prompt tokens of the generation context (not of the reasoning request)
+    block = vllm_reasoner.llm_engine.vllm_config.cache_config.block_size
+    assert context == len(chat) + len(answer) + 2  # prompt, the reasoner's answer, eos + <|vision_start|>
+    assert counts.cached - cached_before >= (len(chat) + len(answer)) // block * block > 0
+    plain = generator.generate_latents(GenerationRequest(PROMPT, NEGATIVE, height=32, width=32, num_inference_steps=2,
+                                                         guidance_scale=1.0))  # fmt: skip
+    assert not torch.allclose(reasoned, plain)  # the answer changes the conditioning
