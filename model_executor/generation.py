@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+import diffusers
+from diffusers import AutoencoderKLWan
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import AutoTokenizer
@@ -89,6 +91,12 @@ class GenerationRequest:
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+
+def load_scheduler(checkpoint: Path):
+    """The checkpoint's flow-matching scheduler: UniPC multistep, or Euler for distilled checkpoints."""
+    class_name = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    return getattr(diffusers, class_name).from_pretrained(checkpoint, subfolder="scheduler")
 
 
 def vision_positions(
@@ -191,7 +199,7 @@ class Cosmos3Generator:
         process_weights_after_loading(tower, engine_config.model_config, self.device)  # quantization, CPU packing
         self.tower = tower.eval()
         self.vae = AutoencoderKLWan.from_pretrained(checkpoint, subfolder="vae").to(self.device).eval()
-        self.scheduler = UniPCMultistepScheduler.from_pretrained(checkpoint, subfolder="scheduler")
+        self.scheduler = load_scheduler(checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
         self.llm = llm
         self._cancelled: set[str] = set()

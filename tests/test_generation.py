@@ -186,3 +186,20 @@ def test_reason_then_generate_conditions_on_the_answer_without_recomputing_it(ge
     plain = generator.generate_latents(GenerationRequest(PROMPT, NEGATIVE, height=32, width=32, num_inference_steps=2,
                                                          guidance_scale=1.0))  # fmt: skip
     assert not torch.allclose(reasoned, plain)  # the answer changes the conditioning
+
+
+def test_distilled_checkpoint_uses_its_euler_scheduler(tmp_path: Path, vllm_reasoner) -> None:
+    """A few-step checkpoint whose scheduler/ is `FlowMatchEulerDiscreteScheduler` (same weights: seed 0)."""
+    from cosmos3_serve.model_executor.checkpoint.writer import write_checkpoint
+    from tests.oracle import load_diffusers_pipeline
+
+    checkpoint = write_checkpoint(tmp_path / "distilled", vocab="compact", action=True, distilled=True,
+                                  progress=False)  # fmt: skip
+    ours = Cosmos3Generator(checkpoint, vllm_reasoner, dtype=torch.float32, device="cpu")
+    assert type(ours.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    request = GenerationRequest(PROMPT, NEGATIVE, height=32, width=64, num_inference_steps=4, seed=4)
+    reference = load_diffusers_pipeline(checkpoint)(
+        PROMPT, negative_prompt=NEGATIVE, num_frames=1, height=32, width=64, num_inference_steps=4,
+        generator=torch.Generator().manual_seed(4), output_type="latent",
+    ).video  # fmt: skip
+    assert (ours.generate_latents(request) - reference).abs().max() <= LATENT_ATOL

@@ -45,13 +45,15 @@ def write_checkpoint(
     seed: int = 0,
     action: bool = False,
     und_k_norm_for_gen: bool = False,
+    distilled: bool = False,
     weights: bool | None = None,
     progress: bool = True,
 ) -> Path:
     """Write the checkpoint to `out` and return its path. `weights` defaults to True for `shape="tiny"` only.
 
     `und_k_norm_for_gen` writes the attention variant without query / key norms in which the generator
-    re-normalises the reasoner's keys (`qk_norm_for_text=False`, `use_und_k_norm_for_gen=True`)."""
+    re-normalises the reasoner's keys (`qk_norm_for_text=False`, `use_und_k_norm_for_gen=True`); `distilled`
+    the few-step variant's flow-matching Euler scheduler instead of UniPC."""
     from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
 
     if shape not in SHAPES:
@@ -79,12 +81,12 @@ def write_checkpoint(
     _write_tokenizer_and_processors(out, tokenizer, dims)
     reasoner_config.save_pretrained(out)
     _write_generation_config(out, special_ids)
-    _write_scheduler(out / "scheduler")
+    _write_scheduler(out / "scheduler", distilled)
     transformer.save_config(out / "transformer")
     vae.save_config(out / "vae")
     (out / "vision_encoder").mkdir(exist_ok=True)
     reasoner_config.vision_config.save_pretrained(out / "vision_encoder")
-    _write_model_index(out)
+    _write_model_index(out, distilled)
 
     if write_weights:
         parts = {
@@ -266,9 +268,12 @@ def _write_generation_config(out: Path, special_ids: dict[str, int]) -> None:
     ).save_pretrained(out)
 
 
-def _write_scheduler(directory: Path) -> None:
-    from diffusers import UniPCMultistepScheduler
+def _write_scheduler(directory: Path, distilled: bool) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+    if distilled:
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT).save_config(directory)
+        return
     UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
@@ -282,13 +287,13 @@ def _write_scheduler(directory: Path) -> None:
     ).save_config(directory)
 
 
-def _write_model_index(out: Path) -> None:
+def _write_model_index(out: Path, distilled: bool) -> None:
     import diffusers
 
     index = {
         "_class_name": PIPELINE_CLASS_NAME,
         "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler" if distilled else "UniPCMultistepScheduler"],
         "text_tokenizer": ["transformers", "Qwen2TokenizerFast"],
         "transformer": ["diffusers", "Cosmos3OmniTransformer"],
         "vae": ["diffusers", "AutoencoderKLWan"],
