@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from diffusers import Cosmos3OmniTransformer
     from diffusers.models.transformers import transformer_cosmos3
 
+    from cosmos3_serve.model_executor.checkpoint.generator_config import is_generator_key
     from cosmos3_serve.model_executor.generation import patchify, unpatchify, vision_positions
     from cosmos3_serve.model_executor.generator import Cosmos3GeneratorTower, GeneratorConfig, GeneratorSequence
     from cosmos3_serve.model_executor.kv_export import PromptKV
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         for p in reference.parameters():  # random weights with unit-scale activations
             p.normal_(0, 1.0 / max(p.shape[-1], 1) ** 0.5) if p.ndim > 1 else p.data.normal_(1.0, 0.05)
-    ours.load_weights((k, v) for k, v in reference.state_dict().items() if Cosmos3GeneratorTower.generator_keys(k))
+    ours.load_weights((k, v) for k, v in reference.state_dict().items() if is_generator_key(k))
 
     peak = matmul_peak_flops()
     results = {}

@@ -33,6 +33,7 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 
+from cosmos3_serve.model_executor.checkpoint.generator_config import is_generator_key
 from cosmos3_serve.model_executor.kv_export import PromptKV
 
 TIME_PROJ_CHANNELS = 256
@@ -309,8 +310,6 @@ class Cosmos3GeneratorTower(nn.Module):
         (".mlp_moe_gen.gate_proj.", ".mlp.gate_up_proj.", 0),
         (".mlp_moe_gen.up_proj.", ".mlp.gate_up_proj.", 1),
     )
-    _GENERATOR_PREFIXES = ("proj_in.", "proj_out.", "time_embedder.", "norm_moe_gen.")
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load the generator keys of `transformer/`; returns the parameter names loaded."""
         params = dict(self.named_parameters())
@@ -335,14 +334,6 @@ class Cosmos3GeneratorTower(nn.Module):
             raise ValueError(f"generator weights missing from the checkpoint: {sorted(missing)[:8]}")
         return loaded
 
-    @classmethod
-    def generator_keys(cls, key: str) -> bool:
-        return (
-            key.startswith(cls._GENERATOR_PREFIXES)
-            or any(old in key for old, _, _ in cls._SHARDS)
-            or any(old in key for old, _ in cls._RENAMES[:6])
-        )
-
 
 def _default_loader(param: torch.Tensor, tensor: torch.Tensor) -> None:
     param.data.copy_(tensor)
@@ -357,6 +348,6 @@ def iter_transformer_weights(checkpoint: str | Path) -> Iterator[tuple[str, torc
     for file in files:
         with safe_open(directory / file, "pt") as f:
             for key in f.keys():
-                if Cosmos3GeneratorTower.generator_keys(key):
+                if is_generator_key(key):
                     yield key, f.get_tensor(key)
 

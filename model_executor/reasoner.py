@@ -19,32 +19,11 @@ from torch import nn
 from vllm.model_executor.models.cosmos3 import Cosmos3ForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
 
-from cosmos3_serve.model_executor.checkpoint.generator_config import KeyNorms
-
-GENERATOR_ONLY_SUBSTRINGS = (
-    "_moe_gen",
-    ".add_q_proj.",
-    ".add_k_proj.",
-    ".add_v_proj.",
-    ".to_add_out.",
-    ".norm_added_q.",
-    ".norm_added_k.",
-    ".k_norm_und_for_gen.",
-    # ModelOpt's own dialect of quantizer state; vLLM reads weight_scale / input_scale instead.
-    ".input_quantizer.",
-    ".weight_quantizer.",
-    ".output_quantizer.",
+from cosmos3_serve.model_executor.checkpoint.generator_config import (
+    GENERATOR_ONLY_PREFIXES,
+    GENERATOR_ONLY_SUBSTRINGS,
+    KeyNorms,
 )
-GENERATOR_ONLY_PREFIXES = (
-    "proj_in.",
-    "proj_out.",
-    "time_embedder.",
-    "audio_proj_in.",
-    "audio_proj_out.",
-    "action_proj_in.",
-    "action_proj_out.",
-)
-
 
 class Cosmos3ReasonerForConditionalGeneration(Cosmos3ForConditionalGeneration):
     hf_to_vllm_mapper = WeightsMapper(

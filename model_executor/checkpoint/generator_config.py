@@ -1,10 +1,40 @@
-"""What the reasoner side needs to know from the generator's config (`transformer/config.json`)."""
+"""What both towers need to know of the checkpoint's generator: its keys and `transformer/config.json`."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+
+# Keys of `transformer/` that belong to the generator only (the reasoner drops them, the generator loads them).
+GENERATOR_ONLY_SUBSTRINGS = (
+    "_moe_gen",
+    ".add_q_proj.",
+    ".add_k_proj.",
+    ".add_v_proj.",
+    ".to_add_out.",
+    ".norm_added_q.",
+    ".norm_added_k.",
+    ".k_norm_und_for_gen.",
+    # ModelOpt's own dialect of quantizer state; vLLM reads weight_scale / input_scale instead.
+    ".input_quantizer.",
+    ".weight_quantizer.",
+    ".output_quantizer.",
+)
+GENERATOR_ONLY_PREFIXES = (
+    "proj_in.",
+    "proj_out.",
+    "time_embedder.",
+    "audio_proj_in.",
+    "audio_proj_out.",
+    "action_proj_in.",
+    "action_proj_out.",
+)
+
+
+def is_generator_key(key: str) -> bool:
+    return key.startswith(GENERATOR_ONLY_PREFIXES) or any(s in key for s in GENERATOR_ONLY_SUBSTRINGS)
 
 
 def checkpoint_file(model: str, relpath: str) -> Path:
