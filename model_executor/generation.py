@@ -162,7 +162,7 @@ class DenoisingState:
     request: GenerationRequest
     sequences: list[GeneratorSequence]
     positions_3n: torch.Tensor  # positions of all its sequences' tokens, in sequence order
-    latents: torch.Tensor  # [1, C, T, H, W]
+    latents: torch.Tensor  # [1, C, T, H, W] float32
     frame_mask: torch.Tensor  # [T] 1 for clean conditioning latent frames
     noisy: torch.Tensor  # [sequences * tokens] bool, the tokens that get a timestep embedding
     scheduler: Any
@@ -301,15 +301,16 @@ class Cosmos3Generator:
                                               request.video, request.condition_frame_indexes))  # fmt: skip
         mask = condition_mask(shape[2], request.image is not None, request.video is not None,
                               request.condition_frame_indexes).to(self.device)  # fmt: skip
-        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        frame_mask = mask.view(-1, 1, 1).to(self.dtype)
+        # Latents and noise stay float32 whatever the tower's precision, as in the reference.
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        frame_mask = mask.view(-1, 1, 1)
         noisy = (mask == 0).repeat_interleave(grid[1] * grid[2]).repeat(len(kvs))
         return DenoisingState(
             request_id=request_id,
             request=request,
             sequences=[GeneratorSequence(tokens, kv) for kv in kvs],
             positions_3n=positions.to(self.device),
-            latents=frame_mask * clean.to(self.dtype) + (1.0 - frame_mask) * noise,
+            latents=frame_mask * clean + (1.0 - frame_mask) * noise,
             frame_mask=mask,
             noisy=noisy,
             scheduler=scheduler,

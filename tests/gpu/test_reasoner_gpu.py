@@ -9,30 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosmos3_serve.model_executor import kv_export, vllm_compat
+from cosmos3_serve.model_executor import kv_export
 from tests import media
 from tests.test_kv_export import _reference_prompt_kv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+from tests.gpu.conftest import PRUNING_RATE
+
 BF16_REL_TOL = 2e-2  # ||vLLM bf16 - diffusers float32|| / ||diffusers float32||, per layer
-PRUNING_RATE = 0.5
-
-
-@pytest.fixture(scope="module")
-def gpu_reasoner(tiny_checkpoint: Path):
-    from vllm import LLM
-
-    return LLM(
-        str(tiny_checkpoint),
-        dtype="bfloat16",
-        max_model_len=4096,
-        gpu_memory_utilization=0.3,
-        kv_transfer_config=kv_export.kv_transfer_config(),
-        limit_mm_per_prompt={"image": 1, "video": 1},
-        seed=0,
-        **vllm_compat.video_pruning_kwargs(PRUNING_RATE, "evs"),
-    )
 
 
 def test_runs_our_class_with_flash_attention_3_and_cuda_graphs(gpu_reasoner) -> None:
