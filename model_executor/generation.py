@@ -234,13 +234,20 @@ class Cosmos3Generator:
 
     @torch.no_grad()
     def generate(
-        self, requests: dict[str, GenerationRequest], on_step: StepCallback | None = None
+        self,
+        requests: dict[str, GenerationRequest],
+        on_step: StepCallback | None = None,
+        incoming: Callable[[], dict[str, GenerationRequest]] | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Denoise `requests` together: every step is one packed forward over all requests in flight, whatever
-        their resolutions, frame counts, step counts and CFG. Returns latents per id (None when cancelled)."""
+        their resolutions, frame counts, step counts and CFG. `incoming()`, asked at every step boundary, admits
+        new requests into the running batch. Returns latents per id (None when cancelled)."""
         active = self._admit(requests)
         results: dict[str, torch.Tensor | None] = {}
         while active:
+            arrived = incoming() if incoming is not None else {}
+            if arrived:
+                active += self._admit(arrived)
             for state in [s for s in active if s.request_id in self._cancelled]:
                 active.remove(state)
                 self._cancelled.discard(state.request_id)

@@ -203,3 +203,20 @@ def test_distilled_checkpoint_uses_its_euler_scheduler(tmp_path: Path, vllm_reas
         generator=torch.Generator().manual_seed(4), output_type="latent",
     ).video  # fmt: skip
     assert (ours.generate_latents(request) - reference).abs().max() <= LATENT_ATOL
+
+
+def test_requests_arriving_mid_run_join_the_batch(generator) -> None:
+    early, late = MIXED["image-cfg"], MIXED["video-cfg"]
+    admitted = []
+    arrivals = iter([{}, {}, {"late": late}])  # at the third step boundary
+
+    def incoming() -> dict[str, GenerationRequest]:
+        arrived = next(arrivals, {})
+        if arrived:
+            admitted.append(True)
+        return arrived
+
+    results = generator.generate({"early": early}, incoming=incoming)
+    assert admitted == [True] and set(results) == {"early", "late"}
+    assert (results["early"] - generator.generate_latents(early)).abs().max() <= 1e-5
+    assert (results["late"] - generator.generate_latents(late)).abs().max() <= 1e-5
