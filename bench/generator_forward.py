@@ -142,10 +142,10 @@ def run(args: argparse.Namespace) -> int:
         timesteps = torch.full((tokens,), 500.0, device="cuda")
         noisy = torch.ones(tokens, dtype=torch.bool, device="cuda")
         positions = gen_positions.cuda()
-        sequences = [GeneratorSequence(tokens, prompt_kv)]
+        batch = ours.pack(positions, [GeneratorSequence(tokens, prompt_kv)])  # once per batch membership
         with torch.no_grad():
-            got = unpatchify(ours(patches, timesteps, noisy, positions, sequences), latent[1:], 2)[None]
-            t_ours = cuda_time(lambda: ours(patches, timesteps, noisy, positions, sequences))
+            got = unpatchify(ours(patches, timesteps, noisy, batch), latent[1:], 2)[None]
+            t_ours = cuda_time(lambda: ours(patches, timesteps, noisy, batch))
             t_ref = cuda_time(lambda: reference(**inputs))
         flops = forward_flops(config, tokens)
         results[name] = {
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             "fraction_of_peak": flops / t_ours / peak,
             "rel_diff": float((got.float() - expected.float()).norm() / expected.float().norm()),
         }
-        del captured, prompt_kv, expected, got
+        del captured, prompt_kv, expected, got, batch
         torch.cuda.empty_cache()
 
     print(f"\ngenerator forward, Nano shape, bf16, {PROMPT_TOKENS} prompt tokens; matmul peak {peak / 1e12:.0f} TFLOP/s")

@@ -33,6 +33,7 @@ from cosmos3_serve.model_executor.generator import (
     Cosmos3GeneratorTower,
     GeneratorConfig,
     GeneratorSequence,
+    PackedBatch,
     iter_transformer_weights,
 )
 from cosmos3_serve.sampling.conditioning import condition_mask, conditioning_clip
@@ -204,6 +205,7 @@ class Cosmos3Generator:
         self.llm = llm
         self._cancelled: set[str] = set()
         self.prompt_token_counts = PromptTokenCounts()
+        self._packed: tuple[tuple[str, ...], PackedBatch] | None = None  # membership -> its PackedBatch
 
     def prompt_kvs(self, prompts: list[list[int]]) -> list[kv_export.PromptKV]:
         """Prefill the prompts once as generation contexts and take their exported K/V."""
@@ -244,6 +246,19 @@ class Cosmos3Generator:
         new requests into the running batch. Returns latents per id (None when cancelled)."""
         active = self._admit(requests)
         results: dict[str, torch.Tensor | None] = {}
+        try:
+            self._denoise(active, results, on_step, incoming)
+        finally:
+            self._packed = None  # request ids are only unique within one call; release the prompt K/V copies
+        return results
+
+    def _denoise(
+        self,
+        active: list[DenoisingState],
+        results: dict[str, torch.Tensor | None],
+        on_step: StepCallback | None,
+        incoming: Callable[[], dict[str, GenerationRequest]] | None,
+    ) -> None:
         while active:
             arrived = incoming() if incoming is not None else {}
             if arrived:
@@ -261,7 +276,6 @@ class Cosmos3Generator:
                 if state.finished:
                     active.remove(state)
                     results[state.request_id] = state.latents
-        return results
 
     def reason(self, request: GenerationRequest) -> list[int]:
         """Reason-then-generate: the conditional context extended by the reasoner's own answer.
@@ -333,21 +347,26 @@ class Cosmos3Generator:
         raw = self.vae.encode(clip.to(self.device, self.vae.dtype)).latent_dist.mode()
         return ((raw - mean) / std).float()
 
+    def _packed_batch(self, active: list[DenoisingState]) -> PackedBatch:
+        membership = tuple(state.request_id for state in active)
+        if self._packed is None or self._packed[0] != membership:
+            positions = torch.cat([state.positions_3n for state in active], dim=1)
+            sequences = [seq for state in active for seq in state.sequences]
+            self._packed = (membership, self.tower.pack(positions, sequences))
+        return self._packed[1]
+
     def _step(self, active: list[DenoisingState]) -> None:
         """One packed generator forward for every sequence of every active request, then each request's step."""
         patch = self.config.latent_patch_size
-        tokens, timesteps, positions, sequences = [], [], [], []
+        tokens, timesteps = [], []
         for state in active:
             patches = patchify(state.latents[0].to(self.dtype), patch)
             t = state.timesteps[state.step].item()
             for _ in state.sequences:
                 tokens.append(patches)
                 timesteps.append(torch.full((patches.shape[0],), t, device=self.device))
-            positions.append(state.positions_3n)
-            sequences.extend(state.sequences)
-        packed = torch.cat(tokens)
         noisy = torch.cat([state.noisy for state in active])
-        velocity = self.tower(packed, torch.cat(timesteps), noisy, torch.cat(positions, dim=1), sequences).float()
+        velocity = self.tower(torch.cat(tokens), torch.cat(timesteps), noisy, self._packed_batch(active)).float()
 
         offset = 0
         for state in active:

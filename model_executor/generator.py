@@ -102,7 +102,7 @@ class GeneratorSequence:
 class PackedAttention:
     """Per-step layout of a packed batch: each sequence's queries see [its prompt K/V ; its own K/V].
 
-    Built once per step (not per layer): `key_order` interleaves the packed prompt keys of all sequences with
+    Built once per batch membership (not per step, not per layer): `key_order` interleaves the packed prompt keys of all sequences with
     the packed generator keys, so a layer's keys are `cat([prompt_keys[layer], gen_keys])[key_order]`.
     """
 
@@ -159,6 +159,14 @@ def varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                                                      values[cu_k[i] : cu_k[i + 1]]))  # fmt: skip
         out[cu_q[i] : cu_q[i + 1]] = F.scaled_dot_product_attention(q_i, k_i, v_i, enable_gqa=True).transpose(0, 1)
     return out
+
+
+@dataclass
+class PackedBatch:
+    """Per-batch constants of the tower's forward, rebuilt only when requests join or leave."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, head_dim]
+    attention: PackedAttention
 
 
 class InterleavedMRoPE(nn.Module):
@@ -272,22 +280,24 @@ class Cosmos3GeneratorTower(nn.Module):
                                       flip_sin_to_cos=True, downscale_freq_shift=0)  # fmt: skip
         return self.time_linear_2(F.silu(self.time_linear_1(proj.float())))
 
+    def pack(self, positions_3n: torch.Tensor, sequences: list[GeneratorSequence]) -> PackedBatch:
+        """What stays the same while the batch's membership does: rotary tables and the attention layout."""
+        cos, sin = self.rope(positions_3n)
+        dtype = self.proj_in.weight.dtype
+        return PackedBatch(rope=(cos.to(dtype), sin.to(dtype)), attention=PackedAttention.build(sequences, cos.device))
+
     def forward(
         self,
         patches_np: torch.Tensor,  # [N, patch_latent_dim] generator tokens of all sequences, packed
-        timesteps_n: torch.Tensor,  # [N] diffusion time per token (0 where a frame is clean conditioning)
-        noisy_n: torch.Tensor,  # [N] bool: tokens that get a timestep embedding
-        positions_3n: torch.Tensor,  # [3, N] mRoPE positions
-        sequences: list[GeneratorSequence],
+        timesteps_n: torch.Tensor,  # [N] diffusion time per token
+        noisy_n: torch.Tensor,  # [N] bool: tokens that get a timestep embedding (not clean conditioning frames)
+        batch: PackedBatch,
     ) -> torch.Tensor:
         hidden = self.proj_in(patches_np)
         time = self.time_embedding(timesteps_n).to(hidden.dtype)
         hidden = hidden + time * noisy_n[:, None].to(hidden.dtype)
-        rope = self.rope(positions_3n)
-        rope = (rope[0].to(hidden.dtype), rope[1].to(hidden.dtype))
-        layout = PackedAttention.build(sequences, hidden.device)
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, rope, layout, i)
+            hidden = layer(hidden, batch.rope, batch.attention, i)
         return self.proj_out(self.norm(hidden))
 
     # Weights ---------------------------------------------------------------------------------------------
