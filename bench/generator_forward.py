@@ -39,9 +39,17 @@ def init_vllm_single_process() -> None:
     initialize_model_parallel(1, 1)
 
 
-def cuda_time(fn, repeats: int = 3) -> float:
+def cuda_time(fn, min_total_s: float = 2.0, max_repeats: int = 50) -> float:
+    """Median of enough timed calls to fill about `min_total_s` (at least 3), after two warm-up calls."""
+    fn()
     fn()
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    repeats = min(max_repeats, max(3, int(min_total_s / (start.elapsed_time(end) / 1e3))))
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -56,7 +64,7 @@ def cuda_time(fn, repeats: int = 3) -> float:
 def matmul_peak_flops() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / cuda_time(lambda: a @ b, repeats=10)
+    return 2 * 8192**3 / cuda_time(lambda: a @ b)
 
 
 def forward_flops(config, gen_tokens: int) -> float:
