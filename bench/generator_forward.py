@@ -76,6 +76,64 @@ def forward_flops(config, gen_tokens: int) -> float:
     return layers * (gen_tokens * per_token + attention)
 
 
+def measure(shape: tuple[int, int, int], config, reference, ours, peak: float) -> dict:
+    """Both forwards on one (frames, height, width): times, throughput and the velocities' difference."""
+    from diffusers.models.transformers import transformer_cosmos3
+
+    from cosmos3_serve.model_executor.generation import patchify, unpatchify, vision_positions
+    from cosmos3_serve.model_executor.generator import GeneratorSequence
+    from cosmos3_serve.model_executor.kv_export import PromptKV
+
+    frames, height, width = shape
+    latent = (1, 48, (frames - 1) // 4 + 1, height // 16, width // 16)
+    grid = (latent[2], -(-latent[3] // 2), -(-latent[4] // 2))
+    tokens = grid[0] * grid[1] * grid[2]
+    latents = torch.randn(latent, device="cuda", dtype=torch.bfloat16)
+    text_positions = torch.arange(PROMPT_TOKENS, dtype=torch.float32).expand(3, -1)
+    gen_positions = vision_positions(config, grid, PROMPT_TOKENS, 24.0, 4)
+    inputs = dict(
+        input_ids=torch.randint(0, 150_000, (PROMPT_TOKENS,), device="cuda"),
+        text_indexes=torch.arange(PROMPT_TOKENS, device="cuda"),
+        position_ids=torch.cat([text_positions, gen_positions], dim=1).cuda(),
+        und_len=PROMPT_TOKENS, sequence_length=PROMPT_TOKENS + tokens, vision_tokens=[latents],
+        vision_token_shapes=[grid], vision_sequence_indexes=torch.arange(PROMPT_TOKENS, PROMPT_TOKENS + tokens,
+                                                                         device="cuda"),
+        vision_mse_loss_indexes=torch.arange(PROMPT_TOKENS, PROMPT_TOKENS + tokens, device="cuda"),
+        vision_timesteps=torch.full((tokens,), 500.0, device="cuda"),
+        vision_noisy_frame_indexes=[torch.arange(grid[0], device="cuda")], return_dict=False,
+    )  # fmt: skip
+    captured = []
+    original = transformer_cosmos3.dispatch_attention_fn
+
+    def recording(query, key, value, *a, is_causal=False, **kw):
+        if is_causal:
+            captured.append((key[0].clone(), value[0].clone()))
+        return original(query, key, value, *a, is_causal=is_causal, **kw)
+
+    with torch.no_grad(), mock.patch.object(transformer_cosmos3, "dispatch_attention_fn", recording):
+        expected = reference(**inputs)[0][0]
+    prompt_kv = PromptKV(keys=[k for k, _ in captured], values=[v for _, v in captured])
+    patches = patchify(latents[0], 2)
+    timesteps = torch.full((tokens,), 500.0, device="cuda")
+    noisy = torch.ones(tokens, dtype=torch.bool, device="cuda")
+    positions = gen_positions.cuda()
+    batch = ours.pack(positions, [GeneratorSequence(tokens, prompt_kv)])  # once per batch membership
+    with torch.no_grad():
+        got = unpatchify(ours(patches, timesteps, noisy, batch), latent[1:], 2)[None]
+        t_ours = cuda_time(lambda: ours(patches, timesteps, noisy, batch))
+        t_ref = cuda_time(lambda: reference(**inputs))
+    flops = forward_flops(config, tokens)
+    return {
+        "gen_tokens": tokens,
+        "ours_s": t_ours,
+        "diffusers_s": t_ref,
+        "speedup": t_ref / t_ours,
+        "ours_tflops": flops / t_ours / 1e12,
+        "fraction_of_peak": flops / t_ours / peak,
+        "rel_diff": float((got.float() - expected.float()).norm() / expected.float().norm()),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -93,12 +151,9 @@ def main() -> int:
 
 def run(args: argparse.Namespace) -> int:
     from diffusers import Cosmos3OmniTransformer
-    from diffusers.models.transformers import transformer_cosmos3
 
     from cosmos3_serve.model_executor.checkpoint.generator_config import is_generator_key
-    from cosmos3_serve.model_executor.generation import patchify, unpatchify, vision_positions
-    from cosmos3_serve.model_executor.generator import Cosmos3GeneratorTower, GeneratorConfig, GeneratorSequence
-    from cosmos3_serve.model_executor.kv_export import PromptKV
+    from cosmos3_serve.model_executor.generator import Cosmos3GeneratorTower, GeneratorConfig
 
     init_vllm_single_process()
     config = GeneratorConfig.from_checkpoint(args.checkpoint)
@@ -117,55 +172,7 @@ def run(args: argparse.Namespace) -> int:
     peak = matmul_peak_flops()
     results = {}
     for name in args.shapes.split(","):
-        frames, height, width = SHAPES[name]
-        latent = (1, 48, (frames - 1) // 4 + 1, height // 16, width // 16)
-        grid = (latent[2], -(-latent[3] // 2), -(-latent[4] // 2))
-        tokens = grid[0] * grid[1] * grid[2]
-        latents = torch.randn(latent, device="cuda", dtype=torch.bfloat16)
-        text_positions = torch.arange(PROMPT_TOKENS, dtype=torch.float32).expand(3, -1)
-        gen_positions = vision_positions(config, grid, PROMPT_TOKENS, 24.0, 4)
-        inputs = dict(
-            input_ids=torch.randint(0, 150_000, (PROMPT_TOKENS,), device="cuda"),
-            text_indexes=torch.arange(PROMPT_TOKENS, device="cuda"),
-            position_ids=torch.cat([text_positions, gen_positions], dim=1).cuda(),
-            und_len=PROMPT_TOKENS, sequence_length=PROMPT_TOKENS + tokens, vision_tokens=[latents],
-            vision_token_shapes=[grid], vision_sequence_indexes=torch.arange(PROMPT_TOKENS, PROMPT_TOKENS + tokens,
-                                                                             device="cuda"),
-            vision_mse_loss_indexes=torch.arange(PROMPT_TOKENS, PROMPT_TOKENS + tokens, device="cuda"),
-            vision_timesteps=torch.full((tokens,), 500.0, device="cuda"),
-            vision_noisy_frame_indexes=[torch.arange(grid[0], device="cuda")], return_dict=False,
-        )  # fmt: skip
-        captured = []
-        original = transformer_cosmos3.dispatch_attention_fn
-
-        def recording(query, key, value, *a, is_causal=False, **kw):
-            if is_causal:
-                captured.append((key[0].clone(), value[0].clone()))
-            return original(query, key, value, *a, is_causal=is_causal, **kw)
-
-        with torch.no_grad(), mock.patch.object(transformer_cosmos3, "dispatch_attention_fn", recording):
-            expected = reference(**inputs)[0][0]
-        prompt_kv = PromptKV(keys=[k for k, _ in captured], values=[v for _, v in captured])
-        patches = patchify(latents[0], 2)
-        timesteps = torch.full((tokens,), 500.0, device="cuda")
-        noisy = torch.ones(tokens, dtype=torch.bool, device="cuda")
-        positions = gen_positions.cuda()
-        batch = ours.pack(positions, [GeneratorSequence(tokens, prompt_kv)])  # once per batch membership
-        with torch.no_grad():
-            got = unpatchify(ours(patches, timesteps, noisy, batch), latent[1:], 2)[None]
-            t_ours = cuda_time(lambda: ours(patches, timesteps, noisy, batch))
-            t_ref = cuda_time(lambda: reference(**inputs))
-        flops = forward_flops(config, tokens)
-        results[name] = {
-            "gen_tokens": tokens,
-            "ours_s": t_ours,
-            "diffusers_s": t_ref,
-            "speedup": t_ref / t_ours,
-            "ours_tflops": flops / t_ours / 1e12,
-            "fraction_of_peak": flops / t_ours / peak,
-            "rel_diff": float((got.float() - expected.float()).norm() / expected.float().norm()),
-        }
-        del captured, prompt_kv, expected, got, batch
+        results[name] = measure(SHAPES[name], config, reference, ours, peak)
         torch.cuda.empty_cache()
 
     print(f"\ngenerator forward, Nano shape, bf16, {PROMPT_TOKENS} prompt tokens; matmul peak {peak / 1e12:.0f} TFLOP/s")

@@ -318,20 +318,23 @@ class Cosmos3Generator:
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
         generator = torch.Generator().manual_seed(request.seed)
-        clean = self.encode(conditioning_clip(request.num_frames, request.height, request.width, request.image,
-                                              request.video, request.condition_frame_indexes))  # fmt: skip
         mask = condition_mask(shape[2], request.image is not None, request.video is not None,
                               request.condition_frame_indexes).to(self.device)  # fmt: skip
         # Latents and noise stay float32 whatever the tower's precision, as in the reference.
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         frame_mask = mask.view(-1, 1, 1)
+        latents = noise
+        if mask.any():  # only conditioned requests need the VAE encoder (the reference encodes zeros otherwise)
+            clean = self.encode(conditioning_clip(request.num_frames, request.height, request.width, request.image,
+                                                  request.video, request.condition_frame_indexes))  # fmt: skip
+            latents = frame_mask * clean + (1.0 - frame_mask) * noise
         noisy = (mask == 0).repeat_interleave(grid[1] * grid[2]).repeat(len(kvs))
         return DenoisingState(
             request_id=request_id,
             request=request,
             sequences=[GeneratorSequence(tokens, kv) for kv in kvs],
             positions_3n=positions.to(self.device),
-            latents=frame_mask * clean + (1.0 - frame_mask) * noise,
+            latents=latents,
             frame_mask=mask,
             noisy=noisy,
             scheduler=scheduler,

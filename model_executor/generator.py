@@ -4,8 +4,9 @@ Per layer (diffusers `Cosmos3VLTextMoTDecoderLayer`, generator half): `input_lay
 -> per-head `norm_added_{q,k}` -> mRoPE at the generator tokens' positions -> attention over
 [reasoner K/V of the prompt ; generator K/V] -> `to_add_out` -> residual -> `post_attention_layernorm_moe_gen` ->
 `mlp_moe_gen` -> residual. The reasoner's K/V come from `kv_export.PromptKV` (already normed and rotated): the
-reasoner tower never runs here. Requests are packed without padding: `GeneratorBatch` holds, per sequence
-(one request and CFG branch), its token count and its prompt K/V; queries of a sequence see only its own keys.
+reasoner tower never runs here. Requests are packed without padding: a `GeneratorSequence` per request and CFG
+branch holds its token count and its prompt K/V, and `PackedBatch` the layout in which the queries of a sequence
+see only its own keys.
 
 Tensor parallelism follows vLLM's: column-parallel projections split heads, row-parallel outputs all-reduce.
 The prompt K/V of a rank are its own heads, as the reasoner's rank exported them.
@@ -21,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
-from safetensors import safe_open
 from torch import nn
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
@@ -33,8 +33,13 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 
-from cosmos3_serve.model_executor.checkpoint.generator_config import is_generator_key
+from cosmos3_serve.model_executor.checkpoint.generator_config import (
+    is_generator_key,
+    mrope_section,
+    transformer_tensors,
+)
 from cosmos3_serve.model_executor.kv_export import PromptKV
+from cosmos3_serve.model_executor.rope import InterleavedMRoPE, apply_rope
 
 TIME_PROJ_CHANNELS = 256
 
@@ -65,7 +70,6 @@ class GeneratorConfig:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path) -> GeneratorConfig:
         raw = json.loads((Path(checkpoint) / "transformer" / "config.json").read_text())
-        axes = raw.get("rope_axes_dim") or (raw.get("rope_scaling") or {}).get("mrope_section", [24, 20, 20])
         if raw.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(f"generator MLP activation {raw['hidden_act']!r} is not supported yet")
         return cls(
@@ -77,7 +81,7 @@ class GeneratorConfig:
             head_dim=raw["head_dim"],
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=raw.get("rope_theta", 5e6),
-            rope_axes_dim=tuple(axes),
+            rope_axes_dim=mrope_section(raw),
             patch_latent_dim=raw["patch_latent_dim"],
             latent_channel=raw["latent_channel"],
             latent_patch_size=raw["latent_patch_size"],
@@ -167,32 +171,6 @@ class PackedBatch:
 
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, head_dim]
     attention: PackedAttention
-
-
-class InterleavedMRoPE(nn.Module):
-    """Qwen3-VL interleaved multimodal RoPE: frequencies cycle T, H, W along the head dimension."""
-
-    def __init__(self, head_dim: int, rope_theta: float, axes_dim: tuple[int, int, int]) -> None:
-        super().__init__()
-        inv_freq = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        axis = torch.zeros(head_dim // 2, dtype=torch.long)  # which position axis each frequency reads
-        for a, offset in ((1, 1), (2, 2)):
-            axis[offset : axes_dim[a] * 3 : 3] = a
-        self.register_buffer("axis", axis, persistent=False)
-
-    def forward(self, positions_3n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[N, 1, head_dim]` for float positions `[3, N]`."""
-        positions = positions_3n.float()[self.axis]  # [D/2, N]: the axis each frequency uses
-        freqs = (positions * self.inv_freq[:, None]).T  # [N, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return angles.cos(), angles.sin()
-
-
-def apply_rope(x_nhd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x_nhd.shape[-1] // 2
-    rotated = torch.cat((-x_nhd[..., half:], x_nhd[..., :half]), dim=-1)
-    return x_nhd * cos + rotated * sin
 
 
 class GeneratorAttention(nn.Module):
@@ -350,14 +328,5 @@ def _default_loader(param: torch.Tensor, tensor: torch.Tensor) -> None:
 
 
 def iter_transformer_weights(checkpoint: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The generator's tensors of `transformer/` (single file or sharded with an index)."""
-    directory = Path(checkpoint) / "transformer"
-    index = directory / "diffusion_pytorch_model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-        "diffusion_pytorch_model.safetensors"]  # fmt: skip
-    for file in files:
-        with safe_open(directory / file, "pt") as f:
-            for key in f.keys():
-                if is_generator_key(key):
-                    yield key, f.get_tensor(key)
-
+    """The generator's tensors of `transformer/`."""
+    return transformer_tensors(str(checkpoint), is_generator_key)

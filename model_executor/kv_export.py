@@ -38,8 +38,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from cosmos3_serve.model_executor.checkpoint.generator_config import KeyNorms, checkpoint_file
+from cosmos3_serve.model_executor.checkpoint.generator_config import (
+    KeyNorms,
+    checkpoint_file,
+    mrope_section,
+    transformer_tensors,
+)
 from cosmos3_serve.model_executor.plugin import KV_EXPORT_CONNECTOR, KV_EXPORT_MODULE
+from cosmos3_serve.model_executor.rope import InterleavedMRoPE, apply_rope
 
 EXPORT_PARAM = "cosmos3_export"
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
@@ -170,46 +176,27 @@ class PagedKVReader:
 class GeneratorKeyNorm:
     """`k_norm_und_for_gen` on cached keys: `RoPE(RMSNorm_w(RoPE^-1(K)))` at text positions 0..N-1."""
 
-    def __init__(self, weights: list[torch.Tensor], eps: float, rope_theta: float) -> None:
+    def __init__(self, weights: list[torch.Tensor], eps: float, rope: InterleavedMRoPE) -> None:
         self.weights = weights  # per layer [head_dim]
         self.eps = eps
-        head_dim = weights[0].shape[0]
-        self.inv_freq = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.rope = rope
 
     @classmethod
     def from_checkpoint(cls, model: str, num_layers: int) -> GeneratorKeyNorm:
         import json
 
-        from safetensors import safe_open
-
         config = json.loads(checkpoint_file(model, "transformer/config.json").read_text())
-        keys = [f"layers.{i}.self_attn.k_norm_und_for_gen.weight" for i in range(num_layers)]
-        index_file = "transformer/diffusion_pytorch_model.safetensors.index.json"
-        try:
-            shard_of = json.loads(checkpoint_file(model, index_file).read_text())["weight_map"]
-        except (FileNotFoundError, OSError):
-            shard_of = {key: "diffusion_pytorch_model.safetensors" for key in keys}
-        weights = []
-        for key in keys:
-            with safe_open(checkpoint_file(model, f"transformer/{shard_of[key]}"), "pt") as f:
-                weights.append(f.get_tensor(key).float())
-        return cls(weights, eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 5e6))
+        tensors = dict(transformer_tensors(model, lambda key: ".k_norm_und_for_gen." in key))
+        weights = [tensors[f"layers.{i}.self_attn.k_norm_und_for_gen.weight"].float() for i in range(num_layers)]
+        rope = InterleavedMRoPE(weights[0].shape[0], config.get("rope_theta", 5e6), mrope_section(config))
+        return cls(weights, eps=config.get("rms_norm_eps", 1e-6), rope=rope)
 
     def __call__(self, layer: int, keys_thd: torch.Tensor) -> torch.Tensor:
-        device = keys_thd.device
-        positions = torch.arange(keys_thd.shape[0], device=device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]  # [T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = angles.cos(), angles.sin()
-        rotated = keys_thd.float()
-        raw = rotated * cos - _rotate_half(rotated) * sin  # RoPE^-1
-        normed = raw * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + self.eps) * self.weights[layer].to(device)
-        return (normed * cos + _rotate_half(normed) * sin).to(keys_thd.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        text_positions = torch.arange(keys_thd.shape[0], device=keys_thd.device).expand(3, -1)  # same on T, H, W
+        cos, sin = self.rope(text_positions)
+        raw = apply_rope(keys_thd.float(), cos, -sin)
+        normed = raw * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + self.eps) * self.weights[layer].to(raw.device)
+        return apply_rope(normed, cos, sin).to(keys_thd.dtype)
 
 
 @dataclass

@@ -15,7 +15,6 @@ from typing import Any
 import vllm
 
 VLLM_VERSION: tuple[int, int] = tuple(int(p) for p in vllm.__version__.split(".")[:2])  # type: ignore[assignment]
-SUPPORTED = ((0, 26), (0, 33))
 VIDEO_PRUNING_METHODS: tuple[str, ...] = ("evs",) if VLLM_VERSION < (0, 32) else ("evs", "vidcom2")
 
 

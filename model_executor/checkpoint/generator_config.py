@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 
 # Keys of `transformer/` that belong to the generator only (the reasoner drops them, the generator loads them).
@@ -47,6 +50,28 @@ def checkpoint_file(model: str, relpath: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(model, relpath))
+
+
+def mrope_section(transformer_config: dict) -> tuple[int, int, int]:
+    """Rotary frequencies per position axis (T, H, W) of `transformer/config.json`."""
+    rope_scaling = transformer_config.get("rope_scaling") or {}
+    return tuple(transformer_config.get("rope_axes_dim") or rope_scaling.get("mrope_section", [24, 20, 20]))
+
+
+def transformer_tensors(model: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of `transformer/` whose keys are `wanted` (one safetensors file, or shards with an index)."""
+    from safetensors import safe_open
+
+    try:
+        index = checkpoint_file(model, "transformer/diffusion_pytorch_model.safetensors.index.json")
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (FileNotFoundError, OSError):
+        files = ["diffusion_pytorch_model.safetensors"]
+    for file in files:
+        with safe_open(checkpoint_file(model, f"transformer/{file}"), "pt") as f:
+            for key in f.keys():
+                if wanted(key):
+                    yield key, f.get_tensor(key)
 
 
 @dataclass(frozen=True)
