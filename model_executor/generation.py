@@ -1,21 +1,18 @@
 """Text -> image and text -> video on the generator tower, conditioned on the reasoner's exported prompt K/V.
 
-Requests are denoised together. On admission, the prompts of all of them (conditional and, with classifier-free
-guidance, unconditional) are prefilled once by vLLM as generation contexts; their K/V leave through `kv_export`.
-Then every step is one packed generator forward over every sequence (request x CFG branch) in flight, whatever
-their resolutions, frame counts and step counts, followed by each request's guidance combine and flow-matching
-scheduler step (the checkpoint's own scheduler, one copy per request). A finished or cancelled request leaves the
-batch at the next step and its K/V are released. The reasoner does not run again.
-Initial noise, positions, patching and scheduling follow diffusers' `Cosmos3OmniPipeline`, so for the same
-seed the latents equal the reference's.
+`DiffusionExecutor` is the worker-side half of the generator sidecar (`worker_extension` puts it in vLLM's
+worker; `generation_client` drives it). Requests are denoised together: every step is one packed generator
+forward over every sequence (request x CFG branch) in flight, whatever their resolutions, frame counts and step
+counts, followed by each request's guidance combine and flow-matching scheduler step (the checkpoint's own
+scheduler, one copy per request). A finished or cancelled request leaves the batch at the next step and its K/V
+are released. The reasoner does not run during denoising. Initial noise, positions, patching and scheduling
+follow diffusers' `Cosmos3OmniPipeline`, so for the same seed the latents equal the reference's.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,6 @@ import diffusers
 from diffusers import AutoencoderKLWan
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from transformers import AutoTokenizer
 
 from cosmos3_serve.model_executor import kv_export
 from cosmos3_serve.model_executor.generator import (
@@ -39,14 +35,7 @@ from cosmos3_serve.model_executor.generator import (
 from cosmos3_serve.sampling.conditioning import condition_mask, conditioning_clip
 from cosmos3_serve.sampling.prompts import (
     PromptSpec,
-    augment,
-    cfg_token_ids,
-    chat_token_ids,
-    start_of_generation,
 )
-
-_export_ids = (f"cosmos3-gen-{i}" for i in itertools.count())
-
 
 @dataclass(frozen=True, eq=False)
 class GenerationRequest:
@@ -140,21 +129,6 @@ def unpatchify(tokens: torch.Tensor, shape_cthw: tuple[int, int, int, int], patc
     return torch.einsum("thwpqc->cthpwq", x).reshape(c, t, hp * patch, wp * patch)[:, :, :h, :w]
 
 
-StepCallback = Callable[[str, int, int], None]  # (request id, steps done, steps in total)
-
-
-@dataclass
-class PromptTokenCounts:
-    """Prompt tokens prefilled for generation, and how many of them vLLM's prefix cache served."""
-
-    total: int = 0
-    cached: int = 0
-
-    def add(self, total: int, cached: int) -> None:
-        self.total += total
-        self.cached += cached
-
-
 @dataclass
 class DenoisingState:
     """A request in flight: its sequences (one per CFG branch), latents and scheduler."""
@@ -175,48 +149,40 @@ class DenoisingState:
         return self.step >= len(self.timesteps)
 
 
-class Cosmos3Generator:
-    """The generator sidecar of one process: tower, VAE and scheduler template, fed by a vLLM engine."""
+class DiffusionExecutor:
+    """The generator sidecar inside a vLLM worker: tower, VAE, scheduler template and the requests in flight.
 
-    def __init__(self, checkpoint: str | Path, llm, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
+    It lives next to the reasoner's model runner (same process, device and tensor-parallel group), so a request
+    enters with the keys under which `kv_export` stored its prompts' K/V and nothing crosses a process boundary.
+    Every `step()` is one packed forward over all requests in flight; a request that finishes waits in
+    `finished` until the driver takes it. The driver (`generation_client`) talks to it through
+    `worker_extension.Cosmos3WorkerExtension`."""
+
+    def __init__(self, checkpoint: str | Path, vllm_config, device: torch.device):
         from vllm.config import CompilationConfig, set_current_vllm_config
         from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
         checkpoint = Path(checkpoint)
         self.config = GeneratorConfig.from_checkpoint(checkpoint)
-        self.device, self.dtype = torch.device(device), dtype
-        engine_config = llm.llm_engine.vllm_config
+        self.device, self.dtype = torch.device(device), vllm_config.model_config.dtype
         # The tower runs eagerly: build it with vLLM's fused kernels (norms, SiLU), whatever the engine compiles.
-        tower_config = copy.copy(engine_config)
+        tower_config = copy.copy(vllm_config)
         tower_config.compilation_config = CompilationConfig(custom_ops=["all"])
         default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
+        torch.set_default_dtype(self.dtype)
         try:  # vLLM's layers read these settings and allocate in the default dtype
             with set_current_vllm_config(tower_config), self.device:
                 tower = Cosmos3GeneratorTower(self.config)
         finally:
             torch.set_default_dtype(default_dtype)
         tower.load_weights(iter_transformer_weights(checkpoint))
-        process_weights_after_loading(tower, engine_config.model_config, self.device)  # quantization, CPU packing
+        process_weights_after_loading(tower, vllm_config.model_config, self.device)  # quantization, CPU packing
         self.tower = tower.eval()
         self.vae = AutoencoderKLWan.from_pretrained(checkpoint, subfolder="vae").to(self.device).eval()
         self.scheduler = load_scheduler(checkpoint)
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
-        self.llm = llm
-        self._cancelled: set[str] = set()
-        self.prompt_token_counts = PromptTokenCounts()
-        self._packed: tuple[tuple[str, ...], PackedBatch] | None = None  # membership -> its PackedBatch
-
-    def prompt_kvs(self, prompts: list[list[int]]) -> list[kv_export.PromptKV]:
-        """Prefill the prompts once as generation contexts and take their exported K/V."""
-        from vllm import SamplingParams
-
-        keys = [next(_export_ids) for _ in prompts]
-        requests = [{"prompt_token_ids": ids} for ids in prompts]
-        params = [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(k)) for k in keys]
-        for output in self.llm.generate(requests, params, use_tqdm=False):
-            self.prompt_token_counts.add(len(output.prompt_token_ids), output.num_cached_tokens or 0)
-        return [kv_export.PROMPT_KV_STORE.take(k) for k in keys]
+        self.active: list[DenoisingState] = []
+        self.finished: dict[str, torch.Tensor] = {}  # request id -> final latents, until taken
+        self._packed: PackedBatch | None = None  # layout of `active`, rebuilt when membership changes
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
         vae = self.vae.config
@@ -224,96 +190,52 @@ class Cosmos3Generator:
         return (1, vae.z_dim, latent_t, request.height // vae.scale_factor_spatial,
                 request.width // vae.scale_factor_spatial)  # fmt: skip
 
-    def cancel(self, request_id: str) -> None:
-        """Ask for `request_id` to leave the batch before its next step (its K/V and latents are released)."""
-        self._cancelled.add(request_id)
+    @torch.no_grad()
+    def admit(self, request_id: str, request: GenerationRequest, prompt_kvs: list[kv_export.PromptKV]) -> None:
+        """Add a request whose prompts (conditional, then unconditional with CFG) were prefilled as `prompt_kvs`."""
+        if request_id in self or len(prompt_kvs) != (2 if request.uses_cfg else 1):
+            raise ValueError(f"request {request_id!r}: already admitted, or wrong number of prompt K/V")
+        kvs = [kv.to(self.device) for kv in prompt_kvs]
+        self.active.append(self._initial_state(request_id, request, kvs))
+        self._packed = None
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request (in flight or finished); its K/V and latents are released. False if unknown."""
+        found = [state for state in self.active if state.request_id == request_id]
+        for state in found:
+            self.active.remove(state)
+            self._packed = None
+        return bool(found) or self.finished.pop(request_id, None) is not None
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.finished or any(state.request_id == request_id for state in self.active)
 
     @torch.no_grad()
-    def generate_latents(self, request: GenerationRequest) -> torch.Tensor:
-        """Normalised latents `[1, z_dim, T, H/16, W/16]` of one request, as the reference pipeline returns them."""
-        [latents] = self.generate({"single": request}).values()
-        return latents
+    def step(self) -> list[tuple[str, int, int]]:
+        """One packed forward and scheduler step for every request in flight: (request id, steps done, total)."""
+        if not self.active:
+            return []
+        self._step(self.active)
+        progress = []
+        for state in list(self.active):
+            progress.append((state.request_id, state.step, len(state.timesteps)))
+            if state.finished:
+                self.active.remove(state)
+                self.finished[state.request_id] = state.latents
+                self._packed = None
+        return progress
 
-    @torch.no_grad()
-    def generate(
-        self,
-        requests: dict[str, GenerationRequest],
-        on_step: StepCallback | None = None,
-        incoming: Callable[[], dict[str, GenerationRequest]] | None = None,
-    ) -> dict[str, torch.Tensor | None]:
-        """Denoise `requests` together: every step is one packed forward over all requests in flight, whatever
-        their resolutions, frame counts, step counts and CFG. `incoming()`, asked at every step boundary, admits
-        new requests into the running batch. Returns latents per id (None when cancelled)."""
-        active = self._admit(requests)
-        results: dict[str, torch.Tensor | None] = {}
-        try:
-            self._denoise(active, results, on_step, incoming)
-        finally:
-            self._packed = None  # request ids are only unique within one call; release the prompt K/V copies
-        return results
+    def take(self, request_id: str) -> torch.Tensor:
+        """The final latents `[1, z_dim, T, H/16, W/16]` of a finished request (normalised, as the reference)."""
+        return self.finished.pop(request_id)
 
-    def _denoise(
-        self,
-        active: list[DenoisingState],
-        results: dict[str, torch.Tensor | None],
-        on_step: StepCallback | None,
-        incoming: Callable[[], dict[str, GenerationRequest]] | None,
-    ) -> None:
-        while active:
-            arrived = incoming() if incoming is not None else {}
-            if arrived:
-                active += self._admit(arrived)
-            for state in [s for s in active if s.request_id in self._cancelled]:
-                active.remove(state)
-                self._cancelled.discard(state.request_id)
-                results[state.request_id] = None
-            if not active:
-                break
-            self._step(active)
-            for state in list(active):
-                if on_step is not None:
-                    on_step(state.request_id, state.step, len(state.timesteps))
-                if state.finished:
-                    active.remove(state)
-                    results[state.request_id] = state.latents
-
-    def reason(self, request: GenerationRequest) -> list[int]:
-        """Reason-then-generate: the conditional context extended by the reasoner's own answer.
-
-        The answer's K/V stay in vLLM's prefix cache, so exporting prompt + answer recomputes at most the last,
-        partial KV block and the two tokens that open the generation."""
-        from vllm import SamplingParams
-
-        chat = chat_token_ids(self.tokenizer, augment(request.prompt, request.spec), request.spec)
-        eos = self.tokenizer.eos_token_id
-        params = SamplingParams(temperature=0.0, max_tokens=request.reasoning_max_tokens, stop_token_ids=[eos])
-        [output] = self.llm.generate({"prompt_token_ids": chat}, params, use_tqdm=False)
-        answer = [token for token in output.outputs[0].token_ids if token != eos]
-        return chat + answer + start_of_generation(self.tokenizer)
-
-    def _admit(self, requests: dict[str, GenerationRequest]) -> list[DenoisingState]:
-        prompts_per_request = {}
-        for request_id, request in requests.items():
-            cond, uncond = cfg_token_ids(self.tokenizer, request.prompt, request.negative_prompt, request.spec)
-            if request.reason_first:
-                cond = self.reason(request)
-            prompts_per_request[request_id] = [cond, uncond] if request.uses_cfg else [cond]
-        all_prompts = [ids for prompts in prompts_per_request.values() for ids in prompts]
-        prompt_kvs = iter(self.prompt_kvs(all_prompts))  # one batched prefill for every request's prompts
-        states = []
-        for request_id, request in requests.items():
-            prompts = prompts_per_request[request_id]
-            kvs = [next(prompt_kvs).to(self.device) for _ in prompts]
-            states.append(self._initial_state(request_id, request, prompts, kvs))
-        return states
-
-    def _initial_state(self, request_id, request, prompts, kvs) -> DenoisingState:
+    def _initial_state(self, request_id: str, request: GenerationRequest, kvs: list[kv_export.PromptKV]) -> DenoisingState:
         shape = self.latent_shape(request)
         patch = self.config.latent_patch_size
         grid = (shape[2], -(-shape[3] // patch), -(-shape[4] // patch))
         tokens = grid[0] * grid[1] * grid[2]
         temporal = self.vae.config.scale_factor_temporal
-        positions = torch.cat([vision_positions(self.config, grid, len(ids), request.fps, temporal) for ids in prompts],
+        positions = torch.cat([vision_positions(self.config, grid, kv.num_tokens, request.fps, temporal) for kv in kvs],
                               dim=1)  # fmt: skip
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
@@ -351,12 +273,11 @@ class Cosmos3Generator:
         return ((raw - mean) / std).float()
 
     def _packed_batch(self, active: list[DenoisingState]) -> PackedBatch:
-        membership = tuple(state.request_id for state in active)
-        if self._packed is None or self._packed[0] != membership:
+        if self._packed is None:
             positions = torch.cat([state.positions_3n for state in active], dim=1)
             sequences = [seq for state in active for seq in state.sequences]
-            self._packed = (membership, self.tower.pack(positions, sequences))
-        return self._packed[1]
+            self._packed = self.tower.pack(positions, sequences)
+        return self._packed
 
     def _step(self, active: list[DenoisingState]) -> None:
         """One packed generator forward for every sequence of every active request, then each request's step."""

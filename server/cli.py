@@ -31,7 +31,7 @@ def _generate(args: argparse.Namespace) -> int:
         fps=args.fps, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         seed=args.seed, image=Image.open(args.image).convert("RGB") if args.image else None,
     )  # fmt: skip
-    options = GenerateOptions(Path(args.checkpoint), Path(args.out), request, dtype=args.dtype, device=args.device)
+    options = GenerateOptions(Path(args.checkpoint), Path(args.out), request, dtype=args.dtype)
     return generate(options)
 
 
@@ -90,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--image", default=None, help="image -> video: the first frame (a PNG / JPEG file)")
     gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.set_defaults(func=_generate)
 
     serve = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI-style API)")

@@ -1,7 +1,7 @@
 """`cosmos3-serve generate`: one generation on this machine, with a progress bar.
 
-The reasoner (vLLM, with the K/V export connector) runs in this process, so the generator finds the exported
-prompt K/V in the same process (single GPU or CPU; the server spreads the towers over tensor-parallel ranks).
+The reasoner (vLLM, with the K/V export connector) and the generator sidecar (in vLLM's worker) run in this
+process, on the engine's device: the GPU when there is one, else the CPU build of vLLM.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ class GenerateOptions:
     out: Path
     request: GenerationRequest
     dtype: str = "bfloat16"
-    device: str | None = None
 
 
 def invalid_option(options: GenerateOptions) -> str | None:
@@ -47,19 +46,17 @@ def generate(options: GenerateOptions) -> int:
     import torch
     from vllm import LLM
 
-    from cosmos3_serve.model_executor import kv_export
-    from cosmos3_serve.model_executor.generation import Cosmos3Generator
+    from cosmos3_serve.model_executor.generation_client import Cosmos3Generator
+    from cosmos3_serve.model_executor.worker_extension import generation_engine_args
     from cosmos3_serve.server.encoding import mp4_bytes, png_bytes
 
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, options.dtype)
     llm = LLM(str(options.checkpoint), dtype=options.dtype, max_model_len=8192, gpu_memory_utilization=0.3,
-              kv_transfer_config=kv_export.kv_transfer_config(), enforce_eager=device == "cpu")  # fmt: skip
-    generator = Cosmos3Generator(options.checkpoint, llm, dtype=dtype, device=device)
+              enforce_eager=not torch.cuda.is_available(), **generation_engine_args())  # fmt: skip
+    generator = Cosmos3Generator(options.checkpoint, llm)
     request = options.request
     with tqdm(total=request.num_inference_steps, desc="denoising", unit="step") as bar:
-        results = generator.generate({"cli": request}, on_step=lambda _id, done, _total: bar.update(1))
-    frames = generator.decode(results["cli"]).cpu().numpy()
+        results = generator.generate({"cli": request}, on_step=lambda _id, done, _total: bar.update(1), decode=True)
+    frames = results["cli"].numpy()
     data = png_bytes(frames[0]) if request.num_frames == 1 else mp4_bytes(frames, request.fps)
     options.out.write_bytes(data)
     print(f"wrote {options.out} ({len(data)} bytes)")

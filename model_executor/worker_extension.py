@@ -1,0 +1,107 @@
+"""The generator sidecar's door into vLLM's workers (`worker_extension_cls`).
+
+vLLM mixes `Cosmos3WorkerExtension` into its worker class, so the diffusion executor lives in each worker
+process, next to the reasoner's model runner and the K/V export connector: the prompt K/V never leave the
+process (or the GPU). Drivers call the methods below through `collective_rpc` (`LLM.collective_rpc`, or the
+async engine client's); the engine core runs such calls between its own steps, so reasoner batches and
+denoising steps interleave on the device. With tensor parallelism every rank runs the same calls on its shard;
+rank 0 answers.
+
+Arguments and results cross the engine's message bus, which carries plain data only (no pickling): requests
+travel as `request_to_payload` dicts, tensors as `tensor_to_payload` dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cosmos3_serve.model_executor import kv_export
+from cosmos3_serve.model_executor.generation import DiffusionExecutor, GenerationRequest
+
+WORKER_EXTENSION_CLS = f"{__name__}.Cosmos3WorkerExtension"
+
+
+def generation_engine_args() -> dict[str, Any]:
+    """vLLM engine arguments of a reasoner that feeds the generator: K/V export and this worker extension."""
+    return {"kv_transfer_config": kv_export.kv_transfer_config(), "worker_extension_cls": WORKER_EXTENSION_CLS}
+
+
+def _image_to_payload(image: Image.Image) -> dict[str, Any]:
+    rgb = image.convert("RGB")
+    return {"width": rgb.width, "height": rgb.height, "rgb": rgb.tobytes()}
+
+
+def _image_from_payload(payload: dict[str, Any]) -> Image.Image:
+    return Image.frombytes("RGB", (payload["width"], payload["height"]), payload["rgb"])
+
+
+def request_to_payload(request: GenerationRequest) -> dict[str, Any]:
+    payload = {field.name: getattr(request, field.name) for field in dataclasses.fields(request)}
+    payload["condition_frame_indexes"] = list(request.condition_frame_indexes)
+    if request.image is not None:
+        payload["image"] = _image_to_payload(request.image)
+    if request.video is not None:
+        payload["video"] = [_image_to_payload(frame) for frame in request.video]
+    return payload
+
+
+def request_from_payload(payload: dict[str, Any]) -> GenerationRequest:
+    fields = dict(payload, condition_frame_indexes=tuple(payload["condition_frame_indexes"]))
+    if payload.get("image") is not None:
+        fields["image"] = _image_from_payload(payload["image"])
+    if payload.get("video") is not None:
+        fields["video"] = [_image_from_payload(frame) for frame in payload["video"]]
+    return GenerationRequest(**fields)
+
+
+def tensor_to_payload(tensor: torch.Tensor) -> dict[str, Any]:
+    array = tensor.detach().cpu().contiguous().numpy()
+    return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.tobytes()}
+
+
+def tensor_from_payload(payload: dict[str, Any]) -> torch.Tensor:
+    array = np.frombuffer(payload["data"], dtype=payload["dtype"]).reshape(payload["shape"])
+    return torch.from_numpy(array.copy())
+
+
+class Cosmos3WorkerExtension:
+    """RPC surface of the diffusion executor in a vLLM worker (every name is prefixed: vLLM forbids clashes)."""
+
+    def cosmos3_load_generator(self) -> dict[str, Any]:
+        """Build the generator tower and VAE of the served checkpoint on this worker's device (idempotent)."""
+        if getattr(self, "cosmos3_executor", None) is None:
+            self.cosmos3_executor = DiffusionExecutor(self.vllm_config.model_config.model, self.vllm_config,
+                                                      self.device)  # fmt: skip
+        executor = self.cosmos3_executor
+        return {"dtype": str(executor.dtype).removeprefix("torch."), "device": str(executor.device),
+                "generator_parameters": sum(p.numel() for p in executor.tower.parameters())}  # fmt: skip
+
+    def cosmos3_admit(self, request_id: str, request: dict[str, Any], export_keys: list[str]) -> None:
+        """Admit a request whose prompts were prefilled as generation contexts under `export_keys`."""
+        prompt_kvs = [kv_export.PROMPT_KV_STORE.take(key) for key in export_keys]
+        self.cosmos3_executor.admit(request_id, request_from_payload(request), prompt_kvs)
+
+    def cosmos3_step(self) -> list[tuple[str, int, int]]:
+        """One denoising step of every request in flight: (request id, steps done, total steps)."""
+        return self.cosmos3_executor.step()
+
+    def cosmos3_cancel(self, request_id: str) -> bool:
+        return self.cosmos3_executor.cancel(request_id)
+
+    def cosmos3_take(self, request_id: str, decode: bool) -> dict[str, Any] | None:
+        """A finished request's result, forgotten here: uint8 frames `[T, H, W, 3]` if `decode`, else latents."""
+        executor = self.cosmos3_executor
+        latents = executor.take(request_id)
+        if self.rank != 0:
+            return None
+        return tensor_to_payload(executor.decode(latents) if decode else latents)
+
+    def cosmos3_forget_exports(self, export_keys: list[str]) -> None:
+        """Drop exported prompt K/V that will not be admitted (the request was cancelled during its prefill)."""
+        for key in export_keys:
+            kv_export.PROMPT_KV_STORE.discard(key)
