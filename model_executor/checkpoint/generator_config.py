@@ -33,6 +33,8 @@ GENERATOR_ONLY_PREFIXES = (
     "audio_proj_out.",
     "action_proj_in.",
     "action_proj_out.",
+    "action_modality_embed",  # single tensors, no dot
+    "audio_modality_embed",
 )
 
 

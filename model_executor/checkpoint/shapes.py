@@ -101,8 +101,8 @@ SHAPES: dict[str, CheckpointShape] = {
         processor=ProcessorShape(
             image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=32 * 32, video_max_pixels=32 * 64 * 64
         ),
-        action_dim=8,
-        num_embodiment_domains=4,
+        action_dim=8,  # pusht (2 wide) fits; its domain id is 4
+        num_embodiment_domains=32,
     ),
     "nano": CheckpointShape(
         tower=TowerShape(
