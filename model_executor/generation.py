@@ -1,22 +1,25 @@
-"""Text -> image and text -> video on the generator tower, conditioned on the reasoner's exported prompt K/V.
+"""Generation on the generator tower, conditioned on the reasoner's exported prompt K/V: text / image / video ->
+image / video, and the action modes (forward dynamics, policy, inverse dynamics: `sampling.actions`).
 
 `DiffusionExecutor` is the worker-side half of the generator sidecar (`worker_extension` puts it in vLLM's
 worker; `generation_client` drives it). Requests are denoised together: every step is one packed generator
-forward over every sequence (request x CFG branch) in flight, whatever their resolutions, frame counts and step
-counts, followed by each request's guidance combine and flow-matching scheduler step (the checkpoint's own
-scheduler, one copy per request). A finished or cancelled request leaves the batch at the next step and its K/V
-are released. The reasoner does not run during denoising. Initial noise, positions, patching and scheduling
-follow diffusers' `Cosmos3OmniPipeline`, so for the same seed the latents equal the reference's.
+forward over every sequence (request x CFG branch) in flight, whatever their modes, resolutions, frame counts and
+step counts, followed by each request's guidance combine and flow-matching scheduler step (the checkpoint's own
+scheduler, one copy per request and one more for its action tokens). A finished or cancelled request leaves the
+batch at the next step and its K/V are released. The reasoner does not run during denoising. Initial noise, positions, patching and scheduling
+follow diffusers' `Cosmos3OmniPipeline`, so for the same seed the latents and actions equal the reference's.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import diffusers
@@ -32,10 +35,24 @@ from cosmos3_serve.model_executor.generator import (
     PackedBatch,
     iter_transformer_weights,
 )
-from cosmos3_serve.sampling.conditioning import condition_mask, conditioning_clip
-from cosmos3_serve.sampling.prompts import (
-    PromptSpec,
+from cosmos3_serve.sampling.actions import (
+    ACTION_MODES,
+    EMBODIMENT_ACTION_DIMS,
+    EMBODIMENT_DOMAIN_IDS,
+    FORWARD_DYNAMICS,
+    INVERSE_DYNAMICS,
+    RESOLUTION_BINS,
+    VIEW_POINT_FRAMING,
+    canvas_size,
 )
+from cosmos3_serve.sampling.conditioning import (
+    action_conditioning_clip,
+    action_source_size,
+    condition_mask,
+    conditioning_clip,
+)
+from cosmos3_serve.sampling.prompts import PromptSpec
+
 
 @dataclass(frozen=True, eq=False)
 class GenerationRequest:
@@ -55,27 +72,115 @@ class GenerationRequest:
     # `reasoning_max_tokens`, greedy), and the generator is conditioned on prompt + answer.
     reason_first: bool = False
     reasoning_max_tokens: int = 256
+    # Action modes (`sampling.actions`, checkpoints with an action head). The clip is `action_chunk_size + 1` frames
+    # on a canvas of `action_resolution_tier` (`num_frames`, `height` and `width` are not read); `image` or `video`
+    # is the conditioning clip (only its first frame conditions forward dynamics and policy), a video for inverse
+    # dynamics. The prompt describes the action; the negative prompt goes in without templates.
+    action_mode: str | None = None  # "forward_dynamics", "policy" or "inverse_dynamics"
+    action_domain: str | None = None  # the embodiment, e.g. "bridge_orig_lerobot"
+    action_chunk_size: int | None = None  # action steps; the clip has one frame more
+    actions: np.ndarray | None = None  # forward dynamics: [T, raw_action_dim]; a shorter T repeats the last row
+    action_resolution_tier: int = 480  # 256, 480, 704 or 720
+    action_view_point: str | None = "ego_view"  # framing sentence of the caption; None leaves it out
 
     def invalid_field(self) -> tuple[str, str] | None:
         """(field, message) for the first invalid field, or None."""
-        if self.num_frames < 1 or (self.num_frames - 1) % 4:
-            return "num_frames", f"must be 4k + 1 (1, 5, 9, ...), got {self.num_frames}"
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value <= 0 or value % 16:
-                return name, f"must be a positive multiple of 16, got {value}"
         if self.num_inference_steps < 1:
             return "num_inference_steps", f"must be >= 1, got {self.num_inference_steps}"
         if self.fps <= 0:
             return "fps", f"must be > 0, got {self.fps}"
         if self.image is not None and self.video is not None:
             return "video", "give either an image (image -> video) or a video (video -> video), not both"
+        return self._invalid_action_field() if self.action_mode is not None else self._invalid_media_field()
+
+    def _invalid_media_field(self) -> tuple[str, str] | None:
+        for name in ("action_domain", "action_chunk_size", "actions"):
+            if getattr(self, name) is not None:
+                return name, f"needs an action_mode ({', '.join(ACTION_MODES)})"
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            return "num_frames", f"must be 4k + 1 (1, 5, 9, ...), got {self.num_frames}"
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value <= 0 or value % 16:
+                return name, f"must be a positive multiple of 16, got {value}"
         if (self.image is not None or self.video is not None) and self.num_frames == 1:
             return "num_frames", "image / video conditioning generates a video: num_frames must be > 1"
         return None
 
+    def _invalid_action_field(self) -> tuple[str, str] | None:
+        if self.action_mode not in ACTION_MODES:
+            return "action_mode", f"must be one of {', '.join(ACTION_MODES)}, got {self.action_mode!r}"
+        if self.action_domain not in EMBODIMENT_ACTION_DIMS:
+            return "action_domain", (f"must be an embodiment with a fixed action width "
+                                     f"({', '.join(sorted(EMBODIMENT_ACTION_DIMS))}), got {self.action_domain!r}")  # fmt: skip
+        if self.action_chunk_size is None or self.action_chunk_size < 1:
+            return "action_chunk_size", f"must be >= 1 for an action mode, got {self.action_chunk_size}"
+        if self.action_resolution_tier not in RESOLUTION_BINS:
+            return "action_resolution_tier", (f"must be one of {', '.join(map(str, RESOLUTION_BINS))}, "
+                                              f"got {self.action_resolution_tier}")  # fmt: skip
+        if self.action_view_point is not None and self.action_view_point not in VIEW_POINT_FRAMING:
+            return "action_view_point", (f"must be one of {', '.join(VIEW_POINT_FRAMING)} (or none), "
+                                         f"got {self.action_view_point!r}")  # fmt: skip
+        if self.reason_first:
+            return "reason_first", "is not available in action modes"
+        if self.action_mode == INVERSE_DYNAMICS and self.video is None:
+            return "video", "inverse_dynamics needs the video whose actions it infers"
+        if self.image is None and self.video is None:
+            return "image", f"{self.action_mode} needs a conditioning image (or video)"
+        frames = self.action_frames
+        if any(frame.size != frames[0].size for frame in frames):
+            return "video", "the frames of an action clip must all have the same size"
+        if min(frames[0].size) < 16:
+            return "video" if self.video is not None else "image", f"must be at least 16x16, got {frames[0].size}"
+        return self._invalid_given_actions()
+
+    def _invalid_given_actions(self) -> tuple[str, str] | None:
+        if self.action_mode != FORWARD_DYNAMICS:
+            return None if self.actions is None else ("actions", "only forward_dynamics takes actions")
+        width = EMBODIMENT_ACTION_DIMS[self.action_domain]
+        if self.actions is None:
+            return "actions", f"forward_dynamics needs actions [T, {width}]"
+        actions = np.asarray(self.actions)
+        if actions.ndim != 2 or actions.shape[0] < 1 or actions.shape[1] != width:
+            return "actions", f"must be [T >= 1, {width}] for {self.action_domain!r}, got shape {list(actions.shape)}"
+        if not np.isfinite(actions).all():
+            return "actions", "must be finite"
+        return None
+
+    def unfit_field(self, config: GeneratorConfig) -> tuple[str, str] | None:
+        """(field, message) when a checkpoint of this generator config cannot serve the request (its action head)."""
+        if self.action_mode is None:
+            return None
+        if config.action_dim is None:
+            return "action_mode", "this checkpoint has no action head"
+        width, domain = EMBODIMENT_ACTION_DIMS[self.action_domain], EMBODIMENT_DOMAIN_IDS[self.action_domain]
+        if width > config.action_dim or domain >= config.num_embodiment_domains:
+            return "action_domain", (f"{self.action_domain!r} (domain {domain}, {width} wide) does not fit this "
+                                     f"checkpoint's action head ({config.num_embodiment_domains} domains, "
+                                     f"{config.action_dim} wide)")  # fmt: skip
+        return None
+
+    def validate(self, config: GeneratorConfig) -> None:
+        """Raise ValueError naming the first field that is invalid or that this checkpoint cannot serve."""
+        invalid = self.invalid_field() or self.unfit_field(config)
+        if invalid is not None:
+            raise ValueError(f"{invalid[0]}: {invalid[1]}")
+
+    @property
+    def action_frames(self) -> list[Image.Image]:
+        """The conditioning clip of an action mode (an image is a clip of one frame)."""
+        return self.video if self.video is not None else [self.image]
+
+    @property
+    def action_canvas(self) -> tuple[int, int]:
+        """(height, width) of an action mode's canvas."""
+        return canvas_size(action_source_size(self.action_frames), self.action_resolution_tier)
+
     @property
     def spec(self) -> PromptSpec:
+        if self.action_mode is not None:
+            height, width = self.action_canvas
+            return PromptSpec(num_frames=self.action_chunk_size + 1, height=height, width=width, fps=self.fps)
         return PromptSpec(num_frames=self.num_frames, height=self.height, width=self.width, fps=self.fps)
 
     @property
@@ -92,21 +197,46 @@ def load_scheduler(checkpoint: Path):
 def vision_positions(
     config: GeneratorConfig, grid_thw: tuple[int, int, int], und_len: int, fps: float, temporal_compression: int
 ) -> torch.Tensor:
-    """mRoPE positions `[3, T*H*W]` of the generator tokens that follow a prompt of `und_len` tokens."""
-    grid_t, grid_h, grid_w = grid_thw
+    """mRoPE positions `[3, T*H*W]` of the latent patches that follow a prompt of `und_len` tokens."""
     offset = und_len + config.unified_3d_mrope_temporal_modality_margin
-    frames = torch.arange(grid_t, dtype=torch.float32)
-    if config.enable_fps_modulation and grid_t > 1:  # time in units of the base frame rate
-        t = frames / (fps / temporal_compression) * (config.base_fps / temporal_compression) + offset
-    else:
-        t = frames + int(offset)
+    times = step_times(config, grid_thw[0], offset, fps, temporal_compression, temporal_compression)
+    return _grid_positions(config, times, grid_thw[1], grid_thw[2], offset)
+
+
+def action_positions(
+    config: GeneratorConfig, chunk_size: int, und_len: int, fps: float, temporal_compression: int
+) -> torch.Tensor:
+    """mRoPE positions `[3, chunk_size]` of an action chunk after a prompt of `und_len` tokens: one source frame per
+    action, action k at the time of the frame it leads to (k + 1), on the latent frames' time scale."""
+    offset = und_len + config.unified_3d_mrope_temporal_modality_margin
+    times = step_times(config, chunk_size, offset, fps, 1, temporal_compression, first=1)
+    return _grid_positions(config, times, 1, 1, offset)
+
+
+def step_times(
+    config: GeneratorConfig, steps: int, offset: int, fps: float, frames_per_step: int, base_frames_per_step: int,
+    first: int = 0,
+) -> torch.Tensor:  # fmt: skip
+    """Temporal positions `[steps]` of steps spanning `frames_per_step` source frames each, from step `first`.
+
+    With fps modulation (and more than one step) time is measured in steps of `base_frames_per_step` frames at
+    the base frame rate, else it counts steps."""
+    indexes = torch.arange(steps, dtype=torch.float32) + first
+    if config.enable_fps_modulation and steps > 1:
+        return indexes / (fps / frames_per_step) * (config.base_fps / base_frames_per_step) + offset
+    return indexes + int(offset)
+
+
+def _grid_positions(config: GeneratorConfig, times_t: torch.Tensor, grid_h: int, grid_w: int, offset: int) -> torch.Tensor:
+    """`[3, T*H*W]` positions of a T x H x W token grid at temporal positions `times_t`."""
+    grid_t = times_t.shape[0]
     h = torch.arange(grid_h, dtype=torch.float32)
     w = torch.arange(grid_w, dtype=torch.float32)
     if not config.unified_3d_mrope_reset_spatial_ids:
         h, w = h + int(offset), w + int(offset)
     return torch.stack(
         [
-            t.view(-1, 1, 1).expand(grid_t, grid_h, grid_w).flatten(),
+            times_t.view(-1, 1, 1).expand(grid_t, grid_h, grid_w).flatten(),
             h.view(1, -1, 1).expand(grid_t, grid_h, grid_w).flatten(),
             w.view(1, 1, -1).expand(grid_t, grid_h, grid_w).flatten(),
         ]
@@ -130,6 +260,32 @@ def unpatchify(tokens: torch.Tensor, shape_cthw: tuple[int, int, int, int], patc
 
 
 @dataclass
+class GenerationOutput:
+    """A finished request's result, as the reference pipeline returns it."""
+
+    video: torch.Tensor | None  # normalised latents [1, z_dim, T, H/16, W/16]; None in inverse dynamics
+    actions: torch.Tensor | None  # [chunk, raw_action_dim] generated actions (policy, inverse dynamics)
+
+
+@dataclass
+class ActionChunk:
+    """The action tokens of an action-mode request and their own copy of the request's scheduler (its multistep
+    history is per modality, as in the reference)."""
+
+    latents: torch.Tensor  # [chunk, action_dim] float32; columns from raw_dim on stay 0
+    generated: bool  # denoised (policy, inverse dynamics), or given and kept clean (forward dynamics)
+    domain: int  # row of the domain-aware action heads
+    raw_dim: int  # the embodiment's action width
+    scheduler: Any
+
+    def step(self, velocity_ta: torch.Tensor, t: torch.Tensor) -> None:
+        velocity = torch.zeros_like(self.latents)
+        velocity[:, : self.raw_dim] = velocity_ta[:, : self.raw_dim]
+        self.latents = self.scheduler.step(velocity[None], t, self.latents[None], return_dict=False)[0][0]
+        self.latents[:, self.raw_dim :] = 0
+
+
+@dataclass
 class DenoisingState:
     """A request in flight: its sequences (one per CFG branch), latents and scheduler."""
 
@@ -142,11 +298,20 @@ class DenoisingState:
     noisy: torch.Tensor  # [sequences * tokens] bool, the tokens that get a timestep embedding
     scheduler: Any
     timesteps: torch.Tensor
+    actions: ActionChunk | None = None
     step: int = 0
 
     @property
     def finished(self) -> bool:
         return self.step >= len(self.timesteps)
+
+    def output(self) -> GenerationOutput:
+        """No video in inverse dynamics; the generated actions, cropped to the embodiment's width."""
+        video = None if self.request.action_mode == INVERSE_DYNAMICS else self.latents
+        actions = None
+        if self.actions is not None and self.actions.generated:
+            actions = self.actions.latents[:, : self.actions.raw_dim]
+        return GenerationOutput(video, actions)
 
 
 class DiffusionExecutor:
@@ -181,7 +346,7 @@ class DiffusionExecutor:
         self.vae = AutoencoderKLWan.from_pretrained(checkpoint, subfolder="vae").to(self.device).eval()
         self.scheduler = load_scheduler(checkpoint)
         self.active: list[DenoisingState] = []
-        self.finished: dict[str, torch.Tensor] = {}  # request id -> final latents, until taken
+        self.finished: dict[str, GenerationOutput] = {}  # request id -> result, until taken
         self._packed: PackedBatch | None = None  # layout of `active`, rebuilt when membership changes
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
@@ -195,6 +360,7 @@ class DiffusionExecutor:
         """Add a request whose prompts (conditional, then unconditional with CFG) were prefilled as `prompt_kvs`."""
         if request_id in self or len(prompt_kvs) != (2 if request.uses_cfg else 1):
             raise ValueError(f"request {request_id!r}: already admitted, or wrong number of prompt K/V")
+        request.validate(self.config)
         kvs = [kv.to(self.device) for kv in prompt_kvs]
         self.active.append(self._initial_state(request_id, request, kvs))
         self._packed = None
@@ -221,47 +387,94 @@ class DiffusionExecutor:
             progress.append((state.request_id, state.step, len(state.timesteps)))
             if state.finished:
                 self.active.remove(state)
-                self.finished[state.request_id] = state.latents
+                self.finished[state.request_id] = state.output()
                 self._packed = None
         return progress
 
-    def take(self, request_id: str) -> torch.Tensor:
-        """The final latents `[1, z_dim, T, H/16, W/16]` of a finished request (normalised, as the reference)."""
+    def take(self, request_id: str) -> GenerationOutput:
+        """The result of a finished request: video latents (normalised, as the reference) and / or actions."""
         return self.finished.pop(request_id)
 
     def _initial_state(self, request_id: str, request: GenerationRequest, kvs: list[kv_export.PromptKV]) -> DenoisingState:
-        shape = self.latent_shape(request)
-        patch = self.config.latent_patch_size
-        grid = (shape[2], -(-shape[3] // patch), -(-shape[4] // patch))
-        tokens = grid[0] * grid[1] * grid[2]
-        temporal = self.vae.config.scale_factor_temporal
-        positions = torch.cat([vision_positions(self.config, grid, kv.num_tokens, request.fps, temporal) for kv in kvs],
-                              dim=1)  # fmt: skip
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        # Latents and noise stay float32 whatever the tower's precision, as in the reference; the video's noise is
+        # drawn first, then the actions'.
         generator = torch.Generator().manual_seed(request.seed)
-        mask = condition_mask(shape[2], request.image is not None, request.video is not None,
-                              request.condition_frame_indexes).to(self.device)  # fmt: skip
-        # Latents and noise stay float32 whatever the tower's precision, as in the reference.
-        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        frame_mask = mask.view(-1, 1, 1)
-        latents = noise
-        if mask.any():  # only conditioned requests need the VAE encoder (the reference encodes zeros otherwise)
-            clean = self.encode(conditioning_clip(request.num_frames, request.height, request.width, request.image,
-                                                  request.video, request.condition_frame_indexes))  # fmt: skip
-            latents = frame_mask * clean + (1.0 - frame_mask) * noise
-        noisy = (mask == 0).repeat_interleave(grid[1] * grid[2]).repeat(len(kvs))
+        actions = None
+        if request.action_mode is None:
+            latents, mask = self._video_latents(request, generator)
+        else:
+            latents, mask = self._action_clip_latents(request, generator)
+            actions = self._action_chunk(request, generator, copy.deepcopy(scheduler))
+        patch = self.config.latent_patch_size
+        grid = (latents.shape[2], -(-latents.shape[3] // patch), -(-latents.shape[4] // patch))
+        temporal = self.vae.config.scale_factor_temporal
+        noisy_patches = (mask == 0).repeat_interleave(grid[1] * grid[2])
+        chunk, domain = (0, 0) if actions is None else (actions.latents.shape[0], actions.domain)
+        noisy_actions = torch.full((chunk,), actions is not None and actions.generated, device=self.device)
+        sequences, positions = [], []
+        for kv in kvs:  # per sequence: latent patches, then action tokens
+            positions += [vision_positions(self.config, grid, kv.num_tokens, request.fps, temporal),
+                          action_positions(self.config, chunk, kv.num_tokens, request.fps, temporal)]  # fmt: skip
+            sequences.append(GeneratorSequence(math.prod(grid), kv, num_action_tokens=chunk, action_domain=domain))
         return DenoisingState(
             request_id=request_id,
             request=request,
-            sequences=[GeneratorSequence(tokens, kv) for kv in kvs],
-            positions_3n=positions.to(self.device),
+            sequences=sequences,
+            positions_3n=torch.cat(positions, dim=1).to(self.device),
             latents=latents,
             frame_mask=mask,
-            noisy=noisy,
+            noisy=torch.cat([noisy_patches, noisy_actions] * len(kvs)),
             scheduler=scheduler,
             timesteps=scheduler.timesteps,
+            actions=actions,
         )
+
+    def _video_latents(self, request: GenerationRequest, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial latents `[1, C, T, H, W]` of a text / image / video -> image / video request, and its `[T]` mask of
+        clean conditioning frames."""
+        shape = self.latent_shape(request)
+        mask = condition_mask(shape[2], request.image is not None, request.video is not None,
+                              request.condition_frame_indexes).to(self.device)  # fmt: skip
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        if not mask.any():  # only conditioned requests need the VAE encoder (the reference encodes zeros otherwise)
+            return noise, mask
+        clean = self.encode(conditioning_clip(request.num_frames, request.height, request.width, request.image,
+                                              request.video, request.condition_frame_indexes))  # fmt: skip
+        frame_mask = mask.view(-1, 1, 1)
+        return frame_mask * clean + (1.0 - frame_mask) * noise, mask
+
+    def _action_clip_latents(
+        self, request: GenerationRequest, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial latents of an action mode's clip, cropped to its content (the canvas' padding is encoded, then
+        dropped): clean at the first latent frame (every frame in inverse dynamics), noise elsewhere."""
+        clip, (content_h, content_w) = action_conditioning_clip(request.action_frames, request.action_chunk_size + 1,
+                                                                request.action_canvas)  # fmt: skip
+        spatial = self.vae.config.scale_factor_spatial
+        clean = self.encode(clip)[:, :, :, : max(content_h // spatial, 1), : max(content_w // spatial, 1)]
+        mask = torch.zeros(clean.shape[2], device=self.device)
+        mask[: clean.shape[2] if request.action_mode == INVERSE_DYNAMICS else 1] = 1.0
+        noise = randn_tensor(clean.shape, generator=generator, device=self.device, dtype=torch.float32)
+        frame_mask = mask.view(-1, 1, 1)
+        return frame_mask * clean + (1.0 - frame_mask) * noise, mask
+
+    def _action_chunk(self, request: GenerationRequest, generator: torch.Generator, scheduler) -> ActionChunk:
+        """Initial action tokens, zero-padded to the head's width: the given actions in forward dynamics (a shorter
+        sequence repeats its last action, a longer one is cut), noise otherwise."""
+        chunk, raw_dim = request.action_chunk_size, EMBODIMENT_ACTION_DIMS[request.action_domain]
+        noise = randn_tensor((chunk, self.config.action_dim), generator=generator, device=self.device,
+                             dtype=torch.float32)  # fmt: skip
+        generated = request.action_mode != FORWARD_DYNAMICS
+        if generated:
+            latents = noise
+        else:
+            given = torch.as_tensor(np.asarray(request.actions), dtype=torch.float32, device=self.device)
+            latents = F.pad(given[torch.arange(chunk).clamp(max=given.shape[0] - 1)], (0, noise.shape[1] - raw_dim))
+        latents[:, raw_dim:] = 0
+        return ActionChunk(latents=latents, generated=generated, domain=EMBODIMENT_DOMAIN_IDS[request.action_domain],
+                           raw_dim=raw_dim, scheduler=scheduler)  # fmt: skip
 
     @torch.no_grad()
     def encode(self, clip: torch.Tensor) -> torch.Tensor:
@@ -282,30 +495,36 @@ class DiffusionExecutor:
     def _step(self, active: list[DenoisingState]) -> None:
         """One packed generator forward for every sequence of every active request, then each request's step."""
         patch = self.config.latent_patch_size
-        tokens, timesteps = [], []
+        patches, actions, timesteps = [], [], []
         for state in active:
-            patches = patchify(state.latents[0].to(self.dtype), patch)
+            state_patches = patchify(state.latents[0].to(self.dtype), patch)
             t = state.timesteps[state.step].item()
-            for _ in state.sequences:
-                tokens.append(patches)
-                timesteps.append(torch.full((patches.shape[0],), t, device=self.device))
+            for seq in state.sequences:
+                patches.append(state_patches)
+                if state.actions is not None:
+                    actions.append(state.actions.latents.to(self.dtype))
+                timesteps.append(torch.full((seq.num_tokens,), t, device=self.device))
         noisy = torch.cat([state.noisy for state in active])
-        velocity = self.tower(torch.cat(tokens), torch.cat(timesteps), noisy, self._packed_batch(active)).float()
-
-        offset = 0
+        video_velocity, action_velocity = self.tower(torch.cat(patches), torch.cat(timesteps), noisy,
+                                                     self._packed_batch(active),
+                                                     torch.cat(actions) if actions else None)  # fmt: skip
+        patch_offset = action_offset = 0
         for state in active:
-            n = state.sequences[0].num_tokens
-            branches = [unpatchify(velocity[offset + i * n : offset + (i + 1) * n], state.latents.shape[1:], patch)
-                        for i in range(len(state.sequences))]  # fmt: skip
-            offset += n * len(state.sequences)
+            n, branches = state.sequences[0].num_vision_tokens, len(state.sequences)
+            velocity = [unpatchify(video_velocity[patch_offset + i * n : patch_offset + (i + 1) * n].float(),
+                                   state.latents.shape[1:], patch) for i in range(branches)]  # fmt: skip
+            patch_offset += n * branches
             keep = (1.0 - state.frame_mask).view(1, -1, 1, 1)  # clean conditioning frames get no velocity
-            branches = [branch * keep for branch in branches]
-            guided = branches[0]
-            if state.request.uses_cfg:
-                guided = branches[1] + state.request.guidance_scale * (branches[0] - branches[1])
+            guided = _guided(state.request, [branch * keep for branch in velocity])
             t = state.timesteps[state.step]
-            state.latents = state.scheduler.step(guided[None, None], t, state.latents[None], return_dict=False)[0]
-            state.latents = state.latents.squeeze(0)
+            state.latents = state.scheduler.step(guided[None, None], t, state.latents[None], return_dict=False)[0][0]
+            if state.actions is not None:
+                chunk = state.actions.latents.shape[0]
+                if state.actions.generated:  # given actions get no velocity and no step
+                    velocity = [action_velocity[action_offset + i * chunk : action_offset + (i + 1) * chunk].float()
+                                for i in range(branches)]  # fmt: skip
+                    state.actions.step(_guided(state.request, velocity), t)
+                action_offset += chunk * branches
             state.step += 1
 
     @torch.no_grad()
@@ -317,3 +536,10 @@ class DiffusionExecutor:
         video = self.vae.decode(latents.to(self.vae.dtype) * std + mean).sample  # [1, 3, T, H, W] in [-1, 1]
         frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return frames.permute(1, 2, 3, 0)
+
+
+def _guided(request: GenerationRequest, branches: list[torch.Tensor]) -> torch.Tensor:
+    """Classifier-free guidance of (conditional[, unconditional]) velocities."""
+    if not request.uses_cfg:
+        return branches[0]
+    return branches[1] + request.guidance_scale * (branches[0] - branches[1])

@@ -22,10 +22,31 @@ from transformers import AutoTokenizer
 
 from cosmos3_serve.model_executor import kv_export
 from cosmos3_serve.model_executor.generation import GenerationRequest
+from cosmos3_serve.model_executor.generator import GeneratorConfig
 from cosmos3_serve.model_executor.worker_extension import request_to_payload, tensor_from_payload
-from cosmos3_serve.sampling.prompts import augment, cfg_token_ids, chat_token_ids, start_of_generation
+from cosmos3_serve.sampling.prompts import (
+    action_cfg_token_ids,
+    augment,
+    cfg_token_ids,
+    chat_token_ids,
+    start_of_generation,
+)
 
 StepCallback = Callable[[str, int, int], None]  # (request id, steps done, steps in total)
+
+
+@dataclass
+class GenerationResult:
+    """What a request produced, None where its mode produces nothing: the video (normalised latents
+    `[1, z_dim, T, H/16, W/16]`, or uint8 frames `[T, H, W, 3]` when decoded) and the actions
+    `[chunk, raw_action_dim]` (policy, inverse dynamics)."""
+
+    video: torch.Tensor | None
+    actions: torch.Tensor | None
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> GenerationResult:
+        return cls(*(None if payload[key] is None else tensor_from_payload(payload[key]) for key in ("video", "actions")))
 
 
 @dataclass
@@ -48,7 +69,11 @@ class GenerationPrompts:
 
     def context(self, request: GenerationRequest, reasoning: list[int] | None = None) -> list[list[int]]:
         """[conditional] or [conditional, unconditional]; `reasoning` (the reasoner's answer) extends the first."""
-        cond, uncond = cfg_token_ids(self.tokenizer, request.prompt, request.negative_prompt, request.spec)
+        if request.action_mode is not None:
+            cond, uncond = action_cfg_token_ids(self.tokenizer, request.prompt, request.negative_prompt, request.spec,
+                                                request.action_view_point)  # fmt: skip
+        else:
+            cond, uncond = cfg_token_ids(self.tokenizer, request.prompt, request.negative_prompt, request.spec)
         if reasoning is not None:
             cond = self.reasoning_chat(request) + reasoning + start_of_generation(self.tokenizer)
         return [cond, uncond] if request.uses_cfg else [cond]
@@ -71,6 +96,7 @@ class Cosmos3Generator:
     def __init__(self, checkpoint: str | Path, llm) -> None:
         self.llm = llm
         self.tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint) / "text_tokenizer")
+        self.config = GeneratorConfig.from_checkpoint(checkpoint)
         self.prompts = GenerationPrompts(self.tokenizer)
         self.prompt_token_counts = PromptTokenCounts()
         [self.info] = llm.collective_rpc("cosmos3_load_generator")[:1]
@@ -83,8 +109,8 @@ class Cosmos3Generator:
     @torch.no_grad()
     def generate_latents(self, request: GenerationRequest) -> torch.Tensor:
         """Normalised latents `[1, z_dim, T, H/16, W/16]` of one request, as the reference pipeline returns them."""
-        [latents] = self.generate({"single": request}).values()
-        return latents
+        [result] = self.generate({"single": request}).values()
+        return result.video
 
     def generate(
         self,
@@ -92,14 +118,14 @@ class Cosmos3Generator:
         on_step: StepCallback | None = None,
         incoming: Callable[[], dict[str, GenerationRequest]] | None = None,
         decode: bool = False,
-    ) -> dict[str, torch.Tensor | None]:
+    ) -> dict[str, GenerationResult | None]:
         """Denoise `requests` together: every step is one packed forward over all requests in flight, whatever
-        their resolutions, frame counts, step counts and CFG. `incoming()`, asked at every step boundary, admits
-        new requests into the running batch. Returns latents (or uint8 frames `[T, H, W, 3]` with `decode`) per
-        id, None when cancelled."""
+        their modes, resolutions, frame counts, step counts and CFG. `incoming()`, asked at every step boundary,
+        admits new requests into the running batch. Returns a result per id (videos as latents, or uint8 frames
+        with `decode`), None when cancelled."""
         self._admit(requests)
         pending = set(requests)
-        results: dict[str, torch.Tensor | None] = {}
+        results: dict[str, GenerationResult | None] = {}
         while pending:
             arrived = incoming() if incoming is not None else {}
             if arrived:
@@ -118,7 +144,7 @@ class Cosmos3Generator:
                     on_step(request_id, done, total)
                 if done == total:
                     [payload] = self.llm.collective_rpc("cosmos3_take", args=(request_id, decode))[:1]
-                    results[request_id] = tensor_from_payload(payload)
+                    results[request_id] = GenerationResult.from_payload(payload)
                     pending.discard(request_id)
         return results
 
@@ -136,9 +162,12 @@ class Cosmos3Generator:
         return self.prompts.answer(list(output.outputs[0].token_ids))
 
     def _admit(self, requests: dict[str, GenerationRequest]) -> None:
-        """Prefill every request's prompts in one batch as generation contexts, then admit each request."""
+        """Prefill every request's prompts in one batch as generation contexts, then admit each request. Invalid
+        requests are refused (ValueError naming the field) before anything runs."""
         from vllm import SamplingParams
 
+        for request in requests.values():
+            request.validate(self.config)
         prompts = {request_id: self.prompts.context(request, self.reason(request) if request.reason_first else None)
                    for request_id, request in requests.items()}  # fmt: skip
         keys = {request_id: new_export_keys(len(ids)) for request_id, ids in prompts.items()}

@@ -5,8 +5,10 @@ Per layer (diffusers `Cosmos3VLTextMoTDecoderLayer`, generator half): `input_lay
 [reasoner K/V of the prompt ; generator K/V] -> `to_add_out` -> residual -> `post_attention_layernorm_moe_gen` ->
 `mlp_moe_gen` -> residual. The reasoner's K/V come from `kv_export.PromptKV` (already normed and rotated): the
 reasoner tower never runs here. Requests are packed without padding: a `GeneratorSequence` per request and CFG
-branch holds its token count and its prompt K/V, and `PackedBatch` the layout in which the queries of a sequence
-see only its own keys.
+branch holds its token counts and its prompt K/V, and `PackedBatch` the layout in which the queries of a sequence
+see only its own keys. A sequence's generator tokens are its latent patches (`proj_in`), then, in action modes,
+its action tokens: `action_proj_in` with its embodiment's weights (`DomainAwareLinear`) + `action_modality_embed`.
+Tokens that are not clean conditioning get the timestep embedding, latent patches and action tokens alike.
 
 Tensor parallelism follows vLLM's: column-parallel projections split heads, row-parallel outputs all-reduce.
 The prompt K/V of a rank are its own heads, as the reasoner's rank exported them.
@@ -66,6 +68,8 @@ class GeneratorConfig:
     enable_fps_modulation: bool
     unified_3d_mrope_reset_spatial_ids: bool
     unified_3d_mrope_temporal_modality_margin: int
+    action_dim: int | None  # width of the action head; None without one
+    num_embodiment_domains: int
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path) -> GeneratorConfig:
@@ -91,6 +95,8 @@ class GeneratorConfig:
             enable_fps_modulation=raw.get("enable_fps_modulation", True),
             unified_3d_mrope_reset_spatial_ids=raw.get("unified_3d_mrope_reset_spatial_ids", True),
             unified_3d_mrope_temporal_modality_margin=raw.get("unified_3d_mrope_temporal_modality_margin", 15000),
+            action_dim=raw["action_dim"] if raw.get("action_gen", False) else None,
+            num_embodiment_domains=raw.get("num_embodiment_domains", 32),
         )
 
 
@@ -98,8 +104,33 @@ class GeneratorConfig:
 class GeneratorSequence:
     """One sequence of a packed batch: a request's CFG branch."""
 
-    num_tokens: int  # generator tokens of this sequence
+    num_vision_tokens: int  # latent patches of this sequence
     prompt_kv: PromptKV  # the reasoner's K/V of its prompt (this rank's heads)
+    num_action_tokens: int = 0  # action tokens, after the latent patches
+    action_domain: int = 0  # their embodiment: the row of the action heads
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_vision_tokens + self.num_action_tokens
+
+
+@dataclass
+class TokenRows:
+    """Where each modality's tokens sit in a packed batch: per sequence its latent patches, then its actions."""
+
+    vision: torch.Tensor  # [Nv] rows of the latent patches
+    actions: torch.Tensor  # [Na] rows of the action tokens
+    action_domains: torch.Tensor  # [Na] embodiment domain of each action token
+
+    @classmethod
+    def build(cls, sequences: list[GeneratorSequence], device: torch.device) -> TokenRows:
+        vision, actions, domains, start = [], [], [], 0
+        for seq in sequences:
+            vision.append(torch.arange(start, start + seq.num_vision_tokens))
+            actions.append(torch.arange(start + seq.num_vision_tokens, start + seq.num_tokens))
+            domains.append(torch.full((seq.num_action_tokens,), seq.action_domain))
+            start += seq.num_tokens
+        return cls(*(torch.cat(rows).to(device) for rows in (vision, actions, domains)))
 
 
 @dataclass
@@ -171,6 +202,22 @@ class PackedBatch:
 
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, head_dim]
     attention: PackedAttention
+    rows: TokenRows | None  # None when no sequence has action tokens: all rows are latent patches
+
+
+class DomainAwareLinear(nn.Module):
+    """One linear map per embodiment domain (diffusers `DomainAwareLinear`), replicated on every rank: a token is
+    mapped by its domain's weight (`[in, out]`, stored flat) and bias."""
+
+    def __init__(self, input_size: int, output_size: int, num_domains: int) -> None:
+        super().__init__()
+        self.input_size, self.output_size = input_size, output_size
+        self.weight = nn.Parameter(torch.empty(num_domains, input_size * output_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(num_domains, output_size), requires_grad=False)
+
+    def forward(self, x_nd: torch.Tensor, domains_n: torch.Tensor) -> torch.Tensor:
+        weight = self.weight[domains_n].view(-1, self.input_size, self.output_size)
+        return torch.bmm(x_nd[:, None], weight)[:, 0] + self.bias[domains_n]
 
 
 class GeneratorAttention(nn.Module):
@@ -234,7 +281,7 @@ class GeneratorLayer(nn.Module):
 
 
 class Cosmos3GeneratorTower(nn.Module):
-    """Latent patches (+ timestep embedding) in, velocity patches out."""
+    """Latent patches and action tokens (+ timestep embedding) in, their velocities out."""
 
     def __init__(self, config: GeneratorConfig) -> None:
         super().__init__()
@@ -248,6 +295,11 @@ class Cosmos3GeneratorTower(nn.Module):
         self.time_linear_2 = ReplicatedLinear(
             config.hidden_size, config.hidden_size, bias=True, params_dtype=torch.float32, return_bias=False
         )
+        if config.action_dim is not None:
+            self.action_proj_in = DomainAwareLinear(config.action_dim, config.hidden_size, config.num_embodiment_domains)
+            self.action_proj_out = DomainAwareLinear(config.hidden_size, config.action_dim,
+                                                     config.num_embodiment_domains)  # fmt: skip
+            self.action_modality_embed = nn.Parameter(torch.empty(config.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(GeneratorLayer(config, f"layers.{i}") for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rope = InterleavedMRoPE(config.head_dim, config.rope_theta, config.rope_axes_dim)
@@ -259,24 +311,36 @@ class Cosmos3GeneratorTower(nn.Module):
         return self.time_linear_2(F.silu(self.time_linear_1(proj.float())))
 
     def pack(self, positions_3n: torch.Tensor, sequences: list[GeneratorSequence]) -> PackedBatch:
-        """What stays the same while the batch's membership does: rotary tables and the attention layout."""
+        """What stays the same while the batch's membership does: rotary tables, attention layout, token rows."""
         cos, sin = self.rope(positions_3n)
         dtype = self.proj_in.weight.dtype
-        return PackedBatch(rope=(cos.to(dtype), sin.to(dtype)), attention=PackedAttention.build(sequences, cos.device))
+        rows = TokenRows.build(sequences, cos.device) if any(seq.num_action_tokens for seq in sequences) else None
+        return PackedBatch(rope=(cos.to(dtype), sin.to(dtype)), attention=PackedAttention.build(sequences, cos.device),
+                           rows=rows)  # fmt: skip
 
     def forward(
         self,
-        patches_np: torch.Tensor,  # [N, patch_latent_dim] generator tokens of all sequences, packed
-        timesteps_n: torch.Tensor,  # [N] diffusion time per token
-        noisy_n: torch.Tensor,  # [N] bool: tokens that get a timestep embedding (not clean conditioning frames)
+        patches_vp: torch.Tensor,  # [Nv, patch_latent_dim] latent patches of all sequences, packed
+        timesteps_n: torch.Tensor,  # [N] diffusion time per token (patches and actions, in packed order)
+        noisy_n: torch.Tensor,  # [N] bool: tokens that get a timestep embedding (not clean conditioning)
         batch: PackedBatch,
-    ) -> torch.Tensor:
-        hidden = self.proj_in(patches_np)
+        actions_na: torch.Tensor | None = None,  # [Na, action_dim] action tokens of all sequences, packed
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Velocities of the latent patches `[Nv, patch_latent_dim]` and of the action tokens `[Na, action_dim]`."""
+        hidden = self.proj_in(patches_vp)
+        rows = batch.rows
+        if rows is not None:
+            patches, hidden = hidden, hidden.new_empty(timesteps_n.shape[0], hidden.shape[1])
+            hidden[rows.vision] = patches
+            hidden[rows.actions] = self.action_proj_in(actions_na, rows.action_domains) + self.action_modality_embed
         time = self.time_embedding(timesteps_n).to(hidden.dtype)
         hidden = hidden + time * noisy_n[:, None].to(hidden.dtype)
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, batch.rope, batch.attention, i)
-        return self.proj_out(self.norm(hidden))
+        hidden = self.norm(hidden)
+        if rows is None:
+            return self.proj_out(hidden), None
+        return self.proj_out(hidden[rows.vision]), self.action_proj_out(hidden[rows.actions], rows.action_domains)
 
     # Weights ---------------------------------------------------------------------------------------------
 
@@ -290,6 +354,10 @@ class Cosmos3GeneratorTower(nn.Module):
         ("norm_moe_gen.", "norm."),
         ("time_embedder.linear_1.", "time_linear_1."),
         ("time_embedder.linear_2.", "time_linear_2."),
+        ("action_proj_in.fc.weight", "action_proj_in.weight"),
+        ("action_proj_in.bias.weight", "action_proj_in.bias"),
+        ("action_proj_out.fc.weight", "action_proj_out.weight"),
+        ("action_proj_out.bias.weight", "action_proj_out.bias"),
     )
     _SHARDS = (
         (".self_attn.add_q_proj.", ".attn.qkv_proj.", "q"),

@@ -8,7 +8,7 @@ denoising steps interleave on the device. With tensor parallelism every rank run
 rank 0 answers.
 
 Arguments and results cross the engine's message bus, which carries plain data only (no pickling): requests
-travel as `request_to_payload` dicts, tensors as `tensor_to_payload` dicts.
+travel as `request_to_payload` dicts, tensors and arrays as `tensor_to_payload` / `array_to_payload` dicts.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def request_to_payload(request: GenerationRequest) -> dict[str, Any]:
         payload["image"] = _image_to_payload(request.image)
     if request.video is not None:
         payload["video"] = [_image_to_payload(frame) for frame in request.video]
+    if request.actions is not None:
+        payload["actions"] = array_to_payload(np.asarray(request.actions))
     return payload
 
 
@@ -56,17 +58,26 @@ def request_from_payload(payload: dict[str, Any]) -> GenerationRequest:
         fields["image"] = _image_from_payload(payload["image"])
     if payload.get("video") is not None:
         fields["video"] = [_image_from_payload(frame) for frame in payload["video"]]
+    if payload.get("actions") is not None:
+        fields["actions"] = array_from_payload(payload["actions"])
     return GenerationRequest(**fields)
 
 
-def tensor_to_payload(tensor: torch.Tensor) -> dict[str, Any]:
-    array = tensor.detach().cpu().contiguous().numpy()
+def array_to_payload(array: np.ndarray) -> dict[str, Any]:
+    array = np.ascontiguousarray(array)
     return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.tobytes()}
 
 
+def array_from_payload(payload: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(payload["data"], dtype=payload["dtype"]).reshape(payload["shape"]).copy()
+
+
+def tensor_to_payload(tensor: torch.Tensor) -> dict[str, Any]:
+    return array_to_payload(tensor.detach().cpu().numpy())
+
+
 def tensor_from_payload(payload: dict[str, Any]) -> torch.Tensor:
-    array = np.frombuffer(payload["data"], dtype=payload["dtype"]).reshape(payload["shape"])
-    return torch.from_numpy(array.copy())
+    return torch.from_numpy(array_from_payload(payload))
 
 
 class Cosmos3WorkerExtension:
@@ -94,12 +105,17 @@ class Cosmos3WorkerExtension:
         return self.cosmos3_executor.cancel(request_id)
 
     def cosmos3_take(self, request_id: str, decode: bool) -> dict[str, Any] | None:
-        """A finished request's result, forgotten here: uint8 frames `[T, H, W, 3]` if `decode`, else latents."""
+        """A finished request's result, forgotten here: {"video": uint8 frames `[T, H, W, 3]` if `decode`, else
+        latents; "actions": `[chunk, raw_action_dim]`}, each a tensor payload or None where its mode makes none."""
         executor = self.cosmos3_executor
-        latents = executor.take(request_id)
+        output = executor.take(request_id)
         if self.rank != 0:
             return None
-        return tensor_to_payload(executor.decode(latents) if decode else latents)
+        video = output.video
+        if video is not None and decode:
+            video = executor.decode(video)
+        return {"video": None if video is None else tensor_to_payload(video),
+                "actions": None if output.actions is None else tensor_to_payload(output.actions)}  # fmt: skip
 
     def cosmos3_forget_exports(self, export_keys: list[str]) -> None:
         """Drop exported prompt K/V that will not be admitted (the request was cancelled during its prefill)."""

@@ -1,1 +1,1 @@
-"""Flow-matching schedules, classifier-free guidance and per-request sampler state for the generator."""
+"""Generation inputs as the reference pipeline builds them: prompts, conditioning clips and the action modes."""

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cosmos3_serve.model_executor.checkpoint.shapes import SHAPES
+from cosmos3_serve.sampling.actions import ACTION_MODES, RESOLUTION_BINS, VIEW_POINT_FRAMING
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -24,14 +25,25 @@ def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from cosmos3_serve.model_executor.generation import GenerationRequest
-    from cosmos3_serve.server.generate_cli import GenerateOptions, generate
+    from cosmos3_serve.server.generate_cli import GenerateOptions, generate, read_actions, read_video
 
+    try:
+        image = Image.open(args.image).convert("RGB") if args.image else None
+        video = read_video(Path(args.video)) if args.video else None
+        actions = read_actions(Path(args.actions)) if args.actions else None
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read an input file: {exc}", file=sys.stderr)
+        return 2
     request = GenerationRequest(
         args.prompt, args.negative_prompt, num_frames=args.num_frames, height=args.height, width=args.width,
         fps=args.fps, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-        seed=args.seed, image=Image.open(args.image).convert("RGB") if args.image else None,
+        seed=args.seed, image=image, video=video, action_mode=args.action_mode,
+        action_domain=args.action_domain, action_chunk_size=args.action_chunk_size, actions=actions,
+        action_resolution_tier=args.action_resolution_tier,
+        action_view_point=None if args.action_view_point == "none" else args.action_view_point,
     )  # fmt: skip
-    options = GenerateOptions(Path(args.checkpoint), Path(args.out), request, dtype=args.dtype)
+    options = GenerateOptions(Path(args.checkpoint), Path(args.out), request, dtype=args.dtype,
+                              actions_out=Path(args.actions_out) if args.actions_out else None)  # fmt: skip
     return generate(options)
 
 
@@ -76,11 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.set_defaults(func=_make_tiny)
 
-    gen = sub.add_parser("generate", help="generate an image (PNG) or a video (MP4) from a prompt, on this machine")
+    gen = sub.add_parser(
+        "generate",
+        help="generate an image (PNG), a video (MP4) or actions (policy / dynamics modes) on this machine",
+    )
     gen.add_argument("checkpoint")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", default="", help="what to generate; in action modes, the action (may be empty)")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--out", required=True, help="output file: .png for one frame, .mp4 for a video")
+    gen.add_argument("--out", required=True,
+                     help="output file: .png for one frame, .mp4 for a video, .npy / .json for inverse_dynamics' actions")
     gen.add_argument("--num-frames", type=int, default=1, help="4k + 1 frames; 1 is an image")
     gen.add_argument("--height", type=int, default=720)
     gen.add_argument("--width", type=int, default=1280)
@@ -88,7 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-inference-steps", type=int, default=35)
     gen.add_argument("--guidance-scale", type=float, default=6.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--image", default=None, help="image -> video: the first frame (a PNG / JPEG file)")
+    gen.add_argument("--image", default=None, help="image -> video, or an action mode's first frame (PNG / JPEG)")
+    gen.add_argument("--video", default=None, help="video -> video, or an action mode's clip (a video file)")
+    gen.add_argument("--action-mode", choices=ACTION_MODES, default=None,
+                     help="forward_dynamics: image + actions -> video; policy: image -> video + actions; "
+                          "inverse_dynamics: video -> actions")  # fmt: skip
+    gen.add_argument("--action-domain", default=None, help="the embodiment, e.g. bridge_orig_lerobot")
+    gen.add_argument("--action-chunk-size", type=int, default=None, help="action steps (the clip has one frame more)")
+    gen.add_argument("--actions", default=None, help="forward_dynamics: actions [T, D] as .npy or JSON rows")
+    gen.add_argument("--action-resolution-tier", type=int, choices=sorted(RESOLUTION_BINS), default=480)
+    gen.add_argument("--action-view-point", choices=[*VIEW_POINT_FRAMING, "none"], default="ego_view")
+    gen.add_argument("--actions-out", default=None, help="policy: its actions' file, .npy or .json (default: OUT.npy)")
     gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     gen.set_defaults(func=_generate)
 

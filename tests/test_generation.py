@@ -70,7 +70,8 @@ def test_reasoner_runs_once_per_request_whatever_the_step_count(generator, vllm_
 def test_decoded_frames_equal_the_reference(generator, diffusers_pipeline) -> None:
     request = GenerationRequest(PROMPT, NEGATIVE, num_frames=5, height=32, width=64, fps=16.0,
                                 num_inference_steps=3, guidance_scale=6.0, seed=3)  # fmt: skip
-    [frames] = generator.generate({"decoded": request}, decode=True).values()
+    [result] = generator.generate({"decoded": request}, decode=True).values()
+    frames = result.video
     reference = diffusers_pipeline(
         PROMPT, negative_prompt=NEGATIVE, num_frames=5, height=32, width=64, fps=16.0, num_inference_steps=3,
         guidance_scale=6.0, generator=torch.Generator().manual_seed(3), output_type="np",
@@ -93,7 +94,8 @@ def test_every_request_of_a_mixed_batch_equals_its_output_alone(generator) -> No
     together = generator.generate(MIXED)
     for request_id, request in MIXED.items():
         alone = generator.generate_latents(request)
-        assert (together[request_id] - alone).abs().max() <= 1e-5, request_id
+        assert together[request_id].actions is None
+        assert (together[request_id].video - alone).abs().max() <= 1e-5, request_id
 
 
 def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_reasoner) -> None:
@@ -119,7 +121,7 @@ def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_rea
     results = generator.generate(requests, on_step=on_step)
     assert results["drop"] is None and steps_seen["drop"] == 1
     assert freed_while_running == [True] and "drop" not in executor
-    assert (results["keep"] - generator.generate_latents(requests["keep"])).abs().max() <= 1e-5
+    assert (results["keep"].video - generator.generate_latents(requests["keep"])).abs().max() <= 1e-5
 
 
 def test_shared_system_and_negative_prompts_come_from_the_prefix_cache(generator, vllm_reasoner) -> None:
@@ -212,7 +214,7 @@ def test_distilled_checkpoint_uses_its_euler_scheduler(tmp_path: Path, vllm_reas
         PROMPT, negative_prompt=NEGATIVE, num_frames=1, height=32, width=64, num_inference_steps=4,
         generator=torch.Generator().manual_seed(4), output_type="latent",
     ).video  # fmt: skip
-    assert (executor.take("distilled") - reference).abs().max() <= LATENT_ATOL
+    assert (executor.take("distilled").video - reference).abs().max() <= LATENT_ATOL
 
 
 def executor_tokenizer(checkpoint: Path):
@@ -234,5 +236,5 @@ def test_requests_arriving_mid_run_join_the_batch(generator) -> None:
 
     results = generator.generate({"early": early}, incoming=incoming)
     assert admitted == [True] and set(results) == {"early", "late"}
-    assert (results["early"] - generator.generate_latents(early)).abs().max() <= 1e-5
-    assert (results["late"] - generator.generate_latents(late)).abs().max() <= 1e-5
+    assert (results["early"].video - generator.generate_latents(early)).abs().max() <= 1e-5
+    assert (results["late"].video - generator.generate_latents(late)).abs().max() <= 1e-5
