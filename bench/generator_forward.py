@@ -119,7 +119,7 @@ def measure(shape: tuple[int, int, int], config, reference, ours, peak: float) -
     positions = gen_positions.cuda()
     batch = ours.pack(positions, [GeneratorSequence(tokens, prompt_kv)])  # once per batch membership
     with torch.no_grad():
-        got = unpatchify(ours(patches, timesteps, noisy, batch), latent[1:], 2)[None]
+        got = unpatchify(ours(patches, timesteps, noisy, batch)[0], latent[1:], 2)[None]
         t_ours = cuda_time(lambda: ours(patches, timesteps, noisy, batch))
         t_ref = cuda_time(lambda: reference(**inputs))
     flops = forward_flops(config, tokens)

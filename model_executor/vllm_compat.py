@@ -5,11 +5,16 @@
   `is_multimodal_pruning_enabled`, so the runner never strips the pruning channels from the vision embeddings and
   Qwen3-VL fails on any pruned video ("split_with_sizes ... 261"). `patch_cpu_model_runner` sets it as the GPU
   runner does.
+- The OpenAI server's building blocks moved from `vllm.entrypoints.openai.{api_server,cli_args}` and
+  `vllm.entrypoints.launcher` (0.26) to `vllm.entrypoints.launchers` (0.32); `openai_server_api()` finds them.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+from types import SimpleNamespace
 from typing import Any
 
 import vllm
@@ -54,3 +59,34 @@ def patch_cpu_model_runner() -> None:
 
     load_model._cosmos3_patched = True  # type: ignore[attr-defined]
     CPUModelRunner.load_model = load_model
+
+
+def openai_server_api() -> SimpleNamespace:
+    """vLLM's OpenAI-server functions, wherever this release keeps them: `make_arg_parser`,
+    `validate_parsed_serve_args`, `setup_server`, `build_async_engine_client`, `build_app`, `init_app_state`,
+    `serve_http`."""
+    if importlib.util.find_spec("vllm.entrypoints.launchers") is None:  # 0.26: the api_server module has them
+        server = importlib.import_module("vllm.entrypoints.openai.api_server")
+        cli_args = importlib.import_module("vllm.entrypoints.openai.cli_args")
+        launcher = importlib.import_module("vllm.entrypoints.launcher")
+        return SimpleNamespace(
+            make_arg_parser=cli_args.make_arg_parser,
+            validate_parsed_serve_args=cli_args.validate_parsed_serve_args,
+            setup_server=server.setup_server,
+            build_async_engine_client=server.build_async_engine_client,
+            build_app=server.build_app,
+            init_app_state=server.init_app_state,
+            serve_http=launcher.serve_http,
+        )
+    cli_args = importlib.import_module("vllm.entrypoints.launchers.cli_args")
+    launcher = importlib.import_module("vllm.entrypoints.launchers.launcher")
+    return SimpleNamespace(
+        make_arg_parser=cli_args.make_arg_parser,
+        validate_parsed_serve_args=cli_args.validate_parsed_serve_args,
+        setup_server=launcher.setup_server,
+        build_async_engine_client=importlib.import_module("vllm.entrypoints.launchers.api_server.entry")
+        .build_async_engine_client,
+        build_app=importlib.import_module("vllm.entrypoints.launchers.app").build_app,
+        init_app_state=importlib.import_module("vllm.entrypoints.launchers.api_server.app_state").init_app_state,
+        serve_http=launcher.serve_http,
+    )

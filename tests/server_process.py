@@ -35,14 +35,14 @@ class ServerProcess:
     def output(self) -> str:
         return "".join(self._lines)
 
-    def wait_ready(self, timeout_s: float = 600.0, then_output: str | None = None) -> None:
-        """Until `/health` answers 200 (and, if given, `then_output` has been printed)."""
+    def wait_ready(self, timeout_s: float = 600.0, then_output: str | None = None, path: str = "/health") -> None:
+        """Until `path` answers 200 (and, if given, `then_output` has been printed)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output[-5000:]}")
             try:
-                healthy = httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200
+                healthy = httpx.get(f"{self.base_url}{path}", timeout=2.0).status_code == 200
             except httpx.TransportError:
                 healthy = False
             if healthy and (then_output is None or then_output in self.output):

@@ -94,12 +94,12 @@ def test_vidcom2_through_cosmos3_serve(tiny_checkpoint: Path, unpruned: Unpruned
     port = free_port()
     server = ServerProcess(
         [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint), "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2", "--video-pruning-rate", "0.5",
+         "--precision", "fp32", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2", "--video-pruning-rate", "0.5",
          "--video-pruning-method", "vidcom2"],
         port,
     )  # fmt: skip
     try:
-        server.wait_ready()
+        server.wait_ready(path="/v1/health/ready")
         pruned = _chat_prompt_tokens(server.base_url, tiny_checkpoint.name)
     finally:
         server.stop()

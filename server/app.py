@@ -1,0 +1,149 @@
+"""The one FastAPI app: vLLM's OpenAI server (chat, completions, models, tokenizer, `/metrics`, ...) built by vLLM
+itself, plus our generation and NIM routes, error handlers and middleware, over one async engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from argparse import Namespace
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import vllm
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from cosmos3_serve.model_executor import vllm_compat
+from cosmos3_serve.model_executor.generation import GenerationRequest
+from cosmos3_serve.model_executor.generator import GeneratorConfig
+from cosmos3_serve.server import nim_routes, routes
+from cosmos3_serve.server.generation_service import GenerationService, Overloaded
+from cosmos3_serve.server.middleware import BearerAuthMiddleware, RequestSizeLimitMiddleware
+from cosmos3_serve.server.protocol import FieldError, ModeUnavailable, served_modes
+
+logger = logging.getLogger(__name__)
+WARMUP = GenerationRequest("warm-up", num_frames=1, height=32, width=32, num_inference_steps=1, guidance_scale=6.0)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    checkpoint: Path
+    model_name: str
+    precision: str
+    api_key: str | None = None
+    max_request_bytes: int = 64 << 20
+    max_generation_jobs: int = 64
+
+
+@dataclass
+class Cosmos3State:
+    """What our routes need, on `app.state.cosmos3`."""
+
+    settings: ServerSettings
+    engine_client: Any
+    service: GenerationService
+    generator_config: GeneratorConfig
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_name
+
+    def metadata(self) -> dict[str, Any]:
+        transformer = json.loads((self.settings.checkpoint / "transformer" / "config.json").read_text())
+        parallel = self.engine_client.vllm_config.parallel_config
+        return {
+            "modelInfo": [{"shortName": self.model_name, "modelUrl": str(self.settings.checkpoint)}],
+            "model": self.model_name,
+            "towers": {
+                "reasoner": {"architecture": "Qwen3-VL", "engine": "vLLM", "layers": transformer["num_hidden_layers"],
+                             "hidden_size": transformer["hidden_size"]},  # fmt: skip
+                "generator": {"layers": transformer["num_hidden_layers"], "hidden_size": transformer["hidden_size"],
+                              "loaded": self.service.ready, **self.service.generator_info},  # fmt: skip
+            },
+            "precision": self.settings.precision,
+            "dtype": str(self.engine_client.model_config.dtype).removeprefix("torch."),
+            "modes": served_modes(self.generator_config) + ["text+image+video->text (chat)"],
+            "tensor_parallel_size": parallel.tensor_parallel_size,
+            "versions": self.versions(),
+        }
+
+    def versions(self) -> dict[str, str]:
+        return {"release": version("cosmos3-serve"), "api": "v1", "vllm": vllm.__version__}
+
+
+OUR_PATH_PREFIXES = ("/v1/video/", "/v1/images/", "/v1/infer", "/v1/health/", "/v1/metadata", "/v1/version")
+
+
+def _error(status: int, message: str, param: str | None, headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
+            422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")  # fmt: skip
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    vllm_validation_handler = app.exception_handlers.get(RequestValidationError)
+
+    async def validation_error(request: Request, exc: RequestValidationError):
+        if not request.url.path.startswith(OUR_PATH_PREFIXES) and vllm_validation_handler is not None:
+            return await vllm_validation_handler(request, exc)  # vLLM's routes keep vLLM's answers
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
+        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        return _error(422, f"{field}: {message}", field)
+
+    async def field_error(_request: Request, exc: FieldError):
+        return _error(422, str(exc), exc.field)
+
+    async def mode_unavailable(_request: Request, exc: ModeUnavailable):
+        return _error(400, str(exc), "mode")
+
+    async def overloaded(_request: Request, exc: Overloaded):
+        return _error(429, str(exc), None, headers={"Retry-After": str(exc.retry_after_s)})
+
+    vllm_http_handler = app.exception_handlers.get(HTTPException)
+
+    async def http_error(request: Request, exc: HTTPException):
+        if not request.url.path.startswith(OUR_PATH_PREFIXES) and vllm_http_handler is not None:
+            return await vllm_http_handler(request, exc)
+        return _error(exc.status_code, str(exc.detail), None, headers=exc.headers)
+
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(FieldError, field_error)
+    app.add_exception_handler(ModeUnavailable, mode_unavailable)
+    app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(HTTPException, http_error)
+
+
+async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSettings) -> FastAPI:
+    """vLLM's app for `args` and `engine_client`, extended with the generator; the generator loads and warms up
+    in the background (`/v1/health/ready` says when)."""
+    api = vllm_compat.openai_server_api()
+    supported_tasks = await engine_client.get_supported_tasks()
+    app = api.build_app(args, supported_tasks, engine_client.model_config)
+    await api.init_app_state(engine_client, app.state, args, supported_tasks)
+
+    service = GenerationService(engine_client, settings.checkpoint, max_jobs=settings.max_generation_jobs)
+    app.state.cosmos3 = Cosmos3State(settings=settings, engine_client=engine_client, service=service,
+                                     generator_config=GeneratorConfig.from_checkpoint(settings.checkpoint))
+    app.include_router(nim_routes.router)
+    app.include_router(routes.router)
+    app.middleware_stack = None  # vLLM's build_app built the stack; rebuild it with our handlers and middleware
+    install_error_handlers(app)
+    app.add_middleware(RequestSizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.api_key:
+        app.add_middleware(BearerAuthMiddleware, api_key=settings.api_key)
+
+    async def start_generator() -> None:
+        try:
+            await service.start(warmup=WARMUP)
+            logger.info("generator loaded and warm: ready")
+        except Exception:  # noqa: BLE001 - stay up (live, not ready) and say why
+            logger.exception("the generator failed to start; /v1/health/ready stays 503")
+
+    app.state.cosmos3_startup = asyncio.create_task(start_generator())
+    return app

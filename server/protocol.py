@@ -1,0 +1,257 @@
+"""Request and response bodies of the generation routes, and their mapping onto `GenerationRequest`.
+
+Three front doors lead to the same engine: `POST /v1/video/generate` (ours, every mode), `POST
+/v1/images/generations` (OpenAI's images shape, text -> image) and `POST /v1/infer` (NIM's shape, `model_mode`).
+Bodies of our and NIM's routes forbid unknown fields; OpenAI's ignores them, as OpenAI's API does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import random
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from cosmos3_serve.model_executor.generation import GenerationRequest
+from cosmos3_serve.model_executor.generator import GeneratorConfig
+from cosmos3_serve.sampling.actions import ACTION_MODES
+
+Mode = Literal[
+    "text2image", "text2video", "image2video", "video2video", "forward_dynamics", "policy", "inverse_dynamics"
+]
+MEDIA_MODES: tuple[str, ...] = ("text2image", "text2video", "image2video", "video2video")
+RESOLUTIONS: dict[str, tuple[int, int]] = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width)
+DEFAULT_VIDEO_FRAMES = 93
+# The checkpoints' UniPC flow schedule (1000 training timesteps, flow shift) repeats integer timesteps beyond 100
+# steps and diffusers' solver then fails on its last step: the reference pipeline cannot run more either.
+MAX_STEPS = 100
+
+
+class FieldError(ValueError):
+    """A request field is invalid: answered with 422 naming `field`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class ModeUnavailable(ValueError):
+    """The checkpoint cannot serve this mode: answered with 400."""
+
+
+def served_modes(config: GeneratorConfig) -> list[str]:
+    """The generation modes of a checkpoint: the action modes need its action head."""
+    return list(MEDIA_MODES) + (list(ACTION_MODES) if config.action_dim is not None else [])
+
+
+class VideoGenerateBody(BaseModel):
+    """`POST /v1/video/generate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    mode: Mode | None = Field(None, description="default: implied by the inputs (image, video, num_frames)")
+    prompt: str = Field("", description="required except for inverse_dynamics")
+    negative_prompt: str | None = None
+    image: str | None = Field(None, description="first frame (image2video): a data URL or base64 PNG / JPEG")
+    video: str | None = Field(None, description="leading frames (video2video): a data URL or base64 MP4")
+    resolution: Literal["480p", "720p"] | None = Field(None, description="or give height and width")
+    height: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    num_frames: int | None = Field(None, ge=1, description=f"4k + 1; 1 is an image (default {DEFAULT_VIDEO_FRAMES})")
+    fps: float = Field(24.0, gt=0)
+    num_inference_steps: int = Field(35, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(6.0, ge=0.0)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="default: random (returned with the result)")
+    reason_first: bool = Field(False, description="let the reasoner answer the prompt first and condition on it")
+    reasoning_max_tokens: int = Field(256, ge=1, le=8192)
+    action_domain: str | None = Field(None, description="action modes: the embodiment, e.g. bridge_orig_lerobot")
+    action_chunk_size: int | None = Field(None, ge=1, le=1024, description="action modes: steps (clip frames - 1)")
+    actions: list[list[float]] | None = Field(None, description="forward_dynamics: [T, action width] of the domain")
+    action_resolution_tier: Literal[256, 480, 704, 720] = 480
+    action_view_point: str | None = "ego_view"
+    response: Literal["sync", "async"] = Field("sync", description="sync: the media; async: a job id at once")
+    response_format: Literal["binary", "b64_json"] = Field("binary", description="sync only: raw bytes or JSON")
+
+
+class ImagesGenerationsBody(BaseModel):
+    """`POST /v1/images/generations` (OpenAI); extras through `extra_body`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=8)
+    size: str = Field("1024x1024", description="WIDTHxHEIGHT, multiples of 16")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    negative_prompt: str | None = None
+    num_inference_steps: int = Field(35, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(6.0, ge=0.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+class NimInferBody(BaseModel):
+    """`POST /v1/infer` (NIM): `model_mode` names the task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_mode: Literal["text2image", "text2world", "image2world", "video2world", "forward_dynamics", "policy",
+                        "inverse_dynamics"]  # fmt: skip
+    prompt: str = ""
+    negative_prompt: str | None = None
+    image: str | None = None
+    video: str | None = None
+    resolution: Literal["480p", "720p"] | None = None
+    height: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    frames: int | None = Field(None, ge=1)
+    fps: float = Field(24.0, gt=0)
+    steps: int = Field(35, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(6.0, ge=0.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    prompt_upsampling: bool = False
+    action_domain: str | None = None
+    action_chunk_size: int | None = Field(None, ge=1, le=1024)
+    actions: list[list[float]] | None = None
+    action_resolution_tier: Literal[256, 480, 704, 720] = 480
+
+
+NIM_MODES = {"text2image": "text2image", "text2world": "text2video", "image2world": "image2video",
+             "video2world": "video2video", **{mode: mode for mode in ACTION_MODES}}  # fmt: skip
+
+
+def decode_base64(value: str, field: str) -> bytes:
+    """Bytes of a data URL (`data:<type>;base64,...`) or of bare base64."""
+    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(field, "is not a base64 data URL or base64 string") from None
+
+
+def decode_image(value: str, field: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(decode_base64(value, field))).convert("RGB")
+    except (OSError, Image.DecompressionBombError):
+        raise FieldError(field, "is not a PNG / JPEG / WebP image") from None
+
+
+def decode_video(value: str, field: str, max_frames: int = 1024) -> list[Image.Image]:
+    import av
+
+    try:
+        with av.open(io.BytesIO(decode_base64(value, field))) as container:
+            frames = [frame.to_image() for _, frame in zip(range(max_frames), container.decode(video=0))]
+    except (av.error.FFmpegError, IndexError, ValueError):
+        raise FieldError(field, "is not a decodable video (MP4 / WebM)") from None
+    if not frames:
+        raise FieldError(field, "has no frames")
+    return frames
+
+
+def _size(resolution: str | None, height: int | None, width: int | None, default: tuple[int, int]) -> tuple[int, int]:
+    if resolution is not None and (height is not None or width is not None):
+        raise FieldError("resolution", "give either resolution or height and width, not both")
+    if (height is None) != (width is None):
+        raise FieldError("height" if height is None else "width", "give both height and width")
+    if resolution is not None:
+        return RESOLUTIONS[resolution]
+    return (height, width) if height is not None else default
+
+
+def _mode(mode: str | None, image: str | None, video: str | None, num_frames: int | None) -> str:
+    implied = "image2video" if image else "video2video" if video else "text2image" if num_frames == 1 else "text2video"
+    if mode is None:
+        return implied
+    if mode in ("image2video", "video2video") and implied != mode:
+        raise FieldError("image" if mode == "image2video" else "video", f"is required for mode {mode}")
+    if mode in ("text2image", "text2video") and (image or video):
+        raise FieldError("image" if image else "video", f"is not used by mode {mode}")
+    return mode
+
+
+def _checked(request: GenerationRequest, config: GeneratorConfig) -> GenerationRequest:
+    """`request` if the checkpoint of `config` can serve it; FieldError / ModeUnavailable naming why not."""
+    invalid = request.invalid_field()
+    if invalid is not None:
+        raise FieldError(*invalid)
+    unfit = request.unfit_field(config)
+    if unfit is not None:
+        field, message = unfit
+        if field == "action_mode":
+            raise ModeUnavailable(f"mode {request.action_mode}: {message}")
+        raise FieldError(field, message)
+    return request
+
+
+def random_seed() -> int:
+    return random.randrange(2**31)
+
+
+def from_video_body(body: VideoGenerateBody, config: GeneratorConfig) -> tuple[str, GenerationRequest]:
+    mode = _mode(body.mode, body.image, body.video, body.num_frames)
+    if mode != "inverse_dynamics" and not body.prompt:
+        raise FieldError("prompt", f"is required for mode {mode}")
+    num_frames = body.num_frames or (1 if mode == "text2image" else DEFAULT_VIDEO_FRAMES)
+    if mode == "text2image" and num_frames != 1:
+        raise FieldError("num_frames", "must be 1 for text2image")
+    height, width = _size(body.resolution, body.height, body.width, RESOLUTIONS["720p"])
+    action = mode in ACTION_MODES
+    if not action and (body.action_domain or body.action_chunk_size or body.actions is not None):
+        field = "action_domain" if body.action_domain else "action_chunk_size" if body.action_chunk_size else "actions"
+        raise FieldError(field, f"is only used by the action modes ({', '.join(ACTION_MODES)})")
+    request = GenerationRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, num_frames=num_frames, height=height, width=width,
+        fps=body.fps, num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
+        seed=random_seed() if body.seed is None else body.seed,
+        image=decode_image(body.image, "image") if body.image else None,
+        video=decode_video(body.video, "video") if body.video else None,
+        reason_first=body.reason_first, reasoning_max_tokens=body.reasoning_max_tokens,
+        action_mode=mode if action else None,
+        action_domain=body.action_domain if action else None,
+        action_chunk_size=body.action_chunk_size if action else None,
+        actions=None if body.actions is None else np.asarray(body.actions, dtype=np.float32),
+        action_resolution_tier=body.action_resolution_tier, action_view_point=body.action_view_point,
+    )  # fmt: skip
+    return mode, _checked(request, config)
+
+
+def from_images_body(body: ImagesGenerationsBody) -> list[GenerationRequest]:
+    try:
+        width, height = (int(side) for side in body.size.lower().split("x"))
+    except ValueError:
+        raise FieldError("size", f"must be WIDTHxHEIGHT, got {body.size!r}") from None
+    seed = random_seed() if body.seed is None else body.seed
+    requests = [
+        GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, num_frames=1, height=height,
+                          width=width, num_inference_steps=body.num_inference_steps,
+                          guidance_scale=body.guidance_scale, seed=seed + i)  # fmt: skip
+        for i in range(body.n)
+    ]
+    for request in requests:
+        invalid = request.invalid_field()
+        if invalid is not None:
+            raise FieldError("size", invalid[1]) if invalid[0] in ("height", "width") else FieldError(*invalid)
+    return requests
+
+
+def from_nim_body(body: NimInferBody, config: GeneratorConfig) -> tuple[str, GenerationRequest]:
+    mode = NIM_MODES[body.model_mode]
+    video_body = VideoGenerateBody(
+        mode=mode, prompt=body.prompt, negative_prompt=body.negative_prompt, image=body.image, video=body.video,
+        resolution=body.resolution, height=body.height, width=body.width, num_frames=body.frames, fps=body.fps,
+        num_inference_steps=body.steps, guidance_scale=body.guidance_scale, seed=body.seed,
+        reason_first=body.prompt_upsampling, action_domain=body.action_domain,
+        action_chunk_size=body.action_chunk_size, actions=body.actions,
+        action_resolution_tier=body.action_resolution_tier,
+    )  # fmt: skip
+    try:
+        return from_video_body(video_body, config)
+    except FieldError as error:  # name NIM's fields
+        renamed = {"num_frames": "frames", "num_inference_steps": "steps", "reason_first": "prompt_upsampling"}
+        raise FieldError(renamed.get(error.field, error.field), error.message) from None

@@ -1,0 +1,374 @@
+"""`cosmos3-serve serve` on the tiny checkpoint: one real uvicorn server on localhost (vLLM's engine in its own
+process, the generator in vLLM's worker), driven by the official `openai` client, httpx and the curl lines the
+command prints. Generated pixels are compared with diffusers' pipeline (the oracle) for the same seed."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests import media
+from tests.server_process import ServerProcess, free_port
+
+API_KEY = "sk-cosmos3-test"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_REQUEST_BYTES = 1_000_000
+MAX_JOBS = 4
+NEGATIVE = "blurry, low quality"
+LONG_JOB = {"num_frames": 33, "height": 512, "width": 512, "num_inference_steps": 100}  # seconds on a CPU
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
+    port = free_port()
+    running = ServerProcess(
+        [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint), "--port", str(port),
+         "--precision", "fp32", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2", "--api-key", API_KEY,
+         "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-generation-jobs", str(MAX_JOBS)],
+        port,
+    )  # fmt: skip
+    try:
+        running.wait_ready(then_output="-o video.mp4", path="/v1/health/ready")
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture()
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=300) as client:
+        yield client
+
+
+def openai_client(server: ServerProcess):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY)
+
+
+def reference_frames(pipeline, prompt: str, **kwargs) -> np.ndarray:
+    """uint8 frames `[T, H, W, 3]` of diffusers' pipeline (its float output rounded as ours is)."""
+    video = pipeline(prompt, output_type="np", generator=torch.Generator().manual_seed(kwargs.pop("seed")),
+                     **kwargs).video  # fmt: skip
+    return np.round(np.asarray(video) * 255).astype(np.uint8).reshape(-1, *np.asarray(video).shape[-3:])
+
+
+def psnr_after_the_same_encoding(frames: np.ndarray, reference: np.ndarray, fps: float) -> float:
+    """PSNR of decoded `frames` against `reference` sent through the same H.264 encoding (4:2:0 chroma makes the
+    codec's own loss on random-model noise large; this compares what the pipeline generated)."""
+    from cosmos3_serve.server.encoding import mp4_bytes
+
+    encoded, _ = mp4_frames(mp4_bytes(reference, fps))
+    mse = np.mean((frames.astype(float) - encoded.astype(float)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def mp4_frames(data: bytes) -> tuple[np.ndarray, float]:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
+        return frames, float(stream.average_rate)
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
+    kind = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            kind = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            yield kind, json.loads(line.removeprefix("data: "))
+
+
+# ---- chat: vLLM's OpenAI serving, reused ------------------------------------------------------------------
+
+
+def test_openai_client_chat_completion(server: ServerProcess, tiny_checkpoint: Path) -> None:
+    client = openai_client(server)
+    [model] = client.models.list().data
+    assert model.id == tiny_checkpoint.name
+    messages = [{"role": "user", "content": "Describe a robot arm."}]
+    reply = client.chat.completions.create(model=model.id, messages=messages, max_tokens=8, temperature=0)
+    assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 5
+    stream = client.chat.completions.create(model=model.id, messages=messages, max_tokens=8, temperature=0,
+                                            stream=True)  # fmt: skip
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == reply.choices[0].message.content  # greedy: the stream carries the same text
+
+
+@pytest.mark.parametrize("part", ["image_url", "video_url"])
+def test_multimodal_chat_streams_what_the_engine_answers(server: ServerProcess, vllm_reasoner, part: str) -> None:
+    """OpenAI content parts with data URLs, streamed and not, equal the in-process engine's greedy answer."""
+    from vllm import SamplingParams
+
+    url = (media.png_data_url(media.smooth_image(seed=6)) if part == "image_url"
+           else media.mp4_data_url(media.smooth_video(seed=7, num_frames=8), fps=4))  # fmt: skip
+    messages = [{"role": "user", "content": [{"type": part, part: {"url": url}}, {"type": "text", "text": "Describe."}]}]
+    expected = vllm_reasoner.chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    client = openai_client(server)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert reply.choices[0].message.content == streamed == expected.text
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+
+
+def test_openai_client_images_equal_the_reference(server: ServerProcess, diffusers_pipeline) -> None:
+    result = openai_client(server).images.generate(
+        prompt="A red cube.", n=2, size="64x32",
+        response_format="b64_json", extra_body={"negative_prompt": NEGATIVE, "num_inference_steps": 3, "seed": 11},
+    )  # fmt: skip
+    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(item.b64_json)))) for item in result.data]
+    assert [image.shape for image in images] == [(32, 64, 3)] * 2
+    for i, image in enumerate(images):  # n images: seeds seed, seed + 1, denoised together in one batch
+        [reference] = reference_frames(diffusers_pipeline, "A red cube.", negative_prompt=NEGATIVE, num_frames=1,
+                                       height=32, width=64, num_inference_steps=3, seed=11 + i)  # fmt: skip
+        assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_video_sync_mp4_follows_the_reference(http: httpx.Client, diffusers_pipeline) -> None:
+    body = {"prompt": "A dog runs.", "negative_prompt": NEGATIVE, "num_frames": 9, "height": 32, "width": 64,
+            "fps": 8, "num_inference_steps": 3, "seed": 5}  # fmt: skip
+    response = http.post("/v1/video/generate", json=body)
+    assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+    assert response.headers["x-cosmos3-seed"] == "5"
+    frames, fps = mp4_frames(response.content)
+    reference = reference_frames(diffusers_pipeline, "A dog runs.", negative_prompt=NEGATIVE, num_frames=9, height=32,
+                                 width=64, fps=8, num_inference_steps=3, seed=5)  # fmt: skip
+    assert frames.shape == reference.shape == (9, 32, 64, 3) and fps == 8
+    assert psnr_after_the_same_encoding(frames, reference, fps=8) > 40  # another video scores ~10 dB
+
+    as_json = http.post("/v1/video/generate", json={**body, "response_format": "b64_json"}).json()
+    assert as_json["media_type"] == "video/mp4" and as_json["status"] == "succeeded"
+    assert np.array_equal(mp4_frames(base64.b64decode(as_json["b64_json"]))[0], frames)  # same seed, same video
+
+
+def test_image_to_video_takes_a_data_url(http: httpx.Client, diffusers_pipeline) -> None:
+    image = media.smooth_image(seed=3, height=48, width=80)
+    body = {"prompt": "A car drives.", "image": media.png_data_url(image), "num_frames": 5, "height": 32, "width": 64,
+            "fps": 8, "num_inference_steps": 2, "guidance_scale": 1.0, "seed": 2}  # fmt: skip
+    response = http.post("/v1/video/generate", json=body)
+    assert response.status_code == 200, response.text
+    frames, _ = mp4_frames(response.content)
+    reference = reference_frames(diffusers_pipeline, "A car drives.", image=image, num_frames=5, height=32, width=64,
+                                 fps=8, num_inference_steps=2, guidance_scale=1.0, seed=2)  # fmt: skip
+    assert psnr_after_the_same_encoding(frames, reference, fps=8) > 40
+
+
+def test_async_job_reports_every_step_then_serves_its_content(http: httpx.Client) -> None:
+    steps = 100  # long enough to subscribe while it runs
+    body = {"prompt": "A cat.", "num_frames": 1, "height": 32, "width": 32, "num_inference_steps": steps, "seed": 1,
+            "response": "async"}  # fmt: skip
+    submitted = http.post("/v1/video/generate", json=body)
+    assert submitted.status_code == 202
+    job = submitted.json()
+    assert submitted.headers["location"] == f"/v1/video/generate/{job['id']}" and job["steps_total"] == steps
+    with http.stream("GET", f"/v1/video/generate/{job['id']}/events") as events:
+        seen = list(sse_events(events))
+    progress = [data["steps_done"] for kind, data in seen if kind == "progress" and data["status"] == "running"]
+    assert len(progress) >= 10 and progress[-1] == steps
+    assert np.all(np.diff(progress) == 1)  # one event per step, none missed once subscribed
+    assert seen[-1][0] == "done" and seen[-1][1]["status"] == "succeeded" and seen[-1][1]["steps_done"] == steps
+    status = http.get(f"/v1/video/generate/{job['id']}").json()
+    assert status["status"] == "succeeded" and status["progress"] == 1.0
+    content = http.get(f"/v1/video/generate/{job['id']}/content")
+    assert content.headers["content-type"] == "image/png"
+    sync = http.post("/v1/video/generate", json={**body, "response": "sync"})
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(content.content))), np.asarray(Image.open(io.BytesIO(sync.content))))
+
+
+def test_cancel_stops_a_running_job_and_the_server_keeps_serving(http: httpx.Client, server: ServerProcess) -> None:
+    body = {"prompt": "A long one.", **LONG_JOB, "response": "async"}
+    job = http.post("/v1/video/generate", json=body).json()
+    with http.stream("GET", f"/v1/video/generate/{job['id']}/events") as events:
+        for kind, data in sse_events(events):
+            if data["steps_done"] >= 2:
+                break
+    chat = openai_client(server).chat.completions.create(  # the reasoner answers while the generator runs
+        model=http.get("/v1/models").json()["data"][0]["id"], messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert chat.usage.completion_tokens >= 1
+    cancelled = http.delete(f"/v1/video/generate/{job['id']}").json()
+    assert cancelled["status"] == "cancelled" and cancelled["steps_done"] < LONG_JOB["num_inference_steps"]
+    assert http.get(f"/v1/video/generate/{job['id']}/content").status_code == 409
+    after = http.get(f"/v1/video/generate/{job['id']}").json()
+    assert after["status"] == "cancelled" and after["steps_done"] == cancelled["steps_done"]  # no step after cancel
+    ok = http.post("/v1/video/generate", json={"prompt": "Next.", "num_frames": 1, "height": 32, "width": 32,
+                                               "num_inference_steps": 2})  # fmt: skip
+    assert ok.status_code == 200
+
+
+def test_overload_answers_429_with_retry_after(http: httpx.Client) -> None:
+    body = {"prompt": "Busy.", **LONG_JOB, "response": "async"}
+    jobs = [http.post("/v1/video/generate", json=body) for _ in range(MAX_JOBS)]
+    try:
+        assert all(job.status_code == 202 for job in jobs)
+        refused = http.post("/v1/video/generate", json=body)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    finally:
+        for job in jobs:
+            http.delete(f"/v1/video/generate/{job.json()['id']}")
+
+
+def test_nim_infer_text2image(http: httpx.Client, diffusers_pipeline) -> None:
+    body = {"model_mode": "text2image", "prompt": "A red cube.", "height": 32, "width": 32, "steps": 2, "seed": 4}
+    answer = http.post("/v1/infer", json=body).json()
+    assert answer["model_mode"] == "text2image" and answer["seed"] == 4
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["b64_image"]))))
+    [reference] = reference_frames(diffusers_pipeline, "A red cube.", num_frames=1, height=32, width=32,
+                                   num_inference_steps=2, seed=4)  # fmt: skip
+    assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_prefix_cache_reuse_and_step_metrics_are_exported(http: httpx.Client) -> None:
+    body = {"prompt": "A cat.", "negative_prompt": "watermark, text, " * 40, "num_frames": 1, "height": 32,
+            "width": 32, "num_inference_steps": 2}  # fmt: skip
+    for prompt in ("A cat.", "A dog."):
+        assert http.post("/v1/video/generate", json={**body, "prompt": prompt}).status_code == 200
+    text = http.get("/v1/metrics").text
+    assert "cosmos3_denoise_step_seconds_count" in http.get("/metrics").text  # vLLM's route renders ours too
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}  # fmt: skip
+    assert values['cosmos3_prompt_kv_tokens_total{source="prefix_cache"}'] >= 64  # the shared negative prompt
+    assert values["cosmos3_denoise_step_seconds_count"] >= 4
+    assert values['cosmos3_generation_requests_total{mode="text2image",status="succeeded"}'] >= 2
+    assert any(name.startswith("vllm:") for name in values)  # the reasoner's series, same scrape
+
+
+def test_policy_returns_video_and_actions_equal_to_the_reference(http: httpx.Client, diffusers_pipeline) -> None:
+    from tests.test_actions import IMAGE, NEGATIVE as ACTION_NEGATIVE, action_request, reference
+
+    request = action_request("policy", steps=2, seed=8)
+    body = {"mode": "policy", "prompt": request.prompt, "negative_prompt": ACTION_NEGATIVE,
+            "image": media.png_data_url(IMAGE), "fps": request.fps, "num_inference_steps": 2, "seed": 8,
+            "action_domain": request.action_domain, "action_chunk_size": request.action_chunk_size,
+            "action_resolution_tier": request.action_resolution_tier}  # fmt: skip
+    answer = http.post("/v1/video/generate", json=body)  # actions travel in JSON, with the video in base64
+    assert answer.status_code == 200, answer.text
+    answer = answer.json()
+    expected = reference(diffusers_pipeline, request, output_type="np")
+    [expected_actions] = expected.action
+    assert np.abs(np.asarray(answer["actions"]) - expected_actions.numpy()).max() <= 1e-4
+    frames, _ = mp4_frames(base64.b64decode(answer["b64_json"]))
+    assert frames.shape[0] == request.action_chunk_size + 1
+
+
+def test_inverse_dynamics_on_nim_infer_returns_actions(http: httpx.Client) -> None:
+    from tests.test_actions import CHUNK, DOMAIN, VIDEO
+
+    frames = np.stack([np.asarray(frame) for frame in VIDEO])
+    body = {"model_mode": "inverse_dynamics", "video": media.mp4_data_url(frames, fps=8), "steps": 2, "seed": 1,
+            "action_domain": DOMAIN, "action_chunk_size": CHUNK, "action_resolution_tier": 256}  # fmt: skip
+    answer = http.post("/v1/infer", json=body)
+    assert answer.status_code == 200, answer.text
+    actions = np.asarray(answer.json()["actions"])
+    assert actions.shape == (CHUNK, 2) and np.isfinite(actions).all() and "b64_video" not in answer.json()
+
+
+def test_an_action_mode_without_its_inputs_is_refused_by_field(http: httpx.Client) -> None:
+    response = http.post("/v1/video/generate", json={"mode": "forward_dynamics", "prompt": "Push.",
+                                                     "image": media.png_data_url(media.smooth_image(seed=1)),
+                                                     "action_domain": "pusht", "action_chunk_size": 4})  # fmt: skip
+    assert response.status_code == 422 and response.json()["error"]["param"] == "actions"
+
+
+# ---- errors and operations ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/v1/video/generate", {"prompt": "x", "bogus": 1}, "bogus"),
+        ("/v1/video/generate", {"prompt": "x", "num_frames": 6}, "num_frames"),
+        ("/v1/video/generate", {"prompt": "x", "num_frames": 1, "height": 48, "width": 30}, "width"),
+        ("/v1/video/generate", {"prompt": "x", "image": "not base64!"}, "image"),
+        ("/v1/video/generate", {"prompt": "x", "mode": "video2video"}, "video"),
+        ("/v1/video/generate", {"num_frames": 1}, "prompt"),
+        ("/v1/infer", {"model_mode": "text2image", "prompt": "x", "foo": 2}, "foo"),
+        ("/v1/infer", {"model_mode": "text2world", "prompt": "x", "frames": 8}, "frames"),
+        ("/v1/images/generations", {"prompt": "x", "size": "big"}, "size"),
+        ("/v1/video/generate", {"prompt": "x", "num_inference_steps": 101}, "num_inference_steps"),
+    ],
+)
+def test_bad_fields_get_422_naming_the_field(http: httpx.Client, path: str, body: dict, field: str) -> None:
+    response = http.post(path, json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"]
+
+
+def test_oversize_body_gets_413(http: httpx.Client) -> None:
+    big = base64.b64encode(b"\0" * MAX_REQUEST_BYTES).decode()
+    response = http.post("/v1/video/generate", json={"prompt": "x", "image": big})
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+
+def test_api_key_guards_every_route_but_health(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as anonymous:
+        for path in ("/v1/health/live", "/v1/health/ready", "/health"):
+            assert anonymous.get(path).status_code == 200, path
+        for method, path in (("GET", "/v1/models"), ("GET", "/v1/metadata"), ("GET", "/v1/metrics"),
+                             ("POST", "/v1/video/generate"), ("POST", "/v1/chat/completions"),
+                             ("GET", "/openapi.json")):  # fmt: skip
+            assert anonymous.request(method, path).status_code == 401, path
+        wrong = anonymous.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401
+
+
+def test_metadata_version_and_unknown_job(http: httpx.Client, tiny_checkpoint: Path) -> None:
+    metadata = http.get("/v1/metadata").json()
+    assert metadata["model"] == tiny_checkpoint.name and metadata["precision"] == "fp32"
+    assert {"text2image", "text2video", "image2video", "video2video"} <= set(metadata["modes"])
+    assert metadata["towers"]["generator"]["loaded"] and metadata["tensor_parallel_size"] == 1
+    assert http.get("/v1/version").json()["api"] == "v1"
+    assert http.get("/v1/video/generate/gen-unknown").status_code == 404
+
+
+def test_openapi_lists_every_route_with_its_schema(http: httpx.Client) -> None:
+    spec = http.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path, method in [
+        ("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/models", "get"),
+        ("/v1/video/generate", "post"), ("/v1/video/generate/{job_id}", "get"),
+        ("/v1/video/generate/{job_id}", "delete"), ("/v1/video/generate/{job_id}/content", "get"),
+        ("/v1/video/generate/{job_id}/events", "get"), ("/v1/images/generations", "post"), ("/v1/infer", "post"),
+        ("/v1/health/live", "get"), ("/v1/health/ready", "get"), ("/v1/metadata", "get"), ("/v1/version", "get"),
+        ("/v1/metrics", "get"),
+    ]:  # fmt: skip
+        assert method in paths.get(path, {}), (path, method)
+    schemas = spec["components"]["schemas"]
+    for name, field in [("VideoGenerateBody", "num_frames"), ("NimInferBody", "model_mode"),
+                        ("ImagesGenerationsBody", "size")]:  # fmt: skip
+        assert field in schemas[name]["properties"], name
+
+
+def test_printed_curl_lines_work_as_pasted(server: ServerProcess, tmp_path: Path) -> None:
+    curls = [line.strip() for line in server.output.splitlines() if line.strip().startswith("curl ")]
+    paths = {"/" + shlex.split(line)[2].split("/", 3)[3] for line in curls}  # curl -s URL ...
+    assert paths == {"/v1/models", "/v1/chat/completions", "/v1/images/generations", "/v1/video/generate"}, curls
+    for line in curls:
+        result = subprocess.run(shlex.split(line), capture_output=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        if " -o " in line:
+            frames, _ = mp4_frames((tmp_path / "video.mp4").read_bytes())
+            assert frames.shape[0] == 9
+        else:
+            body = json.loads(result.stdout)
+            assert "error" not in body, body
