@@ -337,7 +337,7 @@ class DiffusionExecutor:
         torch.set_default_dtype(self.dtype)
         try:  # vLLM's layers read these settings and allocate in the default dtype
             with set_current_vllm_config(tower_config), self.device:
-                tower = Cosmos3GeneratorTower(self.config)
+                tower = Cosmos3GeneratorTower(self.config, vllm_config.quant_config)
         finally:
             torch.set_default_dtype(default_dtype)
         tower.load_weights(iter_transformer_weights(checkpoint))

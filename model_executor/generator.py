@@ -28,6 +28,7 @@ from torch import nn
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -221,7 +222,7 @@ class DomainAwareLinear(nn.Module):
 
 
 class GeneratorAttention(nn.Module):
-    def __init__(self, config: GeneratorConfig, prefix: str) -> None:
+    def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         self.head_dim = config.head_dim
@@ -229,11 +230,11 @@ class GeneratorAttention(nn.Module):
         self.num_kv_heads = max(1, config.num_key_value_heads // tp)
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, config.head_dim, config.num_attention_heads, config.num_key_value_heads,
-            bias=config.attention_bias, return_bias=False, prefix=f"{prefix}.qkv_proj",
+            bias=config.attention_bias, quant_config=quant_config, return_bias=False, prefix=f"{prefix}.qkv_proj",
         )  # fmt: skip
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * config.head_dim, config.hidden_size,
-            bias=config.attention_bias, return_bias=False, prefix=f"{prefix}.o_proj",
+            bias=config.attention_bias, quant_config=quant_config, return_bias=False, prefix=f"{prefix}.o_proj",
         )  # fmt: skip
         self.q_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
@@ -252,15 +253,16 @@ class GeneratorAttention(nn.Module):
 
 
 class GeneratorMLP(nn.Module):
-    def __init__(self, config: GeneratorConfig, prefix: str) -> None:
+    def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=False, return_bias=False,
-            prefix=f"{prefix}.gate_up_proj",
+            config.hidden_size, [config.intermediate_size] * 2, bias=False, quant_config=quant_config,
+            return_bias=False, prefix=f"{prefix}.gate_up_proj",
         )  # fmt: skip
         self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=False, return_bias=False, prefix=f"{prefix}.down_proj"
-        )
+            config.intermediate_size, config.hidden_size, bias=False, quant_config=quant_config, return_bias=False,
+            prefix=f"{prefix}.down_proj",
+        )  # fmt: skip
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,12 +270,12 @@ class GeneratorMLP(nn.Module):
 
 
 class GeneratorLayer(nn.Module):
-    def __init__(self, config: GeneratorConfig, prefix: str) -> None:
+    def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn = GeneratorAttention(config, f"{prefix}.attn")
+        self.attn = GeneratorAttention(config, f"{prefix}.attn", quant_config)
         self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = GeneratorMLP(config, f"{prefix}.mlp")
+        self.mlp = GeneratorMLP(config, f"{prefix}.mlp", quant_config)
 
     def forward(self, hidden, rope, layout: PackedAttention, layer: int) -> torch.Tensor:
         hidden = hidden + self.attn(self.input_norm(hidden), rope, layout, layer)
@@ -281,9 +283,11 @@ class GeneratorLayer(nn.Module):
 
 
 class Cosmos3GeneratorTower(nn.Module):
-    """Latent patches and action tokens (+ timestep embedding) in, their velocities out."""
+    """Latent patches and action tokens (+ timestep embedding) in, their velocities out. `quant_config` (the
+    deployment's precision, e.g. FP8) applies to the layers' projections and MLPs; the patch, time and action
+    embeddings stay in the compute dtype."""
 
-    def __init__(self, config: GeneratorConfig) -> None:
+    def __init__(self, config: GeneratorConfig, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = config
         self.proj_in = ReplicatedLinear(config.patch_latent_dim, config.hidden_size, bias=True, return_bias=False)
@@ -300,7 +304,9 @@ class Cosmos3GeneratorTower(nn.Module):
             self.action_proj_out = DomainAwareLinear(config.hidden_size, config.action_dim,
                                                      config.num_embodiment_domains)  # fmt: skip
             self.action_modality_embed = nn.Parameter(torch.empty(config.hidden_size), requires_grad=False)
-        self.layers = nn.ModuleList(GeneratorLayer(config, f"layers.{i}") for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            GeneratorLayer(config, f"layers.{i}", quant_config) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rope = InterleavedMRoPE(config.head_dim, config.rope_theta, config.rope_axes_dim)
 
