@@ -64,6 +64,7 @@ class GenerationRequest:
     fps: float = 24.0
     num_inference_steps: int = 35
     guidance_scale: float = 6.0
+    flow_shift: float | None = None  # shift of the flow-matching schedule; None keeps the checkpoint's
     seed: int = 0
     image: Image.Image | None = None  # image -> video: the first frame
     video: list[Image.Image] | None = None  # video -> video: leading frames
@@ -89,6 +90,8 @@ class GenerationRequest:
             return "num_inference_steps", f"must be >= 1, got {self.num_inference_steps}"
         if self.fps <= 0:
             return "fps", f"must be > 0, got {self.fps}"
+        if self.flow_shift is not None and self.flow_shift <= 0:
+            return "flow_shift", f"must be > 0, got {self.flow_shift}"
         if self.image is not None and self.video is not None:
             return "video", "give either an image (image -> video) or a video (video -> video), not both"
         return self._invalid_action_field() if self.action_mode is not None else self._invalid_media_field()
@@ -192,6 +195,15 @@ def load_scheduler(checkpoint: Path):
     """The checkpoint's flow-matching scheduler: UniPC multistep, or Euler for distilled checkpoints."""
     class_name = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     return getattr(diffusers, class_name).from_pretrained(checkpoint, subfolder="scheduler")
+
+
+def scheduler_with_shift(template, flow_shift: float | None):
+    """A fresh copy of the scheduler `template`, its flow shift replaced when `flow_shift` is given (UniPC calls
+    it `flow_shift`, Euler `shift`)."""
+    if flow_shift is None:
+        return copy.deepcopy(template)
+    key = "flow_shift" if "flow_shift" in template.config else "shift"
+    return type(template).from_config(template.config, **{key: flow_shift})
 
 
 def vision_positions(
@@ -340,10 +352,17 @@ class DiffusionExecutor:
                 tower = Cosmos3GeneratorTower(self.config, vllm_config.quant_config)
         finally:
             torch.set_default_dtype(default_dtype)
-        tower.load_weights(iter_transformer_weights(checkpoint))
+        if vllm_config.load_config.load_format == "dummy":  # configs-only checkpoints (benchmarks): random weights
+            from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+            DummyModelLoader(vllm_config.load_config).load_weights(tower, vllm_config.model_config)
+            vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(checkpoint, subfolder="vae"))
+        else:
+            tower.load_weights(iter_transformer_weights(checkpoint))
+            vae = AutoencoderKLWan.from_pretrained(checkpoint, subfolder="vae")
         process_weights_after_loading(tower, vllm_config.model_config, self.device)  # quantization, CPU packing
         self.tower = tower.eval()
-        self.vae = AutoencoderKLWan.from_pretrained(checkpoint, subfolder="vae").to(self.device).eval()
+        self.vae = vae.to(self.device).eval()
         self.scheduler = load_scheduler(checkpoint)
         self.active: list[DenoisingState] = []
         self.finished: dict[str, GenerationOutput] = {}  # request id -> result, until taken
@@ -396,7 +415,7 @@ class DiffusionExecutor:
         return self.finished.pop(request_id)
 
     def _initial_state(self, request_id: str, request: GenerationRequest, kvs: list[kv_export.PromptKV]) -> DenoisingState:
-        scheduler = copy.deepcopy(self.scheduler)
+        scheduler = scheduler_with_shift(self.scheduler, request.flow_shift)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
         # Latents and noise stay float32 whatever the tower's precision, as in the reference; the video's noise is
         # drawn first, then the actions'.

@@ -70,6 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
             video_pruning_method=args.video_pruning_method,
             max_request_bytes=args.max_request_bytes,
             max_generation_jobs=args.max_generation_jobs,
+            load_format=args.load_format,
         )
     )
 
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="larger request bodies get 413 [NIM_MAX_REQUEST_BYTES]")
     serve.add_argument("--max-generation-jobs", type=int, default=_env("NIM_MAX_GENERATION_JOBS", 64, int),
                        help="generation jobs queued or running at once; more get 429 [NIM_MAX_GENERATION_JOBS]")
+    serve.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                       help="dummy: random weights of the checkpoint's shapes, for benchmarks on configs-only "
+                            "checkpoints (`make-tiny --shape nano`)")
     serve.set_defaults(func=_serve)
     return parser
 

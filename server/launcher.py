@@ -34,6 +34,7 @@ class ServeOptions:
     video_pruning_method: str = "evs"
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
+    load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
 
     @property
     def model_name(self) -> str:
@@ -52,7 +53,7 @@ def vllm_engine_argv(options: ServeOptions) -> list[str]:
     engine = {**precision_engine_args(options.precision, options.checkpoint), **generation_engine_args(),
               **vllm_compat.video_pruning_kwargs(options.video_pruning_rate, options.video_pruning_method),
               "served_model_name": options.model_name, "host": options.host, "port": options.port,
-              "tensor_parallel_size": options.tensor_parallel_size}  # fmt: skip
+              "tensor_parallel_size": options.tensor_parallel_size, "load_format": options.load_format}  # fmt: skip
     if options.max_model_len is not None:
         engine["max_model_len"] = options.max_model_len
     if options.gpu_memory_utilization is not None:

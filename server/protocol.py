@@ -67,6 +67,7 @@ class VideoGenerateBody(BaseModel):
     fps: float = Field(24.0, gt=0)
     num_inference_steps: int = Field(35, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(6.0, ge=0.0)
+    flow_shift: float | None = Field(None, gt=0, description="shift of the flow schedule (default: the checkpoint's)")
     seed: int | None = Field(None, ge=0, lt=2**63, description="default: random (returned with the result)")
     reason_first: bool = Field(False, description="let the reasoner answer the prompt first and condition on it")
     reasoning_max_tokens: int = Field(256, ge=1, le=8192)
@@ -208,7 +209,7 @@ def from_video_body(body: VideoGenerateBody, config: GeneratorConfig) -> tuple[s
     request = GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, num_frames=num_frames, height=height, width=width,
         fps=body.fps, num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-        seed=random_seed() if body.seed is None else body.seed,
+        flow_shift=body.flow_shift, seed=random_seed() if body.seed is None else body.seed,
         image=decode_image(body.image, "image") if body.image else None,
         video=decode_video(body.video, "video") if body.video else None,
         reason_first=body.reason_first, reasoning_max_tokens=body.reasoning_max_tokens,

@@ -238,3 +238,22 @@ def test_requests_arriving_mid_run_join_the_batch(generator) -> None:
     assert admitted == [True] and set(results) == {"early", "late"}
     assert (results["early"].video - generator.generate_latents(early)).abs().max() <= 1e-5
     assert (results["late"].video - generator.generate_latents(late)).abs().max() <= 1e-5
+
+
+def test_flow_shift_per_request_equals_the_reference_with_that_shift(generator, diffusers_pipeline) -> None:
+    """A request's `flow_shift` replaces the checkpoint's (10.0) as a diffusers user would: a scheduler from the
+    same config with that shift."""
+    request = GenerationRequest(PROMPT, NEGATIVE, height=32, width=64, num_inference_steps=3, seed=6, flow_shift=3.0)
+    ours = generator.generate_latents(request)
+    original = diffusers_pipeline.scheduler
+    diffusers_pipeline.scheduler = type(original).from_config(original.config, flow_shift=3.0)
+    try:
+        reference = diffusers_pipeline(PROMPT, negative_prompt=NEGATIVE, num_frames=1, height=32, width=64,
+                                       num_inference_steps=3, generator=torch.Generator().manual_seed(6),
+                                       output_type="latent").video  # fmt: skip
+    finally:
+        diffusers_pipeline.scheduler = original
+    default = generator.generate_latents(GenerationRequest(PROMPT, NEGATIVE, height=32, width=64, num_inference_steps=3,
+                                                           seed=6))  # fmt: skip
+    assert (ours - reference).abs().max() <= LATENT_ATOL
+    assert (ours - default).abs().max() > 1e-2  # the shift changes the schedule
