@@ -22,10 +22,10 @@ $(VENV)/.installed: pyproject.toml deploy/cpu/install_torchvision.py deploy/cpu/
 	touch $@
 
 $(TINY)/model_index.json: $(VENV)/.installed
-	$(BIN)/cosmos3-serve make-tiny $(TINY) --seed 0 --vocab compact
+	$(BIN)/cosmos3-serve make-tiny $(TINY) --seed 0 --vocab compact --action
 
 serve: $(VENV)/.installed $(TINY)/model_index.json
-	$(BIN)/cosmos3-serve serve $(TINY) --host $(HOST) --port $(PORT) --dtype float32 --max-model-len 4096 --gpu-memory-utilization 0.2
+	$(BIN)/cosmos3-serve serve $(TINY) --host $(HOST) --port $(PORT) --precision fp32 --max-model-len 4096 --gpu-memory-utilization 0.2
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
