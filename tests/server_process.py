@@ -25,6 +25,7 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self._lines: list[str] = []
+        self.startup_statuses: list[tuple[int, int]] = []  # (status of the ready path, of /v1/health/live)
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
@@ -36,18 +37,20 @@ class ServerProcess:
         return "".join(self._lines)
 
     def wait_ready(self, timeout_s: float = 600.0, then_output: str | None = None, path: str = "/health") -> None:
-        """Until `path` answers 200 (and, if given, `then_output` has been printed)."""
+        """Until `path` answers 200 (and, if given, `then_output` has been printed). Each answer of `path` before
+        that is kept in `startup_statuses` with the liveness answer at that moment."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output[-5000:]}")
             try:
-                healthy = httpx.get(f"{self.base_url}{path}", timeout=2.0).status_code == 200
+                status = httpx.get(f"{self.base_url}{path}", timeout=2.0).status_code
+                self.startup_statuses.append((status, httpx.get(f"{self.base_url}/v1/health/live", timeout=2.0).status_code))
             except httpx.TransportError:
-                healthy = False
-            if healthy and (then_output is None or then_output in self.output):
+                status = None
+            if status == 200 and (then_output is None or then_output in self.output):
                 return
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.output[-5000:]}")
 
     def stop(self) -> None:

@@ -332,6 +332,13 @@ def test_api_key_guards_every_route_but_health(server: ServerProcess) -> None:
         assert wrong.status_code == 401
 
 
+def test_ready_only_once_both_towers_are_loaded_and_warm(server: ServerProcess) -> None:
+    """While vLLM serves and the generator loads and warms up, the server is live but not ready."""
+    statuses = server.startup_statuses
+    assert statuses[-1][0] == 200
+    assert (503, 200) in statuses, statuses  # seen while starting: live, not ready
+
+
 def test_metadata_version_and_unknown_job(http: httpx.Client, tiny_checkpoint: Path) -> None:
     metadata = http.get("/v1/metadata").json()
     assert metadata["model"] == tiny_checkpoint.name and metadata["precision"] == "fp32"

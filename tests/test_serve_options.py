@@ -1,0 +1,37 @@
+"""`cosmos3-serve serve` options: NIM-style environment variables as defaults, flags over them, and the
+precision of a deployment as vLLM engine arguments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cosmos3_serve.quant.precision import precision_engine_args
+from cosmos3_serve.server.cli import build_parser
+from cosmos3_serve.server.launcher import ServeOptions, vllm_engine_argv
+
+
+def test_nim_environment_variables_are_defaults_and_flags_win(monkeypatch, tiny_checkpoint: Path) -> None:
+    env = {"NIM_MODEL_PATH": str(tiny_checkpoint), "NIM_PRECISION": "fp8", "NIM_TENSOR_PARALLEL_SIZE": "2",
+           "NIM_SERVER_PORT": "9123", "NIM_API_KEY": "k", "NIM_MAX_GENERATION_JOBS": "7"}  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["serve"])
+    assert (args.checkpoint, args.precision, args.tensor_parallel_size, args.port, args.api_key,
+            args.max_generation_jobs) == (str(tiny_checkpoint), "fp8", 2, 9123, "k", 7)  # fmt: skip
+    flags = build_parser().parse_args(["serve", "/elsewhere", "--precision", "bf16", "--port", "8001"])
+    assert (flags.checkpoint, flags.precision, flags.port) == ("/elsewhere", "bf16", 8001)
+
+
+def test_precision_becomes_engine_arguments(tiny_checkpoint: Path) -> None:
+    assert precision_engine_args("bf16", tiny_checkpoint) == {"dtype": "bfloat16"}
+    assert precision_engine_args("fp8", tiny_checkpoint) == {"dtype": "bfloat16", "quantization": "fp8"}
+    with pytest.raises(ValueError, match="nvfp4 needs an NVFP4 checkpoint"):
+        precision_engine_args("nvfp4", tiny_checkpoint)
+    argv = vllm_engine_argv(ServeOptions(tiny_checkpoint, precision="fp8", tensor_parallel_size=2))
+    pairs = dict(zip(argv[::2], argv[1::2]))
+    assert (pairs["--quantization"], pairs["--tensor-parallel-size"]) == ("fp8", "2")
+    assert json.loads(pairs["--kv-transfer-config"])["kv_connector"] == "Cosmos3KVExportConnector"
+    assert pairs["--worker-extension-cls"].endswith("Cosmos3WorkerExtension")
