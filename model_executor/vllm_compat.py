@@ -65,28 +65,22 @@ def openai_server_api() -> SimpleNamespace:
     """vLLM's OpenAI-server functions, wherever this release keeps them: `make_arg_parser`,
     `validate_parsed_serve_args`, `setup_server`, `build_async_engine_client`, `build_app`, `init_app_state`,
     `serve_http`."""
-    if importlib.util.find_spec("vllm.entrypoints.launchers") is None:  # 0.26: the api_server module has them
-        server = importlib.import_module("vllm.entrypoints.openai.api_server")
-        cli_args = importlib.import_module("vllm.entrypoints.openai.cli_args")
-        launcher = importlib.import_module("vllm.entrypoints.launcher")
-        return SimpleNamespace(
-            make_arg_parser=cli_args.make_arg_parser,
-            validate_parsed_serve_args=cli_args.validate_parsed_serve_args,
-            setup_server=server.setup_server,
-            build_async_engine_client=server.build_async_engine_client,
-            build_app=server.build_app,
-            init_app_state=server.init_app_state,
-            serve_http=launcher.serve_http,
-        )
-    cli_args = importlib.import_module("vllm.entrypoints.launchers.cli_args")
-    launcher = importlib.import_module("vllm.entrypoints.launchers.launcher")
+    if importlib.util.find_spec("vllm.entrypoints.launchers") is None:  # 0.26: the api_server module has most
+        server = "vllm.entrypoints.openai.api_server"
+        where = {"cli_args": "vllm.entrypoints.openai.cli_args", "launcher": "vllm.entrypoints.launcher",
+                 "setup": server, "entry": server, "app": server, "app_state": server}  # fmt: skip
+    else:
+        launchers = "vllm.entrypoints.launchers"
+        where = {"cli_args": f"{launchers}.cli_args", "launcher": f"{launchers}.launcher",
+                 "setup": f"{launchers}.launcher", "entry": f"{launchers}.api_server.entry",
+                 "app": f"{launchers}.app", "app_state": f"{launchers}.api_server.app_state"}  # fmt: skip
+    module = {role: importlib.import_module(name) for role, name in where.items()}
     return SimpleNamespace(
-        make_arg_parser=cli_args.make_arg_parser,
-        validate_parsed_serve_args=cli_args.validate_parsed_serve_args,
-        setup_server=launcher.setup_server,
-        build_async_engine_client=importlib.import_module("vllm.entrypoints.launchers.api_server.entry")
-        .build_async_engine_client,
-        build_app=importlib.import_module("vllm.entrypoints.launchers.app").build_app,
-        init_app_state=importlib.import_module("vllm.entrypoints.launchers.api_server.app_state").init_app_state,
-        serve_http=launcher.serve_http,
+        make_arg_parser=module["cli_args"].make_arg_parser,
+        validate_parsed_serve_args=module["cli_args"].validate_parsed_serve_args,
+        setup_server=module["setup"].setup_server,
+        build_async_engine_client=module["entry"].build_async_engine_client,
+        build_app=module["app"].build_app,
+        init_app_state=module["app_state"].init_app_state,
+        serve_http=module["launcher"].serve_http,
     )
