@@ -206,6 +206,24 @@ def scheduler_with_shift(template, flow_shift: float | None):
     return type(template).from_config(template.config, **{key: flow_shift})
 
 
+def repeated_timesteps(scheduler, num_inference_steps: int) -> str | None:
+    """Why `scheduler` (timesteps set) cannot run: a schedule of integer timesteps that repeats one (many steps at a
+    large flow shift) makes diffusers' multistep solver fail on its last step. None when it can."""
+    distinct = len(torch.unique(scheduler.timesteps))
+    if distinct == len(scheduler.timesteps):
+        return None
+    return (f"the flow schedule has only {distinct} distinct timesteps at {num_inference_steps} steps; "
+            f"ask for at most {distinct} steps or a smaller flow_shift")
+
+
+def invalid_schedule(template, request: GenerationRequest) -> tuple[str, str] | None:
+    """(field, message) when the schedule of `request` built from the scheduler `template` cannot run."""
+    scheduler = scheduler_with_shift(template, request.flow_shift)
+    scheduler.set_timesteps(request.num_inference_steps)
+    problem = repeated_timesteps(scheduler, request.num_inference_steps)
+    return None if problem is None else ("num_inference_steps", problem)
+
+
 def vision_positions(
     config: GeneratorConfig, grid_thw: tuple[int, int, int], und_len: int, fps: float, temporal_compression: int
 ) -> torch.Tensor:
@@ -417,6 +435,9 @@ class DiffusionExecutor:
     def _initial_state(self, request_id: str, request: GenerationRequest, kvs: list[kv_export.PromptKV]) -> DenoisingState:
         scheduler = scheduler_with_shift(self.scheduler, request.flow_shift)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        problem = repeated_timesteps(scheduler, request.num_inference_steps)
+        if problem is not None:
+            raise ValueError(f"num_inference_steps: {problem}")
         # Latents and noise stay float32 whatever the tower's precision, as in the reference; the video's noise is
         # drawn first, then the actions'.
         generator = torch.Generator().manual_seed(request.seed)

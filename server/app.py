@@ -19,11 +19,10 @@ from fastapi.responses import JSONResponse
 
 from cosmos3_serve.model_executor import vllm_compat
 from cosmos3_serve.model_executor.generation import GenerationRequest
-from cosmos3_serve.model_executor.generator import GeneratorConfig
 from cosmos3_serve.server import nim_routes, routes
 from cosmos3_serve.server.generation_service import GenerationService, Overloaded
 from cosmos3_serve.server.middleware import BearerAuthMiddleware, RequestSizeLimitMiddleware
-from cosmos3_serve.server.protocol import FieldError, ModeUnavailable, served_modes
+from cosmos3_serve.server.protocol import CheckpointInfo, FieldError, ModeUnavailable
 
 logger = logging.getLogger(__name__)
 WARMUP = GenerationRequest("warm-up", num_frames=1, height=32, width=32, num_inference_steps=1, guidance_scale=6.0)
@@ -46,7 +45,7 @@ class Cosmos3State:
     settings: ServerSettings
     engine_client: Any
     service: GenerationService
-    generator_config: GeneratorConfig
+    checkpoint_info: CheckpointInfo
 
     @property
     def model_name(self) -> str:
@@ -66,7 +65,7 @@ class Cosmos3State:
             },
             "precision": self.settings.precision,
             "dtype": str(self.engine_client.model_config.dtype).removeprefix("torch."),
-            "modes": served_modes(self.generator_config) + ["text+image+video->text (chat)"],
+            "modes": self.checkpoint_info.modes() + ["text+image+video->text (chat)"],
             "tensor_parallel_size": parallel.tensor_parallel_size,
             "versions": self.versions(),
         }
@@ -129,7 +128,7 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
 
     service = GenerationService(engine_client, settings.checkpoint, max_jobs=settings.max_generation_jobs)
     app.state.cosmos3 = Cosmos3State(settings=settings, engine_client=engine_client, service=service,
-                                     generator_config=GeneratorConfig.from_checkpoint(settings.checkpoint))
+                                     checkpoint_info=CheckpointInfo.load(settings.checkpoint))
     app.include_router(nim_routes.router)
     app.include_router(routes.router)
     app.middleware_stack = None  # vLLM's build_app built the stack; rebuild it with our handlers and middleware

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cosmos3_serve.model_executor.generation import GenerationRequest
+from cosmos3_serve.model_executor.generation import GenerationRequest, invalid_schedule, load_scheduler
 from cosmos3_serve.sampling.actions import INVERSE_DYNAMICS, POLICY
 
 ACTION_SUFFIXES = (".npy", ".json")
@@ -43,7 +43,7 @@ class GenerateOptions:
 
 def invalid_option(options: GenerateOptions) -> str | None:
     """A message naming the bad command-line option, or None."""
-    invalid = options.request.invalid_field()
+    invalid = options.request.invalid_field() or invalid_schedule(load_scheduler(options.checkpoint), options.request)
     if invalid is not None:
         return option_message(*invalid)
     request, suffix = options.request, options.out.suffix.lower()

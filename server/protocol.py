@@ -11,13 +11,15 @@ import base64
 import binascii
 import io
 import random
-from typing import Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from cosmos3_serve.model_executor.generation import GenerationRequest
+from cosmos3_serve.model_executor.generation import GenerationRequest, invalid_schedule, load_scheduler
 from cosmos3_serve.model_executor.generator import GeneratorConfig
 from cosmos3_serve.sampling.actions import ACTION_MODES
 
@@ -27,9 +29,7 @@ Mode = Literal[
 MEDIA_MODES: tuple[str, ...] = ("text2image", "text2video", "image2video", "video2video")
 RESOLUTIONS: dict[str, tuple[int, int]] = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width)
 DEFAULT_VIDEO_FRAMES = 93
-# The checkpoints' UniPC flow schedule (1000 training timesteps, flow shift) repeats integer timesteps beyond 100
-# steps and diffusers' solver then fails on its last step: the reference pipeline cannot run more either.
-MAX_STEPS = 100
+MAX_STEPS = 1000  # and a schedule that repeats a timestep is refused (`invalid_schedule`)
 
 
 class FieldError(ValueError):
@@ -44,9 +44,20 @@ class ModeUnavailable(ValueError):
     """The checkpoint cannot serve this mode: answered with 400."""
 
 
-def served_modes(config: GeneratorConfig) -> list[str]:
-    """The generation modes of a checkpoint: the action modes need its action head."""
-    return list(MEDIA_MODES) + (list(ACTION_MODES) if config.action_dim is not None else [])
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What request validation needs of the served checkpoint: its generator config and scheduler template."""
+
+    generator: GeneratorConfig
+    scheduler: Any
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> CheckpointInfo:
+        return cls(GeneratorConfig.from_checkpoint(checkpoint), load_scheduler(checkpoint))
+
+    def modes(self) -> list[str]:
+        """The generation modes of the checkpoint: the action modes need its action head."""
+        return list(MEDIA_MODES) + (list(ACTION_MODES) if self.generator.action_dim is not None else [])
 
 
 class VideoGenerateBody(BaseModel):
@@ -176,12 +187,12 @@ def _mode(mode: str | None, image: str | None, video: str | None, num_frames: in
     return mode
 
 
-def _checked(request: GenerationRequest, config: GeneratorConfig) -> GenerationRequest:
-    """`request` if the checkpoint of `config` can serve it; FieldError / ModeUnavailable naming why not."""
-    invalid = request.invalid_field()
+def _checked(request: GenerationRequest, checkpoint: CheckpointInfo) -> GenerationRequest:
+    """`request` if the checkpoint can serve it; FieldError / ModeUnavailable naming why not."""
+    invalid = request.invalid_field() or invalid_schedule(checkpoint.scheduler, request)
     if invalid is not None:
         raise FieldError(*invalid)
-    unfit = request.unfit_field(config)
+    unfit = request.unfit_field(checkpoint.generator)
     if unfit is not None:
         field, message = unfit
         if field == "action_mode":
@@ -194,7 +205,7 @@ def random_seed() -> int:
     return random.randrange(2**31)
 
 
-def from_video_body(body: VideoGenerateBody, config: GeneratorConfig) -> tuple[str, GenerationRequest]:
+def from_video_body(body: VideoGenerateBody, checkpoint: CheckpointInfo) -> tuple[str, GenerationRequest]:
     mode = _mode(body.mode, body.image, body.video, body.num_frames)
     if mode != "inverse_dynamics" and not body.prompt:
         raise FieldError("prompt", f"is required for mode {mode}")
@@ -219,10 +230,10 @@ def from_video_body(body: VideoGenerateBody, config: GeneratorConfig) -> tuple[s
         actions=None if body.actions is None else np.asarray(body.actions, dtype=np.float32),
         action_resolution_tier=body.action_resolution_tier, action_view_point=body.action_view_point,
     )  # fmt: skip
-    return mode, _checked(request, config)
+    return mode, _checked(request, checkpoint)
 
 
-def from_images_body(body: ImagesGenerationsBody) -> list[GenerationRequest]:
+def from_images_body(body: ImagesGenerationsBody, checkpoint: CheckpointInfo) -> list[GenerationRequest]:
     try:
         width, height = (int(side) for side in body.size.lower().split("x"))
     except ValueError:
@@ -235,13 +246,13 @@ def from_images_body(body: ImagesGenerationsBody) -> list[GenerationRequest]:
         for i in range(body.n)
     ]
     for request in requests:
-        invalid = request.invalid_field()
+        invalid = request.invalid_field() or invalid_schedule(checkpoint.scheduler, request)
         if invalid is not None:
             raise FieldError("size", invalid[1]) if invalid[0] in ("height", "width") else FieldError(*invalid)
     return requests
 
 
-def from_nim_body(body: NimInferBody, config: GeneratorConfig) -> tuple[str, GenerationRequest]:
+def from_nim_body(body: NimInferBody, checkpoint: CheckpointInfo) -> tuple[str, GenerationRequest]:
     mode = NIM_MODES[body.model_mode]
     video_body = VideoGenerateBody(
         mode=mode, prompt=body.prompt, negative_prompt=body.negative_prompt, image=body.image, video=body.video,
@@ -252,7 +263,7 @@ def from_nim_body(body: NimInferBody, config: GeneratorConfig) -> tuple[str, Gen
         action_resolution_tier=body.action_resolution_tier,
     )  # fmt: skip
     try:
-        return from_video_body(video_body, config)
+        return from_video_body(video_body, checkpoint)
     except FieldError as error:  # name NIM's fields
         renamed = {"num_frames": "frames", "num_inference_steps": "steps", "reason_first": "prompt_upsampling"}
         raise FieldError(renamed.get(error.field, error.field), error.message) from None

@@ -25,8 +25,8 @@ router = APIRouter()
 DISCONNECT_POLL_S = 1.0
 
 
-def generator_config(request: Request):
-    return request.app.state.cosmos3.generator_config
+def checkpoint_info(request: Request):
+    return request.app.state.cosmos3.checkpoint_info
 
 
 def service_of(request: Request) -> GenerationService:
@@ -76,7 +76,7 @@ async def video_generate(body: VideoGenerateBody, request: Request) -> Response:
     """Generate a video (or an image: `num_frames` 1). `response: "sync"` answers with the media (or base64 JSON
     with `response_format: "b64_json"`); `"async"` answers 202 with a job to poll, stream or cancel."""
     check_model(request, body.model)
-    mode, generation = from_video_body(body, generator_config(request))
+    mode, generation = from_video_body(body, checkpoint_info(request))
     service = service_of(request)
     job = service.submit(generation, mode)
     if body.response == "async":
@@ -143,7 +143,7 @@ async def video_job_cancel(job_id: str, request: Request) -> dict:
 async def images_generations(body: ImagesGenerationsBody, request: Request) -> dict:
     """OpenAI's images API, text -> image: `n` images, denoised together in one batch."""
     check_model(request, body.model)
-    generations = from_images_body(body)
+    generations = from_images_body(body, checkpoint_info(request))
     service = service_of(request)
     jobs = [service.submit(generation, "text2image") for generation in generations]
     try:
@@ -165,7 +165,7 @@ async def images_generations(body: ImagesGenerationsBody, request: Request) -> d
 @router.post("/v1/infer")
 async def nim_infer(body: NimInferBody, request: Request) -> dict:
     """NIM's inference route: `model_mode` text2image / text2world / image2world / video2world."""
-    mode, generation = from_nim_body(body, generator_config(request))
+    mode, generation = from_nim_body(body, checkpoint_info(request))
     service = service_of(request)
     job = await wait_unless_disconnected(service, service.submit(generation, mode), request)
     output = finished_output(job)

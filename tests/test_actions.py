@@ -273,11 +273,12 @@ def test_cli_writes_the_video_and_the_actions(generator, tiny_checkpoint: Path, 
      ("forward_dynamics", "clip.mp4", "actions.npy", "--actions-out"),  # forward dynamics makes no actions
      ("policy", "clip.mp4", "actions.txt", "--actions-out")],
 )  # fmt: skip
-def test_cli_options_name_the_bad_one(mode: str, out: str, actions_out: str | None, option: str) -> None:
+def test_cli_options_name_the_bad_one(tiny_checkpoint: Path, mode: str, out: str, actions_out: str | None,
+                                      option: str) -> None:  # fmt: skip
     from cosmos3_serve.server.generate_cli import GenerateOptions, invalid_option
 
     request = action_request(mode)
-    options = GenerateOptions(Path("ckpt"), Path(out), request, actions_out=Path(actions_out) if actions_out else None)
+    options = GenerateOptions(tiny_checkpoint, Path(out), request, actions_out=Path(actions_out) if actions_out else None)
     assert invalid_option(options).startswith(option)
-    options = GenerateOptions(Path("ckpt"), Path("clip.mp4"), dataclasses.replace(action_request("policy"), actions=ACTIONS))
+    options = GenerateOptions(tiny_checkpoint, Path("clip.mp4"), dataclasses.replace(action_request("policy"), actions=ACTIONS))
     assert invalid_option(options).startswith("--actions ")

@@ -10,9 +10,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from cosmos3_serve.model_executor.generator import GeneratorConfig
 from cosmos3_serve.server.app import install_error_handlers
-from cosmos3_serve.server.protocol import ModeUnavailable, VideoGenerateBody, from_video_body, served_modes
+from cosmos3_serve.server.protocol import CheckpointInfo, ModeUnavailable, VideoGenerateBody, from_video_body
 from tests import media
 
 POLICY = {"mode": "policy", "prompt": "Push the T block.", "image": media.png_data_url(media.smooth_image(seed=1)),
@@ -20,13 +19,14 @@ POLICY = {"mode": "policy", "prompt": "Push the T block.", "image": media.png_da
 
 
 @pytest.fixture(scope="module")
-def without_action_head(tiny_checkpoint: Path) -> GeneratorConfig:
-    return dataclasses.replace(GeneratorConfig.from_checkpoint(tiny_checkpoint), action_dim=None)
+def without_action_head(tiny_checkpoint: Path) -> CheckpointInfo:
+    info = CheckpointInfo.load(tiny_checkpoint)
+    return dataclasses.replace(info, generator=dataclasses.replace(info.generator, action_dim=None))
 
 
-def test_action_modes_need_the_action_head(tiny_checkpoint: Path, without_action_head: GeneratorConfig) -> None:
-    with_head = GeneratorConfig.from_checkpoint(tiny_checkpoint)
-    assert set(served_modes(with_head)) - set(served_modes(without_action_head)) == {
+def test_action_modes_need_the_action_head(tiny_checkpoint: Path, without_action_head: CheckpointInfo) -> None:
+    with_head = CheckpointInfo.load(tiny_checkpoint)
+    assert set(with_head.modes()) - set(without_action_head.modes()) == {
         "forward_dynamics", "policy", "inverse_dynamics"}  # fmt: skip
     mode, request = from_video_body(VideoGenerateBody(**POLICY), with_head)
     assert mode == "policy" and request.action_domain == "pusht"
@@ -34,7 +34,7 @@ def test_action_modes_need_the_action_head(tiny_checkpoint: Path, without_action
         from_video_body(VideoGenerateBody(**POLICY), without_action_head)
 
 
-def test_a_mode_the_checkpoint_lacks_is_a_400(without_action_head: GeneratorConfig) -> None:
+def test_a_mode_the_checkpoint_lacks_is_a_400(without_action_head: CheckpointInfo) -> None:
     app = FastAPI()
 
     @app.post("/v1/video/generate")
@@ -46,3 +46,17 @@ def test_a_mode_the_checkpoint_lacks_is_a_400(without_action_head: GeneratorConf
     response = TestClient(app).post("/v1/video/generate", json=POLICY)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "mode" and "action head" in response.json()["error"]["message"]
+
+
+def test_a_schedule_that_repeats_a_timestep_is_refused_by_field(tiny_checkpoint: Path) -> None:
+    """At flow shift 10, 101 UniPC steps repeat an integer timestep (diffusers' solver fails on its last step);
+    100 steps, or 101 at a smaller shift, run."""
+    from cosmos3_serve.server.protocol import FieldError
+
+    info = CheckpointInfo.load(tiny_checkpoint)
+    body = {"prompt": "x", "num_frames": 1, "height": 32, "width": 32}
+    with pytest.raises(FieldError, match="distinct timesteps") as refused:
+        from_video_body(VideoGenerateBody(**body, num_inference_steps=101), info)
+    assert refused.value.field == "num_inference_steps"
+    for fine in ({"num_inference_steps": 100}, {"num_inference_steps": 101, "flow_shift": 3.0}):
+        from_video_body(VideoGenerateBody(**body, **fine), info)
