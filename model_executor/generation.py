@@ -538,12 +538,12 @@ class DiffusionExecutor:
         patches, actions, timesteps = [], [], []
         for state in active:
             state_patches = patchify(state.latents[0].to(self.dtype), patch)
-            t = state.timesteps[state.step].item()
+            t = state.timesteps[state.step]  # stays on the device: no host sync in the step loop
             for seq in state.sequences:
                 patches.append(state_patches)
                 if state.actions is not None:
                     actions.append(state.actions.latents.to(self.dtype))
-                timesteps.append(torch.full((seq.num_tokens,), t, device=self.device))
+                timesteps.append(t.expand(seq.num_tokens))
         noisy = torch.cat([state.noisy for state in active])
         video_velocity, action_velocity = self.tower(torch.cat(patches), torch.cat(timesteps), noisy,
                                                      self._packed_batch(active),
