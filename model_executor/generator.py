@@ -27,7 +27,6 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -35,6 +34,8 @@ from vllm.model_executor.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
+from vllm.platforms import current_platform
+from vllm.triton_utils import tl, triton
 
 from cosmos3_serve.model_executor.checkpoint.generator_config import (
     is_generator_key,
@@ -45,6 +46,7 @@ from cosmos3_serve.model_executor.kv_export import PromptKV
 from cosmos3_serve.model_executor.rope import InterleavedMRoPE, apply_rope
 
 TIME_PROJ_CHANNELS = 256
+current_platform.import_kernels()  # vLLM's C kernels (`torch.ops._C`): the norms call them on CUDA
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,77 @@ class PackedBatch:
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, head_dim]
     attention: PackedAttention
     rows: TokenRows | None  # None when no sequence has action tokens: all rows are latent patches
+    first_tokens: torch.Tensor  # [sequences] row of each sequence's first token
+    token_sequences: torch.Tensor  # [N] sequence of each token
+
+
+class GeneratorRMSNorm(nn.Module):
+    """RMSNorm over the last dimension; with `residual`, the residual add first: `(norm(x + residual), x + residual)`.
+
+    On CUDA it calls vLLM's C kernels (the add fused in, in place), whatever norm implementation the engine chose
+    for its own compiled graphs: with Inductor that is the native one, which in this eager tower would run as
+    several elementwise kernels per norm. Elsewhere it computes as the reference does (float32, weight after the
+    cast back)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda:
+            if residual is None:
+                out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+                torch.ops._C.rms_norm(out, x, self.weight, self.eps)
+                return out
+            torch.ops._C.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is None:
+            return self._native(x)
+        residual = x + residual
+        return self._native(residual), residual
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+@triton.jit
+def _rms_norm_rope_kernel(
+    x_ptr, out_ptr, weight_ptr, cos_ptr, sin_ptr, x_token_stride, rope_token_stride, num_heads, eps,
+    BLOCK_H: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    """One token: every head's RMSNorm over its head_dim (= 2 HALF), weight, then the rotation by (cos, sin)."""
+    token = tl.program_id(0)
+    head = tl.arange(0, BLOCK_H)[:, None]
+    dim = tl.arange(0, HALF)[None, :]
+    mask = head < num_heads
+    src = x_ptr + token * x_token_stride + head * (2 * HALF) + dim
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
+    y1 = x1 * inv_rms * tl.load(weight_ptr + dim).to(tl.float32)
+    y2 = x2 * inv_rms * tl.load(weight_ptr + HALF + dim).to(tl.float32)
+    rope = token * rope_token_stride + dim
+    cos1, cos2 = tl.load(cos_ptr + rope).to(tl.float32), tl.load(cos_ptr + rope + HALF).to(tl.float32)
+    sin1, sin2 = tl.load(sin_ptr + rope).to(tl.float32), tl.load(sin_ptr + rope + HALF).to(tl.float32)
+    dst = out_ptr + token * num_heads * (2 * HALF) + head * (2 * HALF) + dim
+    tl.store(dst, (y1 * cos1 - y2 * sin1).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (y2 * cos2 + y1 * sin2).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_rope(x_nhd: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope(RMSNorm_weight(x), cos, sin)` in one kernel (float32 inside, rounded once): a contiguous
+    `[N, H, D]` out of a `[N, H, D]` view whose heads are contiguous (a slice of the fused QKV projection's output);
+    cos, sin `[N, 1, D]`. Replaces the separate norm and the five elementwise kernels of the rotation."""
+    n, heads, head_dim = x_nhd.shape
+    assert x_nhd.stride(2) == 1 and x_nhd.stride(1) == head_dim and cos.stride(0) == sin.stride(0)
+    out = torch.empty((n, heads, head_dim), device=x_nhd.device, dtype=x_nhd.dtype)
+    _rms_norm_rope_kernel[(n,)](x_nhd, out, weight, cos, sin, x_nhd.stride(0), cos.stride(0), heads, eps,
+                                BLOCK_H=triton.next_power_of_2(heads), HALF=head_dim // 2)  # fmt: skip
+    return out
 
 
 class DomainAwareLinear(nn.Module):
@@ -236,18 +309,22 @@ class GeneratorAttention(nn.Module):
             config.num_attention_heads * config.head_dim, config.hidden_size,
             bias=config.attention_bias, quant_config=quant_config, return_bias=False, prefix=f"{prefix}.o_proj",
         )  # fmt: skip
-        self.q_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
-        self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps)
+        self.q_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
 
     def forward(
         self, hidden_nd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: PackedAttention, layer: int
     ) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden_nd).split([q_size, kv_size, kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if q.is_cuda:
+            q = rms_norm_rope(q, self.q_norm.weight, self.q_norm.eps, *rope)
+            k = rms_norm_rope(k, self.k_norm.weight, self.k_norm.eps, *rope)
+        else:
+            q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         keys, values = layout.keys_values(layer, k, v)
         return self.o_proj(varlen_attention(q, keys, values, layout).reshape(-1, q_size))
 
@@ -272,14 +349,22 @@ class GeneratorMLP(nn.Module):
 class GeneratorLayer(nn.Module):
     def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = GeneratorAttention(config, f"{prefix}.attn", quant_config)
-        self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GeneratorMLP(config, f"{prefix}.mlp", quant_config)
 
-    def forward(self, hidden, rope, layout: PackedAttention, layer: int) -> torch.Tensor:
-        hidden = hidden + self.attn(self.input_norm(hidden), rope, layout, layer)
-        return hidden + self.mlp(self.post_attention_norm(hidden))
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, rope, layout: PackedAttention, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream): the residual additions ride in the norms' fused add + RMSNorm kernels.
+        `hidden` is the previous layer's MLP output, or the embeddings with `residual` None in the first layer."""
+        if residual is None:
+            residual, hidden = hidden, self.input_norm(hidden)
+        else:
+            hidden, residual = self.input_norm(hidden, residual)
+        hidden, residual = self.post_attention_norm(self.attn(hidden, rope, layout, layer), residual)
+        return self.mlp(hidden), residual
 
 
 class Cosmos3GeneratorTower(nn.Module):
@@ -307,7 +392,7 @@ class Cosmos3GeneratorTower(nn.Module):
         self.layers = nn.ModuleList(
             GeneratorLayer(config, f"layers.{i}", quant_config) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = InterleavedMRoPE(config.head_dim, config.rope_theta, config.rope_axes_dim)
 
     def time_embedding(self, timesteps_n: torch.Tensor) -> torch.Tensor:
@@ -321,13 +406,15 @@ class Cosmos3GeneratorTower(nn.Module):
         cos, sin = self.rope(positions_3n)
         dtype = self.proj_in.weight.dtype
         rows = TokenRows.build(sequences, cos.device) if any(seq.num_action_tokens for seq in sequences) else None
+        lengths = torch.tensor([seq.num_tokens for seq in sequences])
         return PackedBatch(rope=(cos.to(dtype), sin.to(dtype)), attention=PackedAttention.build(sequences, cos.device),
-                           rows=rows)  # fmt: skip
+                           rows=rows, first_tokens=(lengths.cumsum(0) - lengths).to(cos.device),
+                           token_sequences=torch.arange(len(sequences)).repeat_interleave(lengths).to(cos.device))  # fmt: skip
 
     def forward(
         self,
         patches_vp: torch.Tensor,  # [Nv, patch_latent_dim] latent patches of all sequences, packed
-        timesteps_n: torch.Tensor,  # [N] diffusion time per token (patches and actions, in packed order)
+        timesteps_n: torch.Tensor,  # [N] diffusion time per token, one per sequence: its first token's is embedded
         noisy_n: torch.Tensor,  # [N] bool: tokens that get a timestep embedding (not clean conditioning)
         batch: PackedBatch,
         actions_na: torch.Tensor | None = None,  # [Na, action_dim] action tokens of all sequences, packed
@@ -339,11 +426,13 @@ class Cosmos3GeneratorTower(nn.Module):
             patches, hidden = hidden, hidden.new_empty(timesteps_n.shape[0], hidden.shape[1])
             hidden[rows.vision] = patches
             hidden[rows.actions] = self.action_proj_in(actions_na, rows.action_domains) + self.action_modality_embed
-        time = self.time_embedding(timesteps_n).to(hidden.dtype)
+        # The float32 time MLP once per sequence, not per token (at 44k tokens per token it was a 33 ms float32 GEMM).
+        time = self.time_embedding(timesteps_n[batch.first_tokens]).to(hidden.dtype)[batch.token_sequences]
         hidden = hidden + time * noisy_n[:, None].to(hidden.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, batch.rope, batch.attention, i)
-        hidden = self.norm(hidden)
+            hidden, residual = layer(hidden, residual, batch.rope, batch.attention, i)
+        hidden, _ = self.norm(hidden, residual)
         if rows is None:
             return self.proj_out(hidden), None
         return self.proj_out(hidden[rows.vision]), self.action_proj_out(hidden[rows.actions], rows.action_domains)
@@ -395,6 +484,51 @@ class Cosmos3GeneratorTower(nn.Module):
         if missing:
             raise ValueError(f"generator weights missing from the checkpoint: {sorted(missing)[:8]}")
         return loaded
+
+
+class CapturedForward:
+    """The tower's forward over one packed batch as a CUDA graph: captured once per batch membership, then replayed
+    every step on new inputs copied into its static buffers. An eager forward of a small batch (a few thousand
+    tokens) is bound by launching its ~20 kernels per layer; a replay launches them all at once. The returned
+    velocities are the graph's own buffers, overwritten by the next call."""
+
+    def __init__(
+        self,
+        tower: Cosmos3GeneratorTower,
+        batch: PackedBatch,
+        patches_vp: torch.Tensor,
+        timesteps_n: torch.Tensor,
+        noisy_n: torch.Tensor,
+        actions_na: torch.Tensor | None = None,
+    ) -> None:
+        self.tower, self.batch = tower, batch
+        self.inputs = [t.clone() for t in (patches_vp, timesteps_n, noisy_n)]
+        self.actions = None if actions_na is None else actions_na.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # one eager call first: lazy initialisation stays out of the graph
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self._forward()
+
+    def _forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.tower(*self.inputs, self.batch, self.actions)
+
+    def __call__(
+        self,
+        patches_vp: torch.Tensor,
+        timesteps_n: torch.Tensor,
+        noisy_n: torch.Tensor,
+        actions_na: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for static, new in zip(self.inputs, (patches_vp, timesteps_n, noisy_n)):
+            static.copy_(new)
+        if self.actions is not None:
+            self.actions.copy_(actions_na)
+        self.graph.replay()
+        return self.outputs
 
 
 def _default_loader(param: torch.Tensor, tensor: torch.Tensor) -> None:
