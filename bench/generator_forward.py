@@ -1,11 +1,19 @@
 """Generator forward: our tower (vLLM layers, FA3 varlen, prompt K/V given) against diffusers' full
-`Cosmos3OmniTransformer` forward on the same inputs and the same random weights, same run, same card.
+`Cosmos3OmniTransformer` forward on the same inputs and the same random weights, and against the kernel floor,
+all in one run on one card.
 
-    python bench/generator_forward.py CKPT [--shapes image720,video480x93,video720x189] [--json OUT]
+    python bench/generator_forward.py CKPT [--shapes image720,image720x8,video480x93,video720x189] [--json OUT]
 
 CKPT is a configs-only checkpoint (`cosmos3-serve make-tiny CKPT --shape nano`); weights are random (bf16).
-For each shape: median forward time of both, achieved TFLOP/s of ours, the fraction of the bf16 matmul peak
-measured in this run, and the relative difference of the velocities (ours vs diffusers, both bf16).
+For each shape: median forward time of diffusers, of ours (eager, and as a CUDA graph for batches of up to
+`GRAPH_MAX_TOKENS` tokens), achieved TFLOP/s and the fraction of the bf16 matmul peak measured in this run, the
+relative difference of the velocities (ours vs diffusers, both bf16), the kernel floor and where our forward's GPU
+time goes (profiler: GEMMs, attention, other kernels).
+
+Kernel floor of a shape = layers x (the four GEMMs of a layer at its token count + FA3 varlen attention over its
+packed layout), each timed alone on random operands of the real shapes: what the forward would cost if nothing
+but those kernels ran, back to back. `image720x8` is eight 720p images in one packed forward; diffusers runs
+them one at a time (8 x its single-image forward, timed in the same row).
 diffusers recomputes the reasoner's prompt K/V inside every forward; ours takes them from the export, as in
 serving (the prompt's K/V are captured from diffusers' own forward, so both attend to the same keys).
 """
@@ -21,13 +29,17 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 PROMPT_TOKENS = 300
-SHAPES = {  # name: (frames, height, width)
-    "image720": (1, 720, 1280),
-    "video480x93": (93, 480, 832),
-    "video720x189": (189, 720, 1280),
+SHAPES = {  # name: (frames, height, width, sequences packed in one forward)
+    "image720": (1, 720, 1280, 1),
+    "image720x8": (1, 720, 1280, 8),
+    "video480x93": (93, 480, 832, 1),
+    "video720x189": (189, 720, 1280, 1),
 }
+GRAPH_MAX_TOKENS = 16_384  # larger forwards are bound by their kernels, not by launching them
+KERNEL_CLASSES = (("attention", ("flash",)), ("gemm", ("gemm", "nvjet", "xmma", "cutlass")))  # first match wins
 
 
 def init_vllm_single_process() -> None:
@@ -76,15 +88,78 @@ def forward_flops(config, gen_tokens: int) -> float:
     return layers * (gen_tokens * per_token + attention)
 
 
-def measure(shape: tuple[int, int, int], config, reference, ours, peak: float) -> dict:
-    """Both forwards on one (frames, height, width): times, throughput and the velocities' difference."""
+def kernel_floor(config, tokens: int, layout) -> dict:
+    """Layers x (qkv, o, gate_up and down GEMMs at `tokens` rows + FA3 varlen attention over `layout`), each kernel
+    timed alone on random bf16 operands of the real shapes (seconds)."""
+    from cosmos3_serve.model_executor.generator import varlen_attention
+
+    h, inter, heads, kv_heads, head_dim = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                                           config.num_key_value_heads, config.head_dim)  # fmt: skip
+    gemms = {"qkv": (h, (heads + 2 * kv_heads) * head_dim), "o": (heads * head_dim, h), "gate_up": (h, 2 * inter),
+             "down": (inter, h)}  # fmt: skip
+    times = {}
+    with torch.device("cuda"):
+        for name, (k, n) in gemms.items():
+            times[name] = gemm_time(tokens, k, n)
+        keys_total = layout.key_order.numel()
+        q = torch.randn(tokens, heads, head_dim, dtype=torch.bfloat16)
+        keys, values = (torch.randn(keys_total, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
+        times["attention"] = cuda_time(lambda: varlen_attention(q, keys, values, layout), min_total_s=0.3)
+    layer = sum(times.values())
+    return {"floor_s": config.num_hidden_layers * layer, "per_layer_s": times,
+            "gemm_s": config.num_hidden_layers * (layer - times["attention"]),
+            "attention_s": config.num_hidden_layers * times["attention"]}  # fmt: skip
+
+
+def gemm_time(m: int, k: int, n: int) -> float:
+    """Seconds of one bf16 `[m, k] x [k, n]` GEMM as the tower's linear layers call it (`F.linear`)."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    return cuda_time(lambda: F.linear(x, w), min_total_s=0.3)
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    return next((label for label, needles in KERNEL_CLASSES if any(n in lowered for n in needles)), "other")
+
+
+def gpu_time_split(fn) -> dict:
+    """GPU time of one call of `fn` by kernel class (ms), kernel count and the top kernels, from PyTorch's
+    profiler (the call runs once more first, outside the trace)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        trace.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    kernels = [(e["name"], e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    split: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for name, duration_us in kernels:
+        split[kernel_class(name)] = split.get(kernel_class(name), 0.0) + duration_us / 1e3
+        by_name[name] = by_name.get(name, 0.0) + duration_us / 1e3
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
+    return {"class_ms": split, "busy_ms": sum(split.values()), "kernels": len(kernels),
+            "top_kernels_ms": [{"name": name[:100], "ms": ms} for name, ms in top]}  # fmt: skip
+
+
+def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: float) -> dict:
+    """One (frames, height, width, sequences) shape: diffusers (one sequence at a time), ours eager and graphed,
+    the kernel floor, throughput, our GPU time split and the velocities' difference."""
     from diffusers.models.transformers import transformer_cosmos3
 
     from cosmos3_serve.model_executor.generation import patchify, unpatchify, vision_positions
-    from cosmos3_serve.model_executor.generator import GeneratorSequence
+    from cosmos3_serve.model_executor.generator import CapturedForward, GeneratorSequence
     from cosmos3_serve.model_executor.kv_export import PromptKV
 
-    frames, height, width = shape
+    frames, height, width, copies = shape
     latent = (1, 48, (frames - 1) // 4 + 1, height // 16, width // 16)
     grid = (latent[2], -(-latent[3] // 2), -(-latent[4] // 2))
     tokens = grid[0] * grid[1] * grid[2]
@@ -113,25 +188,40 @@ def measure(shape: tuple[int, int, int], config, reference, ours, peak: float) -
     with torch.no_grad(), mock.patch.object(transformer_cosmos3, "dispatch_attention_fn", recording):
         expected = reference(**inputs)[0][0]
     prompt_kv = PromptKV(keys=[k for k, _ in captured], values=[v for _, v in captured])
-    patches = patchify(latents[0], 2)
-    timesteps = torch.full((tokens,), 500.0, device="cuda")
-    noisy = torch.ones(tokens, dtype=torch.bool, device="cuda")
-    positions = gen_positions.cuda()
-    batch = ours.pack(positions, [GeneratorSequence(tokens, prompt_kv)])  # once per batch membership
+    total = tokens * copies
+    patches = patchify(latents[0], 2).repeat(copies, 1)
+    timesteps = torch.full((total,), 500.0, device="cuda")
+    noisy = torch.ones(total, dtype=torch.bool, device="cuda")
+    positions = gen_positions.cuda().repeat(1, copies)
+    batch = ours.pack(positions, [GeneratorSequence(tokens, prompt_kv)] * copies)  # once per batch membership
+    result = {"gen_tokens": total, "sequences": copies}
     with torch.no_grad():
-        got = unpatchify(ours(patches, timesteps, noisy, batch)[0], latent[1:], 2)[None]
-        t_ours = cuda_time(lambda: ours(patches, timesteps, noisy, batch))
-        t_ref = cuda_time(lambda: reference(**inputs))
-    flops = forward_flops(config, tokens)
-    return {
-        "gen_tokens": tokens,
-        "ours_s": t_ours,
-        "diffusers_s": t_ref,
-        "speedup": t_ref / t_ours,
-        "ours_tflops": flops / t_ours / 1e12,
-        "fraction_of_peak": flops / t_ours / peak,
-        "rel_diff": float((got.float() - expected.float()).norm() / expected.float().norm()),
-    }
+        got = ours(patches, timesteps, noisy, batch)[0][:tokens]
+        result["rel_diff"] = _rel_diff(unpatchify(got, latent[1:], 2)[None], expected)
+        result["ours_s"] = cuda_time(lambda: ours(patches, timesteps, noisy, batch))
+        result["diffusers_s"] = copies * cuda_time(lambda: reference(**inputs))
+        result["profile"] = gpu_time_split(lambda: ours(patches, timesteps, noisy, batch))
+        if total <= GRAPH_MAX_TOKENS:
+            try:
+                graphed = CapturedForward(ours, batch, patches, timesteps, noisy)
+            except RuntimeError as error:  # report it; the other measurements stand
+                result["graph_error"] = str(error)[:500]
+            else:
+                eager = ours(patches, timesteps, noisy, batch)[0]
+                result["graph_vs_eager_rel_diff"] = _rel_diff(graphed(patches, timesteps, noisy)[0], eager)
+                result["graphed_s"] = cuda_time(lambda: graphed(patches, timesteps, noisy))
+                result["graphed_profile"] = gpu_time_split(lambda: graphed(patches, timesteps, noisy))
+                del graphed
+    result.update(kernel_floor(config, total, batch.attention))
+    best = min(result["ours_s"], result.get("graphed_s", float("inf")))
+    flops = forward_flops(config, tokens) * copies
+    result.update(best_s=best, speedup=result["diffusers_s"] / best, ours_tflops=flops / best / 1e12,
+                  fraction_of_peak=flops / best / peak, of_floor=best / result["floor_s"])  # fmt: skip
+    return result
+
+
+def _rel_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
 
 
 def main() -> int:
@@ -144,16 +234,15 @@ def main() -> int:
     from vllm.config import CompilationConfig, VllmConfig, set_current_vllm_config
 
     torch.manual_seed(0)
-    # vLLM's layers and parallel state read the current config; eager, with vLLM's fused kernels (norms, SiLU).
+    # vLLM's layers and parallel state read the current config; eager, with vLLM's fused kernels (SiLU).
     with set_current_vllm_config(VllmConfig(compilation_config=CompilationConfig(custom_ops=["all"]))):
         return run(args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers import Cosmos3OmniTransformer
-
     from cosmos3_serve.model_executor.checkpoint.generator_config import is_generator_key
     from cosmos3_serve.model_executor.generator import Cosmos3GeneratorTower, GeneratorConfig
+    from diffusers import Cosmos3OmniTransformer
 
     init_vllm_single_process()
     config = GeneratorConfig.from_checkpoint(args.checkpoint)
@@ -170,19 +259,39 @@ def run(args: argparse.Namespace) -> int:
     ours.load_weights((k, v) for k, v in reference.state_dict().items() if is_generator_key(k))
 
     peak = matmul_peak_flops()
-    results = {}
+    report = {"device": torch.cuda.get_device_name(), "peak_flops": peak, "results": {}}
     for name in args.shapes.split(","):
-        results[name] = measure(SHAPES[name], config, reference, ours, peak)
+        report["results"][name] = measure(SHAPES[name], config, reference, ours, peak)
         torch.cuda.empty_cache()
-
-    print(f"\ngenerator forward, Nano shape, bf16, {PROMPT_TOKENS} prompt tokens; matmul peak {peak / 1e12:.0f} TFLOP/s")
-    print(f"{'shape':14}{'tokens':>8}{'diffusers s':>13}{'ours s':>10}{'speedup':>9}{'TFLOP/s':>9}{'of peak':>9}{'rel diff':>10}")
-    for name, r in results.items():
-        print(f"{name:14}{r['gen_tokens']:8d}{r['diffusers_s']:13.4f}{r['ours_s']:10.4f}{r['speedup']:9.2f}"
-              f"{r['ours_tflops']:9.0f}{r['fraction_of_peak']:9.2f}{r['rel_diff']:10.4f}")  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps({"peak_flops": peak, "results": results}, indent=2))
+        if args.json:  # after every shape: a later shape running out of memory keeps the earlier ones
+            Path(args.json).write_text(json.dumps(report, indent=2))
+    print_report(report)
     return 0
+
+
+def print_report(report: dict) -> None:
+    results = report["results"]
+    print(f"\ngenerator forward, Nano shape, bf16, {PROMPT_TOKENS} prompt tokens per sequence, {report['device']}; "
+          f"matmul peak {report['peak_flops'] / 1e12:.0f} TFLOP/s; seconds per forward")  # fmt: skip
+    print(f"{'shape':14}{'tokens':>8}{'diffusers':>11}{'ours':>9}{'graphed':>9}{'floor':>9}{'of floor':>9}"
+          f"{'speedup':>9}{'TFLOP/s':>9}{'of peak':>8}{'rel diff':>9}")  # fmt: skip
+    for name, r in results.items():
+        graphed = f"{r['graphed_s']:9.4f}" if "graphed_s" in r else f"{'-':>9}"
+        print(f"{name:14}{r['gen_tokens']:8d}{r['diffusers_s']:11.4f}{r['ours_s']:9.4f}{graphed}{r['floor_s']:9.4f}"
+              f"{r['of_floor']:9.2f}{r['speedup']:9.2f}{r['ours_tflops']:9.0f}{r['fraction_of_peak']:8.2f}"
+              f"{r['rel_diff']:9.4f}")  # fmt: skip
+    print("\nkernel floor (GEMMs + attention) and our eager forward's GPU time, ms per forward")
+    print(f"{'shape':14}{'floor gemm':>11}{'floor attn':>11}{'gemm':>9}{'attn':>9}{'other':>9}{'busy':>9}{'wall':>9}"
+          f"{'kernels':>8}")  # fmt: skip
+    for name, r in results.items():
+        split = r["profile"]["class_ms"]
+        print(f"{name:14}{r['gemm_s'] * 1e3:11.1f}{r['attention_s'] * 1e3:11.1f}{split.get('gemm', 0):9.1f}"
+              f"{split.get('attention', 0):9.1f}{split.get('other', 0):9.1f}{r['profile']['busy_ms']:9.1f}"
+              f"{r['ours_s'] * 1e3:9.1f}{r['profile']['kernels']:8d}")  # fmt: skip
+    if "image720" in results and "image720x8" in results:
+        single, batch = results["image720"], results["image720x8"]
+        print(f"\n8 images batched: {batch['best_s'] / 8 * 1e3:.1f} ms per image vs the single-image floor "
+              f"{single['floor_s'] * 1e3:.1f} ms ({batch['best_s'] / 8 / single['floor_s']:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,302 @@
+"""Serving over HTTP: end-to-end latency and concurrency of `cosmos3-serve serve`, then diffusers' pipeline one
+request at a time on the same card, in one run.
+
+    python bench/serving.py CKPT [--json OUT] [--server-log LOG]
+
+CKPT is a configs-only checkpoint with an action head (`cosmos3-serve make-tiny CKPT --shape nano --action`);
+the server runs it with random weights (`--load-format dummy`, bf16).
+
+1. Latency: text->image 720p and a short text->video (480p, 33 frames), 35 steps, guidance 6 (both CFG branches),
+   one request at a time, sync responses (PNG / MP4 bytes): submission to the last byte, median of `--repeats`.
+2. Concurrency: text->image 720p (`--image-steps` steps) and policy (`--policy-domain`, a 320x180 first frame on
+   the 256 tier's canvas, 16 actions, `--policy-steps` steps), each with guidance 6: N simultaneous requests for
+   each N of `--concurrency` (latency p50 / p95, throughput = N / time until the last answer), and `--sequential`
+   requests one after another (the one-at-a-time baseline: p50 / p95 of their latencies, throughput = 1 / mean).
+3. After the server has stopped (GPU memory): diffusers' `Cosmos3OmniPipeline` with random weights of the same
+   shapes (bf16 transformer, float32 VAE as the server's dummy VAE), the same requests one at a time, up to the
+   decoded frames (`output_type="np"`; no PNG / MP4 encoding, no HTTP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PROMPT = "A robot arm picks up a red cube from a wooden table and places it in a blue bowl."
+POLICY_CHUNK, POLICY_TIER, POLICY_FRAME = 16, 256, (320, 180)  # frame: (w, h)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One kind of request: its HTTP route and body, and the same request for diffusers' pipeline."""
+
+    name: str
+    path: str
+    body: dict
+    pipeline_kwargs: dict = field(default_factory=dict)
+
+
+def first_frame():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (POLICY_FRAME[1], POLICY_FRAME[0], 3), dtype=np.uint8))
+
+
+def workloads(args: argparse.Namespace) -> dict[str, Workload]:
+    frame = io.BytesIO()
+    first_frame().save(frame, format="PNG")
+    frame_b64 = base64.b64encode(frame.getvalue()).decode()
+    image_w, image_h = (int(side) for side in args.image_size.split("x"))
+    video_w, video_h, video_frames = (int(side) for side in args.video_shape.split("x"))
+
+    def image(steps: int) -> Workload:
+        return Workload(f"text2image {image_w}x{image_h}, {steps} steps", "/v1/images/generations",
+                        {"prompt": PROMPT, "size": f"{image_w}x{image_h}", "num_inference_steps": steps},
+                        {"num_frames": 1, "height": image_h, "width": image_w, "num_inference_steps": steps})  # fmt: skip
+
+    video = {"num_frames": video_frames, "height": video_h, "width": video_w, "num_inference_steps": args.latency_steps}
+    policy = {"mode": "policy", "prompt": PROMPT, "image": frame_b64, "action_domain": args.policy_domain,
+              "action_chunk_size": POLICY_CHUNK, "action_resolution_tier": POLICY_TIER,
+              "num_inference_steps": args.policy_steps}  # fmt: skip
+    return {
+        "latency_image": image(args.latency_steps),
+        "latency_video": Workload(f"text2video {video_w}x{video_h}x{video_frames}, {args.latency_steps} steps",
+                                  "/v1/video/generate", {"prompt": PROMPT, **video}, video),
+        "image": image(args.image_steps),
+        "policy": Workload(f"policy {args.policy_domain}, {POLICY_CHUNK} actions, tier {POLICY_TIER}, "
+                           f"{args.policy_steps} steps", "/v1/video/generate", policy,
+                           {"num_inference_steps": args.policy_steps}),
+    }
+
+
+def summary(latencies: list[float], wall_s: float) -> dict:
+    ordered = sorted(latencies)
+
+    def nearest_rank(p: float) -> float:
+        return ordered[max(0, -(-len(ordered) * p // 100) - 1)]
+
+    return {"requests": len(ordered), "p50_s": nearest_rank(50), "p95_s": nearest_rank(95), "wall_s": wall_s,
+            "throughput_per_s": len(ordered) / wall_s, "latencies_s": latencies}  # fmt: skip
+
+
+# ---- the server ---------------------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace) -> None:
+        command = [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", args.checkpoint, "--precision", "bf16",
+                   "--load-format", "dummy", "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                   "--max-model-len", "4096", "--port", str(args.port)]  # fmt: skip
+        self.base_url = f"http://127.0.0.1:{args.port}"
+        self.log = open(args.server_log, "w")  # noqa: SIM115 - open for the server's lifetime
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode} (see its log)")
+            try:
+                if httpx.get(f"{self.base_url}/v1/health/ready", timeout=2.0).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.TransportError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"the server was not ready after {timeout_s} s (see its log)")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+WARMUP_STEPS = 2
+
+
+async def timed_post(client: httpx.AsyncClient, work: Workload, seed: int, steps: int | None = None) -> float:
+    body = {**work.body, "seed": seed} | ({} if steps is None else {"num_inference_steps": steps})
+    start = time.perf_counter()
+    response = await client.post(work.path, json=body)
+    if response.status_code != 200:
+        raise RuntimeError(f"{work.name}: HTTP {response.status_code}: {response.text[:500]}")
+    return time.perf_counter() - start
+
+
+async def together(client: httpx.AsyncClient, work: Workload, n: int) -> dict:
+    start = time.perf_counter()
+    latencies = await asyncio.gather(*(timed_post(client, work, seed) for seed in range(n)))
+    return summary(list(latencies), time.perf_counter() - start)
+
+
+async def one_at_a_time(client: httpx.AsyncClient, work: Workload, n: int) -> dict:
+    latencies = [await timed_post(client, work, seed) for seed in range(n)]
+    return summary(latencies, sum(latencies))
+
+
+async def measure_server(base_url: str, works: dict[str, Workload], args: argparse.Namespace) -> dict:
+    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(900.0)) as client:
+        for work in works.values():  # warm-up: first calls of each shape (kernels' heuristics, VAE)
+            await timed_post(client, work, seed=1000, steps=WARMUP_STEPS)
+        result = {"latency": {}, "concurrency": {}}
+        for key in ("latency_image", "latency_video"):
+            result["latency"][key] = await one_at_a_time(client, works[key], args.repeats)
+        for key in ("image", "policy"):
+            rows = {"one_at_a_time": await one_at_a_time(client, works[key], args.sequential)}
+            for n in args.concurrency:
+                rows[f"together_{n}"] = await together(client, works[key], n)
+            result["concurrency"][key] = rows
+        metrics = (await client.get("/metrics")).text
+    result["step_seconds"] = [line for line in metrics.splitlines() if line.startswith("cosmos3_denoise_step_seconds")]
+    return result
+
+
+# ---- diffusers ----------------------------------------------------------------------------------------------
+
+
+def diffusers_pipeline(checkpoint: Path, device: str):
+    import torch
+    from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer
+    from transformers import AutoTokenizer
+
+    from cosmos3_serve.model_executor.generation import load_scheduler
+
+    config = json.loads((checkpoint / "transformer" / "config.json").read_text())
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        transformer = Cosmos3OmniTransformer(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+    torch.set_default_dtype(torch.float32)
+    transformer.time_embedder.float()  # `_keep_in_fp32_modules`, as from_pretrained does
+    with torch.no_grad():
+        for p in transformer.parameters():  # random weights with unit-scale activations
+            p.normal_(0, 1.0 / max(p.shape[-1], 1) ** 0.5) if p.ndim > 1 else p.data.normal_(1.0, 0.05)
+    vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(checkpoint, subfolder="vae")).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
+    return Cosmos3OmniPipeline(transformer=transformer, text_tokenizer=tokenizer, vae=vae,
+                               scheduler=load_scheduler(checkpoint), enable_safety_checker=False)  # fmt: skip
+
+
+def measure_diffusers(checkpoint: Path, works: dict[str, Workload], args: argparse.Namespace) -> dict:
+    import torch
+    from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = diffusers_pipeline(checkpoint, device)
+    pipe.set_progress_bar_config(disable=True)
+    policy = CosmosActionCondition(mode="policy", chunk_size=POLICY_CHUNK, domain_name=args.policy_domain,
+                                   resolution_tier=POLICY_TIER, image=first_frame(), view_point="ego_view")  # fmt: skip
+
+    def run(work: Workload, seed: int, steps: int | None = None) -> float:
+        kwargs = dict(work.pipeline_kwargs, action=policy) if work is works["policy"] else dict(work.pipeline_kwargs)
+        if steps is not None:
+            kwargs["num_inference_steps"] = steps
+        start = time.perf_counter()
+        pipe(PROMPT, guidance_scale=6.0, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    result = {}
+    for key, work in works.items():
+        run(work, seed=1000, steps=WARMUP_STEPS)  # warm-up
+        latencies = [run(work, seed) for seed in range(args.repeats if key.startswith("latency") else args.sequential)]
+        result[key] = summary(latencies, sum(latencies))
+    return result
+
+
+def wait_for_free_device_memory(fraction: float, timeout_s: float = 120.0) -> None:
+    """Until the stopped server's processes have released the GPU (`fraction` of it free)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free >= fraction * total:
+            return
+        time.sleep(1.0)
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+
+
+def print_report(report: dict) -> None:
+    works, server, ref = report["workloads"], report["server"], report["diffusers"]
+    print(f"\nserving, Nano shape, random weights, bf16, {report['device']}; seconds (server ready after "
+          f"{report['server_ready_s']:.0f} s)")  # fmt: skip
+    print(f"\nend-to-end latency, one request at a time (median of {report['args']['repeats']})")
+    print(f"{'request':44}{'cosmos3-serve HTTP':>20}{'diffusers pipeline':>20}")
+    for key in ("latency_image", "latency_video"):
+        print(f"{works[key]:44}{statistics.median(server['latency'][key]['latencies_s']):20.3f}"
+              f"{statistics.median(ref[key]['latencies_s']):20.3f}")  # fmt: skip
+    for key in ("image", "policy"):
+        rows = server["concurrency"][key]
+        print(f"\n{works[key]}")
+        print(f"{'':28}{'p50 s':>9}{'p95 s':>9}{'req/s':>9}{'p50 / single':>14}")
+        single = rows["one_at_a_time"]["p50_s"]
+        for label, row in [("diffusers, one at a time", ref[key]), *[
+                (("cosmos3-serve, one at a time" if name == "one_at_a_time" else
+                  f"cosmos3-serve, {name.split('_')[1]} together"), row) for name, row in rows.items()]]:  # fmt: skip
+            print(f"{label:28}{row['p50_s']:9.3f}{row['p95_s']:9.3f}{row['throughput_per_s']:9.3f}"
+                  f"{row['p50_s'] / single:14.2f}")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--server-log", default="serving-server.log")
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.35)
+    parser.add_argument("--image-size", default="1280x720", help="WIDTHxHEIGHT of text2image")
+    parser.add_argument("--video-shape", default="832x480x33", help="WIDTHxHEIGHTxFRAMES of the short text2video")
+    parser.add_argument("--latency-steps", type=int, default=35)
+    parser.add_argument("--image-steps", type=int, default=10, help="steps of text2image in the concurrency runs")
+    parser.add_argument("--policy-steps", type=int, default=4)
+    parser.add_argument("--policy-domain", default="droid_lerobot", help="the policy requests' embodiment")
+    parser.add_argument("--concurrency", type=lambda s: [int(n) for n in s.split(",")], default=[1, 4, 8, 16])
+    parser.add_argument("--sequential", type=int, default=4, help="requests of the one-at-a-time baselines")
+    parser.add_argument("--repeats", type=int, default=2, help="requests of each latency measurement")
+    parser.add_argument("--ready-timeout", type=float, default=900.0)
+    args = parser.parse_args()
+
+    works = workloads(args)
+    server = Server(args)
+    try:
+        ready_s = server.wait_ready(args.ready_timeout)
+        served = asyncio.run(measure_server(server.base_url, works, args))
+    finally:
+        server.stop()
+    wait_for_free_device_memory(0.8)
+    reference = measure_diffusers(Path(args.checkpoint), works, args)
+
+    import torch
+
+    report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "args": vars(args),
+              "workloads": {key: work.name for key, work in works.items()}, "server_ready_s": ready_s,
+              "server": served, "diffusers": reference}  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
