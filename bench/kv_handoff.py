@@ -45,8 +45,8 @@ def time_export(worker, prompt_lengths: list[int], repeats: int = 20) -> float:
 
     def export() -> None:
         for tokens in prompt_lengths:
-            blocks = list(range(1, -(-tokens // block_size) + 1))
-            [reader.read(blocks, tokens) for reader in connector._readers]
+            index = connector._readers[0].block_index(list(range(1, -(-tokens // block_size) + 1)))
+            [reader.read(index, tokens) for reader in connector._readers]
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     export()

@@ -151,10 +151,14 @@ class PagedKVReader:
             layout = backend
         return cls(cache, layout, scheduler_block_size)
 
-    def read(self, block_ids: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V `[num_tokens, num_kv_heads, head_dim]` of the first `num_tokens` slots of `block_ids`."""
+    def block_index(self, block_ids: list[int]) -> torch.Tensor:
+        """The cache blocks of scheduler blocks `block_ids`, on the cache's device (build once, read every layer)."""
         r = self.blocks_per_scheduler_block
-        index = torch.tensor([b * r + j for b in block_ids for j in range(r)], device=self.cache.device)
+        return torch.tensor([b * r + j for b in block_ids for j in range(r)]).to(self.cache.device, non_blocking=True)
+
+    def read(self, index: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V `[num_tokens, num_kv_heads, head_dim]` of the first `num_tokens` slots of the cache blocks `index`
+        (`block_index`)."""
         blocks = self.cache.index_select(0, index)  # [nb, H, N, 2D]
         nb, h, n, d = len(index), self.num_kv_heads, self.block_size, self.head_dim
         if self.layout == "flash":
@@ -297,7 +301,8 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         for export in self._get_connector_metadata().exports:
-            keys, values = zip(*(reader.read(export.block_ids, export.num_tokens) for reader in self._readers))
+            index = self._readers[0].block_index(export.block_ids)  # every layer's cache has the same block layout
+            keys, values = zip(*(reader.read(index, export.num_tokens) for reader in self._readers))
             if self._generator_key_norm is not None:
                 keys = [self._generator_key_norm(layer, k) for layer, k in enumerate(keys)]
             PROMPT_KV_STORE.put(export.key, PromptKV(keys=list(keys), values=list(values)))
