@@ -111,14 +111,14 @@ def main() -> int:
         params = [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(key)) for key in keys]
         llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
         start = time.perf_counter()
-        llm.collective_rpc("cosmos3_admit", args=(f"r{i}", request_to_payload(request), keys))
+        llm.collective_rpc("cosmos3_admit", args=([(f"r{i}", request_to_payload(request), keys)],))
         admitted = time.perf_counter()
         step_times = []
         for _ in range(STEPS):
             begin = time.perf_counter()
             llm.collective_rpc("cosmos3_step")
             step_times.append(time.perf_counter() - begin)
-        llm.collective_rpc("cosmos3_take", args=(f"r{i}", False))
+        llm.collective_rpc("cosmos3_take", args=([f"r{i}"], False))
         if i:
             admits.append(admitted - start)
             first_steps.append(step_times[0])

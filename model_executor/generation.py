@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,14 +394,31 @@ class DiffusionExecutor:
                 request.width // vae.scale_factor_spatial)  # fmt: skip
 
     @torch.no_grad()
-    def admit(self, request_id: str, request: GenerationRequest, prompt_kvs: list[kv_export.PromptKV]) -> None:
-        """Add a request whose prompts (conditional, then unconditional with CFG) were prefilled as `prompt_kvs`."""
-        if request_id in self or len(prompt_kvs) != (2 if request.uses_cfg else 1):
-            raise ValueError(f"request {request_id!r}: already admitted, or wrong number of prompt K/V")
-        request.validate(self.config)
-        kvs = [kv.to(self.device) for kv in prompt_kvs]
-        self.active.append(self._initial_state(request_id, request, kvs))
+    @torch.no_grad()
+    def admit(self, entries: list[tuple[str, GenerationRequest, list[kv_export.PromptKV]]]) -> dict[str, str]:
+        """Add requests whose prompts (conditional, then unconditional with CFG) were prefilled as their prompt K/V.
+        Conditioning clips of the same shape go through the VAE encoder in one batch. Returns an error message per
+        request that could not be admitted (the others are admitted)."""
+        errors, admissible = {}, []
+        for request_id, request, prompt_kvs in entries:
+            try:
+                if request_id in self or len(prompt_kvs) != (2 if request.uses_cfg else 1):
+                    raise ValueError(f"request {request_id!r}: already admitted, or wrong number of prompt K/V")
+                request.validate(self.config)
+                admissible.append((request_id, request, [kv.to(self.device) for kv in prompt_kvs]))
+            except ValueError as exc:
+                errors[request_id] = str(exc)
+        clips = {request_id: self._conditioning_clip(request) for request_id, request, _ in admissible}
+        encoded = self._encode_by_shape({request_id: clip for request_id, (clip, _) in clips.items() if clip is not None})
+        clean = {request_id: latents[:, :, :, : clips[request_id][1][0], : clips[request_id][1][1]]
+                 for request_id, latents in encoded.items()}  # the content of an action canvas  # fmt: skip
+        for request_id, request, kvs in admissible:
+            try:
+                self.active.append(self._initial_state(request_id, request, kvs, clean.get(request_id)))
+            except ValueError as exc:
+                errors[request_id] = str(exc)
         self._packed = None
+        return errors
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request (in flight or finished); its K/V and latents are released. False if unknown."""
@@ -428,11 +446,19 @@ class DiffusionExecutor:
                 self._packed = None
         return progress
 
-    def take(self, request_id: str) -> GenerationOutput:
-        """The result of a finished request: video latents (normalised, as the reference) and / or actions."""
-        return self.finished.pop(request_id)
+    @torch.no_grad()
+    def take(self, request_ids: list[str], decode: bool) -> dict[str, GenerationOutput]:
+        """The results of finished requests, forgotten here: video latents (normalised, as the reference), or uint8
+        frames `[T, H, W, 3]` with `decode` (videos of the same shape decoded in one VAE batch), and / or actions."""
+        outputs = {request_id: self.finished.pop(request_id) for request_id in request_ids}
+        if decode:
+            frames = self._decode_by_shape({i: o.video for i, o in outputs.items() if o.video is not None})
+            outputs = {i: dataclasses.replace(o, video=frames.get(i)) for i, o in outputs.items()}
+        return outputs
 
-    def _initial_state(self, request_id: str, request: GenerationRequest, kvs: list[kv_export.PromptKV]) -> DenoisingState:
+    def _initial_state(self, request_id: str, request: GenerationRequest, kvs: list[kv_export.PromptKV],
+                       clean: torch.Tensor | None) -> DenoisingState:  # fmt: skip
+        """The request's state; `clean` holds the latents of its conditioning clip (`_conditioning_clip`), if any."""
         scheduler = scheduler_with_shift(self.scheduler, request.flow_shift)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
         problem = repeated_timesteps(scheduler, request.num_inference_steps)
@@ -443,9 +469,9 @@ class DiffusionExecutor:
         generator = torch.Generator().manual_seed(request.seed)
         actions = None
         if request.action_mode is None:
-            latents, mask = self._video_latents(request, generator)
+            latents, mask = self._video_latents(request, generator, clean)
         else:
-            latents, mask = self._action_clip_latents(request, generator)
+            latents, mask = self._action_clip_latents(request, generator, clean)
             actions = self._action_chunk(request, generator, copy.deepcopy(scheduler))
         patch = self.config.latent_patch_size
         grid = (latents.shape[2], -(-latents.shape[3] // patch), -(-latents.shape[4] // patch))
@@ -471,29 +497,40 @@ class DiffusionExecutor:
             actions=actions,
         )
 
-    def _video_latents(self, request: GenerationRequest, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _conditioning_clip(self, request: GenerationRequest) -> tuple[torch.Tensor | None, tuple[int, int]]:
+        """Pixels `[1, 3, T, H, W]` the VAE encodes for the request's clean frames (None without conditioning: the
+        reference encodes zeros there and uses none of it), and the (height, width) of the latents to keep: an
+        action canvas' content, without its padding."""
+        if request.action_mode is None:
+            shape = self.latent_shape(request)
+            if request.image is None and request.video is None:
+                return None, shape[3:]
+            return conditioning_clip(request.num_frames, request.height, request.width, request.image, request.video,
+                                     request.condition_frame_indexes), shape[3:]  # fmt: skip
+        clip, (content_h, content_w) = action_conditioning_clip(request.action_frames, request.action_chunk_size + 1,
+                                                                request.action_canvas)  # fmt: skip
+        spatial = self.vae.config.scale_factor_spatial
+        return clip, (max(content_h // spatial, 1), max(content_w // spatial, 1))
+
+    def _video_latents(
+        self, request: GenerationRequest, generator: torch.Generator, clean: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial latents `[1, C, T, H, W]` of a text / image / video -> image / video request, and its `[T]` mask of
         clean conditioning frames."""
         shape = self.latent_shape(request)
         mask = condition_mask(shape[2], request.image is not None, request.video is not None,
                               request.condition_frame_indexes).to(self.device)  # fmt: skip
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        if not mask.any():  # only conditioned requests need the VAE encoder (the reference encodes zeros otherwise)
+        if clean is None or not mask.any():
             return noise, mask
-        clean = self.encode(conditioning_clip(request.num_frames, request.height, request.width, request.image,
-                                              request.video, request.condition_frame_indexes))  # fmt: skip
         frame_mask = mask.view(-1, 1, 1)
         return frame_mask * clean + (1.0 - frame_mask) * noise, mask
 
     def _action_clip_latents(
-        self, request: GenerationRequest, generator: torch.Generator
+        self, request: GenerationRequest, generator: torch.Generator, clean: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Initial latents of an action mode's clip, cropped to its content (the canvas' padding is encoded, then
-        dropped): clean at the first latent frame (every frame in inverse dynamics), noise elsewhere."""
-        clip, (content_h, content_w) = action_conditioning_clip(request.action_frames, request.action_chunk_size + 1,
-                                                                request.action_canvas)  # fmt: skip
-        spatial = self.vae.config.scale_factor_spatial
-        clean = self.encode(clip)[:, :, :, : max(content_h // spatial, 1), : max(content_w // spatial, 1)]
+        """Initial latents of an action mode's clip (`clean`: its content's latents; the canvas' padding was encoded,
+        then dropped): clean at the first latent frame (every frame in inverse dynamics), noise elsewhere."""
         mask = torch.zeros(clean.shape[2], device=self.device)
         mask[: clean.shape[2] if request.action_mode == INVERSE_DYNAMICS else 1] = 1.0
         noise = randn_tensor(clean.shape, generator=generator, device=self.device, dtype=torch.float32)
@@ -516,14 +553,17 @@ class DiffusionExecutor:
         return ActionChunk(latents=latents, generated=generated, domain=EMBODIMENT_DOMAIN_IDS[request.action_domain],
                            raw_dim=raw_dim, scheduler=scheduler)  # fmt: skip
 
-    @torch.no_grad()
-    def encode(self, clip: torch.Tensor) -> torch.Tensor:
-        """Normalised latents of a `[1, 3, T, H, W]` clip in [-1, 1] (the VAE's distribution mode)."""
+    def _encode_by_shape(self, clips: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Normalised latents `[1, C, T', H', W']` of `[1, 3, T, H, W]` clips in [-1, 1] (the VAE's distribution
+        mode); clips of one shape share one encoder call."""
         vae = self.vae.config
         mean = torch.tensor(vae.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.latents_std, device=self.device).view(1, -1, 1, 1, 1)
-        raw = self.vae.encode(clip.to(self.device, self.vae.dtype)).latent_dist.mode()
-        return ((raw - mean) / std).float()
+        latents = {}
+        for ids, batch in _batches_by_shape(clips):
+            raw = self.vae.encode(batch.to(self.device, self.vae.dtype)).latent_dist.mode()
+            latents.update(zip(ids, ((raw - mean) / std).float().split(1)))
+        return latents
 
     def _packed_batch(self, active: list[DenoisingState]) -> PackedBatch:
         if self._packed is None:
@@ -567,15 +607,26 @@ class DiffusionExecutor:
                 action_offset += chunk * branches
             state.step += 1
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """uint8 frames `[T, H, W, 3]` from normalised latents."""
+    def _decode_by_shape(self, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """uint8 frames `[T, H, W, 3]` of normalised latents `[1, C, T', H', W']`; latents of one shape share one
+        decoder call."""
         vae = self.vae.config
-        mean = torch.tensor(vae.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
-        video = self.vae.decode(latents.to(self.vae.dtype) * std + mean).sample  # [1, 3, T, H, W] in [-1, 1]
-        frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return frames.permute(1, 2, 3, 0)
+        mean = torch.tensor(vae.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.latents_std, device=self.device).view(1, -1, 1, 1, 1)
+        frames = {}
+        for ids, batch in _batches_by_shape(latents):
+            video = self.vae.decode(batch.to(self.vae.dtype) * std + mean).sample  # [B, 3, T, H, W] in [-1, 1]
+            pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            frames.update(zip(ids, pixels.permute(0, 2, 3, 4, 1).unbind(0)))
+        return frames
+
+
+def _batches_by_shape(tensors: dict[str, torch.Tensor]) -> list[tuple[list[str], torch.Tensor]]:
+    """`[1, ...]` tensors grouped by shape: (their keys, the group concatenated on dim 0)."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for key, tensor in tensors.items():
+        groups.setdefault(tuple(tensor.shape), []).append(key)
+    return [(keys, torch.cat([tensors[key] for key in keys])) for keys in groups.values()]
 
 
 def _guided(request: GenerationRequest, branches: list[torch.Tensor]) -> torch.Tensor:

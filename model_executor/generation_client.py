@@ -142,10 +142,11 @@ class Cosmos3Generator:
             for request_id, done, total in progress:
                 if on_step is not None:
                     on_step(request_id, done, total)
-                if done == total:
-                    [payload] = self.llm.collective_rpc("cosmos3_take", args=(request_id, decode))[:1]
-                    results[request_id] = GenerationResult.from_payload(payload)
-                    pending.discard(request_id)
+            finished = [request_id for request_id, done, total in progress if done == total]
+            if finished:
+                [payloads] = self.llm.collective_rpc("cosmos3_take", args=(finished, decode))[:1]
+                results.update((i, GenerationResult.from_payload(payload)) for i, payload in payloads.items())
+                pending -= set(finished)
         return results
 
     def reason(self, request: GenerationRequest) -> list[int]:
@@ -176,5 +177,9 @@ class Cosmos3Generator:
                   for request_keys in keys.values() for key in request_keys]  # fmt: skip
         for output in self.llm.generate(inputs, params, use_tqdm=False):
             self.prompt_token_counts.add(len(output.prompt_token_ids), output.num_cached_tokens or 0)
-        for request_id, request in requests.items():
-            self.llm.collective_rpc("cosmos3_admit", args=(request_id, request_to_payload(request), keys[request_id]))
+        entries = [(request_id, request_to_payload(request), keys[request_id]) for request_id, request in requests.items()]
+        [errors] = self.llm.collective_rpc("cosmos3_admit", args=(entries,))[:1]
+        if errors:  # all or none: the batch's other requests leave too
+            for request_id in requests:
+                self.llm.collective_rpc("cosmos3_cancel", args=(request_id,))
+            raise ValueError("; ".join(errors.values()))

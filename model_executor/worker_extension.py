@@ -92,10 +92,12 @@ class Cosmos3WorkerExtension:
         return {"dtype": str(executor.dtype).removeprefix("torch."), "device": str(executor.device),
                 "generator_parameters": sum(p.numel() for p in executor.tower.parameters())}  # fmt: skip
 
-    def cosmos3_admit(self, request_id: str, request: dict[str, Any], export_keys: list[str]) -> None:
-        """Admit a request whose prompts were prefilled as generation contexts under `export_keys`."""
-        prompt_kvs = [kv_export.PROMPT_KV_STORE.take(key) for key in export_keys]
-        self.cosmos3_executor.admit(request_id, request_from_payload(request), prompt_kvs)
+    def cosmos3_admit(self, entries: list[tuple[str, dict[str, Any], list[str]]]) -> dict[str, str]:
+        """Admit requests `(request id, request payload, export keys of its prompts)` together (their conditioning
+        clips share VAE batches); an error message per request that could not be admitted."""
+        store = kv_export.PROMPT_KV_STORE
+        return self.cosmos3_executor.admit([(request_id, request_from_payload(payload), [store.take(k) for k in keys])
+                                            for request_id, payload, keys in entries])  # fmt: skip
 
     def cosmos3_step(self) -> list[tuple[str, int, int]]:
         """One denoising step of every request in flight: (request id, steps done, total steps)."""
@@ -104,18 +106,16 @@ class Cosmos3WorkerExtension:
     def cosmos3_cancel(self, request_id: str) -> bool:
         return self.cosmos3_executor.cancel(request_id)
 
-    def cosmos3_take(self, request_id: str, decode: bool) -> dict[str, Any] | None:
-        """A finished request's result, forgotten here: {"video": uint8 frames `[T, H, W, 3]` if `decode`, else
-        latents; "actions": `[chunk, raw_action_dim]`}, each a tensor payload or None where its mode makes none."""
-        executor = self.cosmos3_executor
-        output = executor.take(request_id)
+    def cosmos3_take(self, request_ids: list[str], decode: bool) -> dict[str, dict[str, Any]] | None:
+        """Finished requests' results, forgotten here: per id {"video": uint8 frames `[T, H, W, 3]` if `decode`
+        (one VAE batch per shape), else latents; "actions": `[chunk, raw_action_dim]`}, each a tensor payload or
+        None where its mode makes none."""
+        outputs = self.cosmos3_executor.take(request_ids, decode)
         if self.rank != 0:
             return None
-        video = output.video
-        if video is not None and decode:
-            video = executor.decode(video)
-        return {"video": None if video is None else tensor_to_payload(video),
-                "actions": None if output.actions is None else tensor_to_payload(output.actions)}  # fmt: skip
+        return {request_id: {"video": None if out.video is None else tensor_to_payload(out.video),
+                             "actions": None if out.actions is None else tensor_to_payload(out.actions)}
+                for request_id, out in outputs.items()}  # fmt: skip
 
     def cosmos3_forget_exports(self, export_keys: list[str]) -> None:
         """Drop exported prompt K/V that will not be admitted (the request was cancelled during its prefill)."""

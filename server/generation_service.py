@@ -120,6 +120,7 @@ class GenerationService:
         self.ready = False
         self.generator_info: dict[str, Any] = {}
         self._admitted: dict[str, Job] = {}  # in the executor's batch
+        self._admissions: list[tuple[Job, list[str]]] = []  # prefilled, waiting for the step loop to admit them
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
@@ -186,23 +187,43 @@ class GenerationService:
     # ---- admission: prompts through the reasoner once ---------------------------------------------------
 
     async def _admit(self, job: Job) -> None:
+        """Prefill the job's prompts, then queue it for the step loop, which admits what has queued in one call."""
         try:
             reasoning = await self._reason(job) if job.request.reason_first else None
             prompts = self.prompts.context(job.request, reasoning)
             keys = new_export_keys(len(prompts))
             await asyncio.gather(*(self._prefill(ids, key) for ids, key in zip(prompts, keys)))
-            if job.status.final:  # cancelled while its prompts were prefilled
-                await self._rpc("cosmos3_forget_exports", keys)
-                return
-            await self._rpc("cosmos3_admit", job.id, request_to_payload(job.request), keys)
         except Exception as exc:  # noqa: BLE001 - a failed job must not take the service down
             self._finish(job, JobStatus.FAILED, error=f"admission failed: {exc}")
             return
-        metrics.QUEUE_DEPTH.dec()
-        job.status = JobStatus.RUNNING
-        self._admitted[job.id] = job
-        job.publish()
+        self._admissions.append((job, keys))
         self._wake.set()
+
+    async def _admit_queued(self) -> None:
+        """Admit every prefilled job in one call (their conditioning clips share VAE batches in the worker)."""
+        queued, self._admissions = self._admissions, []
+        cancelled = [keys for job, keys in queued if job.status.final]  # cancelled while their prompts prefilled
+        if cancelled:
+            await self._rpc("cosmos3_forget_exports", [key for keys in cancelled for key in keys])
+        jobs = {job.id: job for job, _ in queued if not job.status.final}
+        if not jobs:
+            return
+        entries = [(job.id, request_to_payload(job.request), keys) for job, keys in queued if job.id in jobs]
+        try:
+            errors = await self._rpc("cosmos3_admit", entries)
+        except Exception as exc:  # noqa: BLE001
+            errors = {job_id: str(exc) for job_id in jobs}
+        for job in jobs.values():
+            if job.id in errors:
+                self._finish(job, JobStatus.FAILED, error=f"admission failed: {errors[job.id]}")
+                continue
+            if job.status.final:  # cancelled during the call
+                await self._rpc("cosmos3_cancel", job.id)
+                continue
+            metrics.QUEUE_DEPTH.dec()
+            job.status = JobStatus.RUNNING
+            self._admitted[job.id] = job
+            job.publish()
 
     async def _prefill(self, prompt_token_ids: list[int], key: str) -> None:
         from vllm import SamplingParams
@@ -230,9 +251,12 @@ class GenerationService:
 
     async def _step_loop(self) -> None:
         while True:
+            if self._admissions:
+                await self._admit_queued()
             if not self._admitted:
                 self._wake.clear()
-                await self._wake.wait()
+                if not self._admissions:
+                    await self._wake.wait()
                 continue
             started = time.perf_counter()
             metrics.BATCH_SIZE.observe(len(self._admitted))
@@ -243,6 +267,7 @@ class GenerationService:
                     await self._drop(job, error=f"denoising failed: {exc}")
                 continue
             metrics.STEP_SECONDS.observe(time.perf_counter() - started)
+            finished = []
             for job_id, done, total in progress:
                 job = self._admitted.get(job_id)
                 if job is None:
@@ -250,12 +275,21 @@ class GenerationService:
                 job.steps_done = done
                 job.publish()
                 if done == total:
-                    del self._admitted[job_id]
-                    self._spawn(self._collect(job))
+                    finished.append(self._admitted.pop(job_id))
+            if finished:
+                self._spawn(self._collect(finished))
 
-    async def _collect(self, job: Job) -> None:
+    async def _collect(self, jobs: list[Job]) -> None:
+        """Take the jobs that finished in one step in one call (videos of a shape decode in one VAE batch), then
+        encode each off the event loop."""
         try:
-            result = GenerationResult.from_payload(await self._rpc("cosmos3_take", job.id, True))
+            payloads = await self._rpc("cosmos3_take", [job.id for job in jobs], True)
+        except Exception as exc:  # noqa: BLE001
+            for job in jobs:
+                self._finish(job, JobStatus.FAILED, error=f"decoding failed: {exc}")
+            return
+        for job in jobs:
+            result = GenerationResult.from_payload(payloads[job.id])
             content, media_type = None, None
             if result.video is not None:
                 frames = result.video.numpy()
@@ -263,12 +297,9 @@ class GenerationService:
                     content, media_type = await asyncio.to_thread(png_bytes, frames[0]), "image/png"
                 else:
                     content, media_type = await asyncio.to_thread(mp4_bytes, frames, job.request.fps), "video/mp4"
-        except Exception as exc:  # noqa: BLE001
-            self._finish(job, JobStatus.FAILED, error=f"decoding failed: {exc}")
-            return
-        actions = None if result.actions is None else result.actions.tolist()
-        job.output = JobOutput(content=content, media_type=media_type, seed=job.request.seed, actions=actions)
-        self._finish(job, JobStatus.SUCCEEDED)
+            actions = None if result.actions is None else result.actions.tolist()
+            job.output = JobOutput(content=content, media_type=media_type, seed=job.request.seed, actions=actions)
+            self._finish(job, JobStatus.SUCCEEDED)
 
     async def _drop(self, job: Job, error: str) -> None:
         self._admitted.pop(job.id, None)
@@ -279,6 +310,8 @@ class GenerationService:
         self._finish(job, JobStatus.FAILED, error=error)
 
     def _finish(self, job: Job, status: JobStatus, error: str | None = None) -> None:
+        if job.status.final:  # e.g. cancelled before its admission failed
+            return
         if job.status is JobStatus.QUEUED:
             metrics.QUEUE_DEPTH.dec()
         job.status, job.error, job.finished_at = status, error, time.time()

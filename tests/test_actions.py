@@ -107,7 +107,8 @@ def test_action_requests_batch_with_any_other(generator) -> None:
         for name in ("video", "actions"):
             mixed, single = getattr(together[request_id], name), getattr(alone, name)
             assert (mixed is None) == (single is None), (request_id, name)
-            assert mixed is None or (mixed - single).abs().max() <= 1e-5, (request_id, name)
+            # Clips of one shape share a VAE encoder batch: float rounding differs by ~1e-5, leakage would not.
+            assert mixed is None or (mixed - single).abs().max() <= 1e-4, (request_id, name)
 
 
 @pytest.mark.parametrize("view_point", ["ego_view", "wrist_view", None])

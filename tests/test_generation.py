@@ -207,14 +207,14 @@ def test_distilled_checkpoint_uses_its_euler_scheduler(tmp_path: Path, vllm_reas
     vllm_reasoner.generate([{"prompt_token_ids": ids} for ids in prompts],
                            [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(k)) for k in keys],
                            use_tqdm=False)  # fmt: skip
-    executor.admit("distilled", request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys])
+    assert executor.admit([("distilled", request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys])]) == {}
     while "distilled" not in executor.finished:
         executor.step()
     reference = load_diffusers_pipeline(checkpoint)(
         PROMPT, negative_prompt=NEGATIVE, num_frames=1, height=32, width=64, num_inference_steps=4,
         generator=torch.Generator().manual_seed(4), output_type="latent",
     ).video  # fmt: skip
-    assert (executor.take("distilled").video - reference).abs().max() <= LATENT_ATOL
+    assert (executor.take(["distilled"], decode=False)["distilled"].video - reference).abs().max() <= LATENT_ATOL
 
 
 def executor_tokenizer(checkpoint: Path):
