@@ -71,7 +71,7 @@ def workloads(args: argparse.Namespace) -> dict[str, Workload]:
     policy = {"mode": "policy", "prompt": PROMPT, "image": frame_b64, "action_domain": args.policy_domain,
               "action_chunk_size": POLICY_CHUNK, "action_resolution_tier": POLICY_TIER,
               "num_inference_steps": args.policy_steps}  # fmt: skip
-    return {
+    works = {
         "latency_image": image(args.latency_steps),
         "latency_video": Workload(f"text2video {video_w}x{video_h}x{video_frames}, {args.latency_steps} steps",
                                   "/v1/video/generate", {"prompt": PROMPT, **video}, video),
@@ -80,6 +80,8 @@ def workloads(args: argparse.Namespace) -> dict[str, Workload]:
                            f"{args.policy_steps} steps", "/v1/video/generate", policy,
                            {"num_inference_steps": args.policy_steps}),
     }
+    parts = {"latency": ("latency_image", "latency_video"), "image": ("image",), "policy": ("policy",)}
+    return {key: works[key] for part in args.parts for key in parts[part]}
 
 
 def summary(latencies: list[float], wall_s: float) -> dict:
@@ -155,9 +157,9 @@ async def measure_server(base_url: str, works: dict[str, Workload], args: argpar
         for work in works.values():  # warm-up: first calls of each shape (kernels' heuristics, VAE)
             await timed_post(client, work, seed=1000, steps=WARMUP_STEPS)
         result = {"latency": {}, "concurrency": {}}
-        for key in ("latency_image", "latency_video"):
+        for key in [key for key in ("latency_image", "latency_video") if key in works]:
             result["latency"][key] = await one_at_a_time(client, works[key], args.repeats)
-        for key in ("image", "policy"):
+        for key in [key for key in ("image", "policy") if key in works]:
             rows = {"one_at_a_time": await one_at_a_time(client, works[key], args.sequential)}
             for n in args.concurrency:
                 rows[f"together_{n}"] = await together(client, works[key], n)
@@ -203,7 +205,7 @@ def measure_diffusers(checkpoint: Path, works: dict[str, Workload], args: argpar
                                    resolution_tier=POLICY_TIER, image=first_frame(), view_point="ego_view")  # fmt: skip
 
     def run(work: Workload, seed: int, steps: int | None = None) -> float:
-        kwargs = dict(work.pipeline_kwargs, action=policy) if work is works["policy"] else dict(work.pipeline_kwargs)
+        kwargs = dict(work.pipeline_kwargs, action=policy) if work is works.get("policy") else dict(work.pipeline_kwargs)
         if steps is not None:
             kwargs["num_inference_steps"] = steps
         start = time.perf_counter()
@@ -243,10 +245,10 @@ def print_report(report: dict) -> None:
           f"{report['server_ready_s']:.0f} s)")  # fmt: skip
     print(f"\nend-to-end latency, one request at a time (median of {report['args']['repeats']})")
     print(f"{'request':44}{'cosmos3-serve HTTP':>20}{'diffusers pipeline':>20}")
-    for key in ("latency_image", "latency_video"):
+    for key in [key for key in ("latency_image", "latency_video") if key in works]:
         print(f"{works[key]:44}{statistics.median(server['latency'][key]['latencies_s']):20.3f}"
               f"{statistics.median(ref[key]['latencies_s']):20.3f}")  # fmt: skip
-    for key in ("image", "policy"):
+    for key in [key for key in ("image", "policy") if key in works]:
         rows = server["concurrency"][key]
         print(f"\n{works[key]}")
         print(f"{'':28}{'p50 s':>9}{'p95 s':>9}{'req/s':>9}{'p50 / single':>14}")
@@ -275,6 +277,8 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=4, help="requests of the one-at-a-time baselines")
     parser.add_argument("--repeats", type=int, default=2, help="requests of each latency measurement")
     parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--parts", type=lambda s: s.split(","), default=["latency", "image", "policy"],
+                        help="comma-separated subset of latency, image, policy")
     args = parser.parse_args()
 
     works = workloads(args)

@@ -100,6 +100,19 @@ class Job:
             self._events.remove(queue)
 
 
+def job_output(job: Job, result: GenerationResult) -> JobOutput:
+    """The job's result as the API returns it: PNG for one frame, H.264 MP4 at the request's fps, actions."""
+    content, media_type = None, None
+    if result.video is not None:
+        frames = result.video.numpy()
+        if frames.shape[0] == 1:
+            content, media_type = png_bytes(frames[0]), "image/png"
+        else:
+            content, media_type = mp4_bytes(frames, job.request.fps), "video/mp4"
+    actions = None if result.actions is None else result.actions.tolist()
+    return JobOutput(content=content, media_type=media_type, seed=job.request.seed, actions=actions)
+
+
 class Overloaded(Exception):
     """Too many jobs waiting or running; the client should retry after `retry_after_s`."""
 
@@ -288,17 +301,13 @@ class GenerationService:
             for job in jobs:
                 self._finish(job, JobStatus.FAILED, error=f"decoding failed: {exc}")
             return
-        for job in jobs:
-            result = GenerationResult.from_payload(payloads[job.id])
-            content, media_type = None, None
-            if result.video is not None:
-                frames = result.video.numpy()
-                if frames.shape[0] == 1:
-                    content, media_type = await asyncio.to_thread(png_bytes, frames[0]), "image/png"
-                else:
-                    content, media_type = await asyncio.to_thread(mp4_bytes, frames, job.request.fps), "video/mp4"
-            actions = None if result.actions is None else result.actions.tolist()
-            job.output = JobOutput(content=content, media_type=media_type, seed=job.request.seed, actions=actions)
+        encodings = [asyncio.to_thread(job_output, job, GenerationResult.from_payload(payloads[job.id])) for job in jobs]
+        outputs = await asyncio.gather(*encodings, return_exceptions=True)  # the encoders release the GIL
+        for job, output in zip(jobs, outputs):
+            if isinstance(output, Exception):
+                self._finish(job, JobStatus.FAILED, error=f"encoding failed: {output}")
+                continue
+            job.output = output
             self._finish(job, JobStatus.SUCCEEDED)
 
     async def _drop(self, job: Job, error: str) -> None:
