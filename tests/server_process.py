@@ -50,7 +50,7 @@ class ServerProcess:
                 status = None
             if status == 200 and (then_output is None or then_output in self.output):
                 return
-            time.sleep(0.1)
+            time.sleep(0.02)  # short: the test of readiness looks for the window while the generator warms up
         raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.output[-5000:]}")
 
     def stop(self) -> None:
