@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -55,24 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         print("error: give a checkpoint directory (or set NIM_MODEL_PATH)", file=sys.stderr)
         return 2
-    return serve(
-        ServeOptions(
-            checkpoint=Path(args.checkpoint),
-            host=args.host,
-            port=args.port,
-            precision=args.precision,
-            tensor_parallel_size=args.tensor_parallel_size,
-            max_model_len=args.max_model_len,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            api_key=args.api_key,
-            served_model_name=args.served_model_name,
-            video_pruning_rate=args.video_pruning_rate,
-            video_pruning_method=args.video_pruning_method,
-            max_request_bytes=args.max_request_bytes,
-            max_generation_jobs=args.max_generation_jobs,
-            load_format=args.load_format,
-        )
-    )
+    fields = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServeOptions)}
+    return serve(ServeOptions(**{**fields, "checkpoint": Path(args.checkpoint)}))
 
 
 def _env(name: str, default=None, kind=str):
