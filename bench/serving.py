@@ -24,6 +24,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,8 @@ class Server:
         command = [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", args.checkpoint, "--precision", "bf16",
                    "--load-format", "dummy", "--gpu-memory-utilization", str(args.gpu_memory_utilization),
                    "--max-model-len", "4096", "--port", str(args.port)]  # fmt: skip
+        if args.max_generation_batch_tokens is not None:
+            command += ["--max-generation-batch-tokens", str(args.max_generation_batch_tokens)]
         self.base_url = f"http://127.0.0.1:{args.port}"
         self.log = open(args.server_log, "w")  # noqa: SIM115 - open for the server's lifetime
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
@@ -141,15 +144,38 @@ async def timed_post(client: httpx.AsyncClient, work: Workload, seed: int, steps
     return time.perf_counter() - start
 
 
+PHASE_SERIES = re.compile(r'^cosmos3_generation_phase_seconds_(sum|count)\{mode="[^"]*",phase="([a-z]+)"\} (\S+)$')
+
+
+async def phase_totals(client: httpx.AsyncClient) -> dict[tuple[str, str], float]:
+    """(sum | count, phase) -> the server's running total over all modes (`cosmos3_generation_phase_seconds`)."""
+    totals: dict[tuple[str, str], float] = {}
+    for line in (await client.get("/v1/metrics")).text.splitlines():
+        match = PHASE_SERIES.match(line)
+        if match:
+            key = (match.group(1), match.group(2))
+            totals[key] = totals.get(key, 0.0) + float(match.group(3))
+    return totals
+
+
+def mean_phases(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> dict[str, float]:
+    """Mean seconds per job of each phase between two `phase_totals`."""
+    phases = {phase for kind, phase in after if kind == "sum"}
+    return {phase: (after[("sum", phase)] - before.get(("sum", phase), 0.0))
+            / max(after[("count", phase)] - before.get(("count", phase), 0.0), 1.0) for phase in sorted(phases)}  # fmt: skip
+
+
 async def together(client: httpx.AsyncClient, work: Workload, n: int) -> dict:
-    start = time.perf_counter()
+    before, start = await phase_totals(client), time.perf_counter()
     latencies = await asyncio.gather(*(timed_post(client, work, seed) for seed in range(n)))
-    return summary(list(latencies), time.perf_counter() - start)
+    row = summary(list(latencies), time.perf_counter() - start)
+    return {**row, "phases": mean_phases(before, await phase_totals(client))}
 
 
 async def one_at_a_time(client: httpx.AsyncClient, work: Workload, n: int) -> dict:
+    before = await phase_totals(client)
     latencies = [await timed_post(client, work, seed) for seed in range(n)]
-    return summary(latencies, sum(latencies))
+    return {**summary(latencies, sum(latencies)), "phases": mean_phases(before, await phase_totals(client))}
 
 
 async def measure_server(base_url: str, works: dict[str, Workload], args: argparse.Namespace) -> dict:
@@ -251,13 +277,16 @@ def print_report(report: dict) -> None:
     for key in [key for key in ("image", "policy") if key in works]:
         rows = server["concurrency"][key]
         print(f"\n{works[key]}")
-        print(f"{'':28}{'p50 s':>9}{'p95 s':>9}{'req/s':>9}{'p50 / single':>14}")
+        phases = ("prefill", "queue", "denoise", "decode", "encode")
+        print(f"{'':28}{'p50 s':>9}{'p95 s':>9}{'req/s':>9}{'p50 / single':>14}   mean s per job: "
+              + " ".join(f"{phase:>8}" for phase in phases))  # fmt: skip
         single = rows["one_at_a_time"]["p50_s"]
         for label, row in [("diffusers, one at a time", ref[key]), *[
                 (("cosmos3-serve, one at a time" if name == "one_at_a_time" else
                   f"cosmos3-serve, {name.split('_')[1]} together"), row) for name, row in rows.items()]]:  # fmt: skip
+            split = " ".join(f"{row['phases'].get(phase, 0.0):8.3f}" for phase in phases) if "phases" in row else ""
             print(f"{label:28}{row['p50_s']:9.3f}{row['p95_s']:9.3f}{row['throughput_per_s']:9.3f}"
-                  f"{row['p50_s'] / single:14.2f}")  # fmt: skip
+                  f"{row['p50_s'] / single:14.2f}{'':19}{split}")  # fmt: skip
 
 
 def main() -> int:
@@ -277,6 +306,8 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=4, help="requests of the one-at-a-time baselines")
     parser.add_argument("--repeats", type=int, default=2, help="requests of each latency measurement")
     parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--max-generation-batch-tokens", type=int, default=None,
+                        help="the server's step token budget (default: the server's default)")
     parser.add_argument("--parts", type=lambda s: s.split(","), default=["latency", "image", "policy"],
                         help="comma-separated subset of latency, image, policy")
     args = parser.parse_args()

@@ -55,6 +55,11 @@ from cosmos3_serve.sampling.conditioning import (
 from cosmos3_serve.sampling.prompts import PromptSpec
 
 
+# Generator tokens per denoising step (`DiffusionExecutor.next_batch`); on an H100 / H200 a step of the Nano tower
+# is compute-bound from about 1,000 tokens on (docs/benchmarks.md).
+DEFAULT_MAX_BATCH_TOKENS = 4096
+
+
 @dataclass(frozen=True, eq=False)
 class GenerationRequest:
     prompt: str
@@ -291,6 +296,29 @@ def unpatchify(tokens: torch.Tensor, shape_cthw: tuple[int, int, int, int], patc
 
 
 @dataclass
+class ConditioningClip:
+    """Pixels the VAE encodes for a request's clean latent frames.
+
+    The VAE is causal in time (its first latent frame sees the first pixel frame, each later one four more), so
+    clean frames that lead the clip need only the pixel frames up to the last of them: an image-conditioned video
+    or a policy request encodes one frame, not the whole clip; the rest of the latents are noise anyway."""
+
+    pixels: torch.Tensor  # [1, 3, T, H, W] in [-1, 1], T = 1 + temporal * (encoded latent frames - 1)
+    latent_frames: int  # latent frames of the whole clip
+    content_hw: tuple[int, int]  # latent (height, width) to keep: an action canvas' content, without its padding
+    temporal: int  # the VAE's temporal compression
+
+    def prefix(self, clean_frames: int) -> ConditioningClip:
+        """The clip cut to the pixel frames that its first `clean_frames` latent frames see."""
+        return dataclasses.replace(self, pixels=self.pixels[:, :, : 1 + self.temporal * (clean_frames - 1)])
+
+    def latents(self, encoded: torch.Tensor) -> torch.Tensor:
+        """`[1, C, latent_frames, h, w]` of the encoded prefix: the content kept, zeros after the encoded frames."""
+        content = encoded[:, :, :, : self.content_hw[0], : self.content_hw[1]]
+        return F.pad(content, (0, 0, 0, 0, 0, self.latent_frames - content.shape[2]))
+
+
+@dataclass
 class GenerationOutput:
     """A finished request's result, as the reference pipeline returns it."""
 
@@ -336,6 +364,11 @@ class DenoisingState:
     def finished(self) -> bool:
         return self.step >= len(self.timesteps)
 
+    @property
+    def num_tokens(self) -> int:
+        """Generator tokens of one step: all its sequences'."""
+        return sum(seq.num_tokens for seq in self.sequences)
+
     def output(self) -> GenerationOutput:
         """No video in inverse dynamics; the generated actions, cropped to the embodiment's width."""
         video = None if self.request.action_mode == INVERSE_DYNAMICS else self.latents
@@ -354,7 +387,8 @@ class DiffusionExecutor:
     `finished` until the driver takes it. The driver (`generation_client`) talks to it through
     `worker_extension.Cosmos3WorkerExtension`."""
 
-    def __init__(self, checkpoint: str | Path, vllm_config, device: torch.device):
+    def __init__(self, checkpoint: str | Path, vllm_config, device: torch.device,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):  # fmt: skip
         from vllm.config import CompilationConfig, set_current_vllm_config
         from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
@@ -385,7 +419,8 @@ class DiffusionExecutor:
         self.scheduler = load_scheduler(checkpoint)
         self.active: list[DenoisingState] = []
         self.finished: dict[str, GenerationOutput] = {}  # request id -> result, until taken
-        self._packed: PackedBatch | None = None  # layout of `active`, rebuilt when membership changes
+        self.max_batch_tokens = max_batch_tokens
+        self._packed: tuple[list[DenoisingState], PackedBatch] | None = None  # the last batch and its layout
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
         vae = self.vae.config
@@ -393,7 +428,6 @@ class DiffusionExecutor:
         return (1, vae.z_dim, latent_t, request.height // vae.scale_factor_spatial,
                 request.width // vae.scale_factor_spatial)  # fmt: skip
 
-    @torch.no_grad()
     @torch.no_grad()
     def admit(self, entries: list[tuple[str, GenerationRequest, list[kv_export.PromptKV]]]) -> dict[str, str]:
         """Add requests whose prompts (conditional, then unconditional with CFG) were prefilled as their prompt K/V.
@@ -409,15 +443,13 @@ class DiffusionExecutor:
             except ValueError as exc:
                 errors[request_id] = str(exc)
         clips = {request_id: self._conditioning_clip(request) for request_id, request, _ in admissible}
-        encoded = self._encode_by_shape({request_id: clip for request_id, (clip, _) in clips.items() if clip is not None})
-        clean = {request_id: latents[:, :, :, : clips[request_id][1][0], : clips[request_id][1][1]]
-                 for request_id, latents in encoded.items()}  # the content of an action canvas  # fmt: skip
+        encoded = self._encode_by_shape({i: clip.pixels for i, clip in clips.items() if clip is not None})
+        clean = {request_id: clips[request_id].latents(latents) for request_id, latents in encoded.items()}
         for request_id, request, kvs in admissible:
             try:
                 self.active.append(self._initial_state(request_id, request, kvs, clean.get(request_id)))
             except ValueError as exc:
                 errors[request_id] = str(exc)
-        self._packed = None
         return errors
 
     def cancel(self, request_id: str) -> bool:
@@ -425,26 +457,45 @@ class DiffusionExecutor:
         found = [state for state in self.active if state.request_id == request_id]
         for state in found:
             self.active.remove(state)
-            self._packed = None
         return bool(found) or self.finished.pop(request_id, None) is not None
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on the executor's device."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.finished or any(state.request_id == request_id for state in self.active)
 
     @torch.no_grad()
     def step(self) -> list[tuple[str, int, int]]:
-        """One packed forward and scheduler step for every request in flight: (request id, steps done, total)."""
-        if not self.active:
+        """One packed forward and scheduler step for the next batch (`next_batch`): (request id, steps done, total)
+        of each request in it."""
+        batch = self.next_batch()
+        if not batch:
             return []
-        self._step(self.active)
+        self._step(batch)
         progress = []
-        for state in list(self.active):
+        for state in batch:
             progress.append((state.request_id, state.step, len(state.timesteps)))
             if state.finished:
                 self.active.remove(state)
                 self.finished[state.request_id] = state.output()
-                self._packed = None
         return progress
+
+    def next_batch(self) -> list[DenoisingState]:
+        """The requests in flight, in arrival order, up to `max_batch_tokens` generator tokens (at least one).
+
+        Beyond a few thousand tokens a step's GEMMs run at their peak: a bigger batch only makes every request in it
+        wait for the others' work (the throughput stays), so later arrivals wait for a place in the batch instead.
+        """
+        batch, tokens = [], 0
+        for state in self.active:
+            if batch and tokens + state.num_tokens > self.max_batch_tokens:
+                break
+            batch.append(state)
+            tokens += state.num_tokens
+        return batch
 
     @torch.no_grad()
     def take(self, request_ids: list[str], decode: bool) -> dict[str, GenerationOutput]:
@@ -497,20 +548,26 @@ class DiffusionExecutor:
             actions=actions,
         )
 
-    def _conditioning_clip(self, request: GenerationRequest) -> tuple[torch.Tensor | None, tuple[int, int]]:
-        """Pixels `[1, 3, T, H, W]` the VAE encodes for the request's clean frames (None without conditioning: the
-        reference encodes zeros there and uses none of it), and the (height, width) of the latents to keep: an
-        action canvas' content, without its padding."""
+    def _conditioning_clip(self, request: GenerationRequest) -> ConditioningClip | None:
+        """What the VAE encodes for the request's clean latent frames; None when it has none (the reference encodes
+        zeros there and uses none of it)."""
+        temporal, spatial = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
         if request.action_mode is None:
             shape = self.latent_shape(request)
-            if request.image is None and request.video is None:
-                return None, shape[3:]
-            return conditioning_clip(request.num_frames, request.height, request.width, request.image, request.video,
-                                     request.condition_frame_indexes), shape[3:]  # fmt: skip
-        clip, (content_h, content_w) = action_conditioning_clip(request.action_frames, request.action_chunk_size + 1,
-                                                                request.action_canvas)  # fmt: skip
-        spatial = self.vae.config.scale_factor_spatial
-        return clip, (max(content_h // spatial, 1), max(content_w // spatial, 1))
+            mask = condition_mask(shape[2], request.image is not None, request.video is not None,
+                                  request.condition_frame_indexes)  # fmt: skip
+            if not mask.any():
+                return None
+            pixels = conditioning_clip(request.num_frames, request.height, request.width, request.image, request.video,
+                                       request.condition_frame_indexes)  # fmt: skip
+            clean_frames = int(mask.nonzero().max()) + 1
+            return ConditioningClip(pixels, shape[2], shape[3:], temporal).prefix(clean_frames)
+        pixels, (content_h, content_w) = action_conditioning_clip(request.action_frames, request.action_chunk_size + 1,
+                                                                  request.action_canvas)  # fmt: skip
+        latent_frames = (pixels.shape[2] - 1) // temporal + 1
+        clip = ConditioningClip(pixels, latent_frames, (max(content_h // spatial, 1), max(content_w // spatial, 1)),
+                                temporal)  # fmt: skip
+        return clip if request.action_mode == INVERSE_DYNAMICS else clip.prefix(1)  # clean: every frame / the first
 
     def _video_latents(
         self, request: GenerationRequest, generator: torch.Generator, clean: torch.Tensor | None
@@ -566,11 +623,14 @@ class DiffusionExecutor:
         return latents
 
     def _packed_batch(self, active: list[DenoisingState]) -> PackedBatch:
-        if self._packed is None:
+        """The batch's layout, rebuilt only when its membership changed since the last step."""
+        if self._packed is None or len(self._packed[0]) != len(active) or any(
+            a is not b for a, b in zip(self._packed[0], active)
+        ):
             positions = torch.cat([state.positions_3n for state in active], dim=1)
             sequences = [seq for state in active for seq in state.sequences]
-            self._packed = self.tower.pack(positions, sequences)
-        return self._packed
+            self._packed = (list(active), self.tower.pack(positions, sequences))
+        return self._packed[1]
 
     def _step(self, active: list[DenoisingState]) -> None:
         """One packed generator forward for every sequence of every active request, then each request's step."""

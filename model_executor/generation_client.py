@@ -3,8 +3,8 @@
 A request's prompts (conditional and, with classifier-free guidance, unconditional) go through the reasoner
 once, as generation contexts: vLLM prefills them (its prefix cache serves shared system / negative prompts)
 and the K/V export connector leaves their K/V in the worker, where `worker_extension` admits them into the
-diffusion executor. From then on only the generator runs: one `cosmos3_step` call per denoising step for all
-requests in flight.
+diffusion executor. From then on only the generator runs: one `cosmos3_tick` call per denoising step, which also
+admits the requests that arrived and returns those that finished.
 
 `Cosmos3Generator` drives a synchronous `vllm.LLM` (the CLI and tests); the server's asynchronous driver
 shares `GenerationPrompts`.
@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -123,30 +124,32 @@ class Cosmos3Generator:
         their modes, resolutions, frame counts, step counts and CFG. `incoming()`, asked at every step boundary,
         admits new requests into the running batch. Returns a result per id (videos as latents, or uint8 frames
         with `decode`), None when cancelled."""
-        self._admit(requests)
+        admit = self._prefill(requests)
         pending = set(requests)
         results: dict[str, GenerationResult | None] = {}
         while pending:
             arrived = incoming() if incoming is not None else {}
             if arrived:
-                self._admit(arrived)
+                admit += self._prefill(arrived)
                 pending |= set(arrived)
-            for request_id in self._cancelled & pending:
-                self.llm.collective_rpc("cosmos3_cancel", args=(request_id,))
-                pending.discard(request_id)
-                results[request_id] = None
+            cancel = sorted(self._cancelled & pending)
+            results.update((request_id, None) for request_id in cancel)
+            pending -= set(cancel)
             self._cancelled -= set(results)
             if not pending:
+                if cancel:
+                    self.llm.collective_rpc("cosmos3_tick", args=([], cancel))
                 break
-            [progress] = self.llm.collective_rpc("cosmos3_step")[:1]
-            for request_id, done, total in progress:
+            [tick] = self.llm.collective_rpc("cosmos3_tick", args=(admit, cancel, [], decode))[:1]
+            admit = []
+            if tick["errors"]:  # all or none: the batch's other requests leave too
+                self.llm.collective_rpc("cosmos3_tick", args=([], sorted(pending)))
+                raise ValueError("; ".join(tick["errors"].values()))
+            for request_id, done, total in tick["progress"]:
                 if on_step is not None:
                     on_step(request_id, done, total)
-            finished = [request_id for request_id, done, total in progress if done == total]
-            if finished:
-                [payloads] = self.llm.collective_rpc("cosmos3_take", args=(finished, decode))[:1]
-                results.update((i, GenerationResult.from_payload(payload)) for i, payload in payloads.items())
-                pending -= set(finished)
+            results.update((i, GenerationResult.from_payload(payload)) for i, payload in tick["results"].items())
+            pending -= set(tick["results"])
         return results
 
     def reason(self, request: GenerationRequest) -> list[int]:
@@ -162,9 +165,9 @@ class Cosmos3Generator:
                                      use_tqdm=False)  # fmt: skip
         return self.prompts.answer(list(output.outputs[0].token_ids))
 
-    def _admit(self, requests: dict[str, GenerationRequest]) -> None:
-        """Prefill every request's prompts in one batch as generation contexts, then admit each request. Invalid
-        requests are refused (ValueError naming the field) before anything runs."""
+    def _prefill(self, requests: dict[str, GenerationRequest]) -> list[tuple[str, dict[str, Any], list[str]]]:
+        """Prefill every request's prompts in one batch as generation contexts: the requests' admission entries for
+        `cosmos3_tick`. Invalid requests are refused (ValueError naming the field) before anything runs."""
         from vllm import SamplingParams
 
         for request in requests.values():
@@ -177,9 +180,4 @@ class Cosmos3Generator:
                   for request_keys in keys.values() for key in request_keys]  # fmt: skip
         for output in self.llm.generate(inputs, params, use_tqdm=False):
             self.prompt_token_counts.add(len(output.prompt_token_ids), output.num_cached_tokens or 0)
-        entries = [(request_id, request_to_payload(request), keys[request_id]) for request_id, request in requests.items()]
-        [errors] = self.llm.collective_rpc("cosmos3_admit", args=(entries,))[:1]
-        if errors:  # all or none: the batch's other requests leave too
-            for request_id in requests:
-                self.llm.collective_rpc("cosmos3_cancel", args=(request_id,))
-            raise ValueError("; ".join(errors.values()))
+        return [(request_id, request_to_payload(request), keys[request_id]) for request_id, request in requests.items()]

@@ -4,7 +4,9 @@ vLLM mixes `Cosmos3WorkerExtension` into its worker class, so the diffusion exec
 process, next to the reasoner's model runner and the K/V export connector: the prompt K/V never leave the
 process (or the GPU). Drivers call the methods below through `collective_rpc` (`LLM.collective_rpc`, or the
 async engine client's); the engine core runs such calls between its own steps, so reasoner batches and
-denoising steps interleave on the device. With tensor parallelism every rank runs the same calls on its shard;
+denoising steps interleave on the device. A driver makes one call per denoising step, `cosmos3_tick`, which also
+admits, cancels and returns results: each round trip through the engine core costs milliseconds, as much as a
+small step's GPU work. With tensor parallelism every rank runs the same calls on its shard;
 rank 0 answers.
 
 Arguments and results cross the engine's message bus, which carries plain data only (no pickling): requests
@@ -14,6 +16,7 @@ travel as `request_to_payload` dicts, tensors and arrays as `tensor_to_payload` 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,7 @@ import torch
 from PIL import Image
 
 from cosmos3_serve.model_executor import kv_export
-from cosmos3_serve.model_executor.generation import DiffusionExecutor, GenerationRequest
+from cosmos3_serve.model_executor.generation import DEFAULT_MAX_BATCH_TOKENS, DiffusionExecutor, GenerationRequest
 
 WORKER_EXTENSION_CLS = f"{__name__}.Cosmos3WorkerExtension"
 
@@ -83,41 +86,53 @@ def tensor_from_payload(payload: dict[str, Any]) -> torch.Tensor:
 class Cosmos3WorkerExtension:
     """RPC surface of the diffusion executor in a vLLM worker (every name is prefixed: vLLM forbids clashes)."""
 
-    def cosmos3_load_generator(self) -> dict[str, Any]:
+    def cosmos3_load_generator(self, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> dict[str, Any]:
         """Build the generator tower and VAE of the served checkpoint on this worker's device (idempotent)."""
         if getattr(self, "cosmos3_executor", None) is None:
             self.cosmos3_executor = DiffusionExecutor(self.vllm_config.model_config.model, self.vllm_config,
-                                                      self.device)  # fmt: skip
+                                                      self.device, max_batch_tokens)  # fmt: skip
         executor = self.cosmos3_executor
         return {"dtype": str(executor.dtype).removeprefix("torch."), "device": str(executor.device),
-                "generator_parameters": sum(p.numel() for p in executor.tower.parameters())}  # fmt: skip
+                "generator_parameters": sum(p.numel() for p in executor.tower.parameters()),
+                "max_batch_tokens": executor.max_batch_tokens}  # fmt: skip
 
-    def cosmos3_admit(self, entries: list[tuple[str, dict[str, Any], list[str]]]) -> dict[str, str]:
-        """Admit requests `(request id, request payload, export keys of its prompts)` together (their conditioning
-        clips share VAE batches); an error message per request that could not be admitted."""
-        store = kv_export.PROMPT_KV_STORE
-        return self.cosmos3_executor.admit([(request_id, request_from_payload(payload), [store.take(k) for k in keys])
-                                            for request_id, payload, keys in entries])  # fmt: skip
+    def cosmos3_tick(self, admit: list[tuple[str, dict[str, Any], list[str]]] = (), cancel: list[str] = (),
+                     forget: list[str] = (), decode: bool = True) -> dict[str, Any] | None:  # fmt: skip
+        """Everything a driver does between two denoising steps, in one call:
 
-    def cosmos3_step(self) -> list[tuple[str, int, int]]:
-        """One denoising step of every request in flight: (request id, steps done, total steps)."""
-        return self.cosmos3_executor.step()
+        - `forget`: exported prompt K/V that will not be admitted (the request was cancelled during its prefill);
+        - `cancel`: requests that leave (in flight or finished); their K/V and latents are released;
+        - `admit`: requests `(request id, request payload, export keys of its prompts)`, admitted together (their
+          conditioning clips share VAE batches);
+        - one denoising step of the next batch (`DiffusionExecutor.next_batch`);
+        - the results of the requests that finished in it, forgotten here.
 
-    def cosmos3_cancel(self, request_id: str) -> bool:
-        return self.cosmos3_executor.cancel(request_id)
-
-    def cosmos3_take(self, request_ids: list[str], decode: bool) -> dict[str, dict[str, Any]] | None:
-        """Finished requests' results, forgotten here: per id {"video": uint8 frames `[T, H, W, 3]` if `decode`
-        (one VAE batch per shape), else latents; "actions": `[chunk, raw_action_dim]`}, each a tensor payload or
-        None where its mode makes none."""
-        outputs = self.cosmos3_executor.take(request_ids, decode)
+        Returns {"errors": {request id: why it was not admitted}, "progress": [(request id, steps done, total)],
+        "results": {request id: {"video": uint8 frames `[T, H, W, 3]` if `decode` (one VAE batch per shape), else
+        latents; "actions": `[chunk, raw_action_dim]`}, each a tensor payload or None where its mode makes none},
+        "decode_s": seconds the results took in the worker (VAE decode), GPU synchronised}.
+        """
+        executor, store = self.cosmos3_executor, kv_export.PROMPT_KV_STORE
+        for key in forget:
+            store.discard(key)
+        for request_id in cancel:
+            executor.cancel(request_id)
+        errors = executor.admit([(request_id, request_from_payload(payload), [store.take(key) for key in keys])
+                                 for request_id, payload, keys in admit]) if admit else {}  # fmt: skip
+        progress = executor.step()
+        finished = [request_id for request_id, done, total in progress if done == total]
+        decode_s = 0.0
+        if finished:
+            executor.synchronize()  # the step's GPU work, so that the decode is timed alone
+            started = time.perf_counter()
+            outputs = executor.take(finished, decode)
+            executor.synchronize()
+            decode_s = time.perf_counter() - started
+        else:
+            outputs = {}
         if self.rank != 0:
             return None
-        return {request_id: {"video": None if out.video is None else tensor_to_payload(out.video),
-                             "actions": None if out.actions is None else tensor_to_payload(out.actions)}
-                for request_id, out in outputs.items()}  # fmt: skip
-
-    def cosmos3_forget_exports(self, export_keys: list[str]) -> None:
-        """Drop exported prompt K/V that will not be admitted (the request was cancelled during its prefill)."""
-        for key in export_keys:
-            kv_export.PROMPT_KV_STORE.discard(key)
+        results = {request_id: {"video": None if out.video is None else tensor_to_payload(out.video),
+                                "actions": None if out.actions is None else tensor_to_payload(out.actions)}
+                   for request_id, out in outputs.items()}  # fmt: skip
+        return {"errors": errors, "progress": progress, "results": results, "decode_s": decode_s}

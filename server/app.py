@@ -36,6 +36,7 @@ class ServerSettings:
     api_key: str | None = None
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
+    max_generation_batch_tokens: int | None = None  # None: the executor's default
 
 
 @dataclass
@@ -139,7 +140,7 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
 
     async def start_generator() -> None:
         try:
-            await service.start(warmup=WARMUP)
+            await service.start(warmup=WARMUP, max_batch_tokens=settings.max_generation_batch_tokens)
             logger.info("generator loaded and warm: ready")
         except Exception:  # noqa: BLE001 - stay up (live, not ready) and say why
             logger.exception("the generator failed to start; /v1/health/ready stays 503")

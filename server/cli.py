@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="larger request bodies get 413 [NIM_MAX_REQUEST_BYTES]")
     serve.add_argument("--max-generation-jobs", type=int, default=_env("NIM_MAX_GENERATION_JOBS", 64, int),
                        help="generation jobs queued or running at once; more get 429 [NIM_MAX_GENERATION_JOBS]")
+    serve.add_argument("--max-generation-batch-tokens", type=int,
+                       default=_env("NIM_MAX_GENERATION_BATCH_TOKENS", None, int),
+                       help="generator tokens per denoising step (default 4096); later jobs wait for a place in "
+                            "the batch [NIM_MAX_GENERATION_BATCH_TOKENS]")
     serve.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                        help="dummy: random weights of the checkpoint's shapes, for benchmarks on configs-only "
                             "checkpoints (`make-tiny --shape nano`)")

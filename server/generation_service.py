@@ -2,7 +2,7 @@
 
 A job's prompts are prefilled by the async engine as generation contexts (concurrently with the step loop and
 with chat traffic); then the job is admitted into the diffusion executor that lives in vLLM's worker
-(`worker_extension`). One loop drives the executor: every `cosmos3_step` call denoises every admitted job by one
+(`worker_extension`). One loop drives the executor: every `cosmos3_tick` call denoises the admitted jobs by one
 step, so jobs that arrive while others run join the batch at the next step. A finished job's frames come back
 once, are encoded (PNG / MP4) off the event loop and kept until the client fetches them (or `result_ttl_s`).
 """
@@ -59,6 +59,8 @@ class Job:
     output: JobOutput | None = None
     error: str | None = None
     finished_at: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds (`metrics.PHASE_SECONDS`)
+    first_step_at: float | None = None
     _events: list[asyncio.Queue] = field(default_factory=list, repr=False)
 
     @property
@@ -132,15 +134,18 @@ class GenerationService:
         self.jobs: dict[str, Job] = {}
         self.ready = False
         self.generator_info: dict[str, Any] = {}
-        self._admitted: dict[str, Job] = {}  # in the executor's batch
+        self._admitted: dict[str, Job] = {}  # in the executor (stepping, or waiting for a place in its batch)
         self._admissions: list[tuple[Job, list[str]]] = []  # prefilled, waiting for the step loop to admit them
+        self._cancellations: list[str] = []  # admitted jobs cancelled since the last tick
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
 
-    async def start(self, warmup: GenerationRequest | None = None) -> None:
-        """Load the generator in the worker, start the step loop, run `warmup` through it, then be ready."""
-        self.generator_info = await self._rpc("cosmos3_load_generator")
+    async def start(self, warmup: GenerationRequest | None = None, max_batch_tokens: int | None = None) -> None:
+        """Load the generator in the worker (steps of at most `max_batch_tokens` generator tokens, the executor's
+        default if None), start the step loop, run `warmup` through it, then be ready."""
+        self.generator_info = await self._rpc("cosmos3_load_generator", *([] if max_batch_tokens is None
+                                                                          else [max_batch_tokens]))  # fmt: skip
         self._loop_task = asyncio.create_task(self._step_loop())
         if warmup is not None:
             job = self.submit(warmup, mode="warmup")
@@ -178,9 +183,9 @@ class GenerationService:
         """Cancel a job: it leaves the batch before the next step and its K/V and latents are released."""
         if job.status.final:
             return
-        if job.id in self._admitted:
-            del self._admitted[job.id]
-            await self._rpc("cosmos3_cancel", job.id)
+        if self._admitted.pop(job.id, None) is not None:
+            self._cancellations.append(job.id)  # the executor drops it at the next tick
+            self._wake.set()
         self._finish(job, JobStatus.CANCELLED)
 
     def forget(self, job: Job) -> None:
@@ -209,34 +214,9 @@ class GenerationService:
         except Exception as exc:  # noqa: BLE001 - a failed job must not take the service down
             self._finish(job, JobStatus.FAILED, error=f"admission failed: {exc}")
             return
+        job.phases["prefill"] = time.time() - job.created
         self._admissions.append((job, keys))
         self._wake.set()
-
-    async def _admit_queued(self) -> None:
-        """Admit every prefilled job in one call (their conditioning clips share VAE batches in the worker)."""
-        queued, self._admissions = self._admissions, []
-        cancelled = [keys for job, keys in queued if job.status.final]  # cancelled while their prompts prefilled
-        if cancelled:
-            await self._rpc("cosmos3_forget_exports", [key for keys in cancelled for key in keys])
-        jobs = {job.id: job for job, _ in queued if not job.status.final}
-        if not jobs:
-            return
-        entries = [(job.id, request_to_payload(job.request), keys) for job, keys in queued if job.id in jobs]
-        try:
-            errors = await self._rpc("cosmos3_admit", entries)
-        except Exception as exc:  # noqa: BLE001
-            errors = {job_id: str(exc) for job_id in jobs}
-        for job in jobs.values():
-            if job.id in errors:
-                self._finish(job, JobStatus.FAILED, error=f"admission failed: {errors[job.id]}")
-                continue
-            if job.status.final:  # cancelled during the call
-                await self._rpc("cosmos3_cancel", job.id)
-                continue
-            metrics.QUEUE_DEPTH.dec()
-            job.status = JobStatus.RUNNING
-            self._admitted[job.id] = job
-            job.publish()
 
     async def _prefill(self, prompt_token_ids: list[int], key: str) -> None:
         from vllm import SamplingParams
@@ -263,59 +243,80 @@ class GenerationService:
     # ---- the step loop ----------------------------------------------------------------------------------
 
     async def _step_loop(self) -> None:
+        """One `cosmos3_tick` per denoising step: it admits what has been prefilled since the last one, drops what
+        was cancelled, steps the batch and returns what finished (decoded)."""
         while True:
-            if self._admissions:
-                await self._admit_queued()
-            if not self._admitted:
+            if not (self._admitted or self._admissions or self._cancellations):
                 self._wake.clear()
-                if not self._admissions:
-                    await self._wake.wait()
+                await self._wake.wait()
                 continue
+            queued, self._admissions = self._admissions, []
+            cancel, self._cancellations = self._cancellations, []
+            forget = [key for job, keys in queued if job.status.final for key in keys]  # cancelled while prefilling
+            admit = {job.id: (job, keys) for job, keys in queued if not job.status.final}
+            entries = [(job.id, request_to_payload(job.request), keys) for job, keys in admit.values()]
+            for job, _ in admit.values():
+                self._admitted[job.id] = job
             started = time.perf_counter()
             metrics.BATCH_SIZE.observe(len(self._admitted))
             try:
-                progress = await self._rpc("cosmos3_step")
+                tick = await self._rpc("cosmos3_tick", entries, cancel, forget, True)
             except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
                 for job in list(self._admitted.values()):
                     await self._drop(job, error=f"denoising failed: {exc}")
                 continue
             metrics.STEP_SECONDS.observe(time.perf_counter() - started)
-            finished = []
-            for job_id, done, total in progress:
-                job = self._admitted.get(job_id)
-                if job is None:
-                    continue
-                job.steps_done = done
-                job.publish()
-                if done == total:
-                    finished.append(self._admitted.pop(job_id))
+            self._admitted_by(tick["errors"], [job for job, _ in admit.values()])
+            self._progress(tick["progress"])
+            finished = [self._admitted.pop(job_id) for job_id in tick["results"] if job_id in self._admitted]
+            for job in finished:
+                job.phases["decode"] = tick["decode_s"]
             if finished:
-                self._spawn(self._collect(finished))
+                self._spawn(self._encode(finished, tick["results"]))
 
-    async def _collect(self, jobs: list[Job]) -> None:
-        """Take the jobs that finished in one step in one call (videos of a shape decode in one VAE batch), then
-        encode each off the event loop."""
-        try:
-            payloads = await self._rpc("cosmos3_take", [job.id for job in jobs], True)
-        except Exception as exc:  # noqa: BLE001
-            for job in jobs:
-                self._finish(job, JobStatus.FAILED, error=f"decoding failed: {exc}")
-            return
+    def _admitted_by(self, errors: dict[str, str], jobs: list[Job]) -> None:
+        """Jobs of a tick's admission: failed where the executor refused them, else running."""
+        for job in jobs:
+            if job.id in errors:
+                self._admitted.pop(job.id, None)
+                self._finish(job, JobStatus.FAILED, error=f"admission failed: {errors[job.id]}")
+            elif job.status.final:  # cancelled during the tick: the next one drops it
+                self._cancellations.append(job.id)
+            else:
+                metrics.QUEUE_DEPTH.dec()
+                job.status = JobStatus.RUNNING
+                job.publish()
+
+    def _progress(self, progress: list[tuple[str, int, int]]) -> None:
+        now = time.time()
+        for job_id, done, _ in progress:
+            job = self._admitted.get(job_id)
+            if job is None:
+                continue
+            if job.first_step_at is None:
+                job.first_step_at = now
+                job.phases["queue"] = now - job.created - job.phases.get("prefill", 0.0)
+            job.steps_done = done
+            job.publish()
+
+    async def _encode(self, jobs: list[Job], payloads: dict[str, dict[str, Any]]) -> None:
+        """Encode the jobs that finished in one tick, each off the event loop (the encoders release the GIL)."""
+        now = time.time()
+        for job in jobs:
+            job.phases["denoise"] = now - (job.first_step_at or now)
         encodings = [asyncio.to_thread(job_output, job, GenerationResult.from_payload(payloads[job.id])) for job in jobs]
-        outputs = await asyncio.gather(*encodings, return_exceptions=True)  # the encoders release the GIL
+        outputs = await asyncio.gather(*encodings, return_exceptions=True)
         for job, output in zip(jobs, outputs):
             if isinstance(output, Exception):
                 self._finish(job, JobStatus.FAILED, error=f"encoding failed: {output}")
                 continue
             job.output = output
+            job.phases["encode"] = time.time() - now
             self._finish(job, JobStatus.SUCCEEDED)
 
     async def _drop(self, job: Job, error: str) -> None:
         self._admitted.pop(job.id, None)
-        try:
-            await self._rpc("cosmos3_cancel", job.id)
-        except Exception:  # noqa: BLE001 - the executor may be gone; the job is failed either way
-            pass
+        self._cancellations.append(job.id)
         self._finish(job, JobStatus.FAILED, error=error)
 
     def _finish(self, job: Job, status: JobStatus, error: str | None = None) -> None:
@@ -327,6 +328,8 @@ class GenerationService:
         metrics.REQUESTS.labels(mode=job.mode, status=status.value).inc()
         if status is JobStatus.SUCCEEDED:
             metrics.LATENCY.labels(mode=job.mode).observe(job.finished_at - job.created)
+            for phase, seconds in job.phases.items():
+                metrics.PHASE_SECONDS.labels(mode=job.mode, phase=phase).observe(seconds)
         job.publish()
 
     async def _rpc(self, method: str, *args: Any) -> Any:

@@ -34,6 +34,7 @@ class ServeOptions:
     video_pruning_method: str = "evs"
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
+    max_generation_batch_tokens: int | None = None  # None: the executor's default
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
 
     @property
@@ -90,7 +91,8 @@ async def _serve(options: ServeOptions, vllm_args) -> None:
     settings = ServerSettings(checkpoint=options.checkpoint, model_name=options.model_name,
                               precision=options.precision, api_key=options.api_key,
                               max_request_bytes=options.max_request_bytes,
-                              max_generation_jobs=options.max_generation_jobs)  # fmt: skip
+                              max_generation_jobs=options.max_generation_jobs,
+                              max_generation_batch_tokens=options.max_generation_batch_tokens)  # fmt: skip
     _, sock = api.setup_server(vllm_args, reuse_port=False)
     async with api.build_async_engine_client(vllm_args) as engine_client:
         app = await build_cosmos3_app(engine_client, vllm_args, settings)

@@ -14,6 +14,14 @@ LATENCY = Histogram(
     ["mode"],
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640),
 )
+PHASE_SECONDS = Histogram(
+    "cosmos3_generation_phase_seconds",
+    "Where a succeeded job's time went, by mode: prefill (its prompts through the reasoner), queue (prefilled "
+    "until its first denoising step), denoise (first step until its result is back, VAE decode included), "
+    "decode (the VAE decode alone, in the worker), encode (PNG / MP4)",
+    ["mode", "phase"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640),
+)
 QUEUE_DEPTH = Gauge("cosmos3_generation_queue_depth", "Jobs whose prompts are being prefilled, not yet denoising")
 BATCH_SIZE = Histogram(
     "cosmos3_denoise_batch_size", "Jobs denoised together in one step", buckets=(1, 2, 4, 8, 16, 32, 64)

@@ -249,6 +249,13 @@ def test_prefix_cache_reuse_and_step_metrics_are_exported(http: httpx.Client) ->
     assert values['cosmos3_prompt_kv_tokens_total{source="prefix_cache"}'] >= 64  # the shared negative prompt
     assert values["cosmos3_denoise_step_seconds_count"] >= 4
     assert values['cosmos3_generation_requests_total{mode="text2image",status="succeeded"}'] >= 2
+    phases = {phase: values[f'cosmos3_generation_phase_seconds_sum{{mode="text2image",phase="{phase}"}}']
+              for phase in ("prefill", "queue", "denoise", "decode", "encode")}  # fmt: skip
+    latency = values['cosmos3_generation_latency_seconds_sum{mode="text2image"}']
+    assert all(seconds > 0 for seconds in phases.values())
+    # decode is part of denoise; the other phases follow one another within each job's latency
+    assert phases["decode"] <= phases["denoise"]
+    assert phases["prefill"] + phases["queue"] + phases["denoise"] + phases["encode"] <= latency + 1e-3
     assert any(name.startswith("vllm:") for name in values)  # the reasoner's series, same scrape
 
 

@@ -98,6 +98,19 @@ def test_every_request_of_a_mixed_batch_equals_its_output_alone(generator) -> No
         assert (together[request_id].video - alone).abs().max() <= 1e-5, request_id
 
 
+def test_a_batch_token_budget_steps_requests_in_arrival_order(generator, vllm_reasoner) -> None:
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
+    budget, order = executor.max_batch_tokens, []
+    executor.max_batch_tokens = 1  # fewer than any request's tokens: one request per step
+    try:
+        together = generator.generate(MIXED, on_step=lambda request_id, step, total: order.append(request_id))
+    finally:
+        executor.max_batch_tokens = budget
+    assert order == [request_id for request_id, request in MIXED.items() for _ in range(request.num_inference_steps)]
+    for request_id, request in MIXED.items():
+        assert (together[request_id].video - generator.generate_latents(request)).abs().max() <= 1e-5, request_id
+
+
 def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_reasoner) -> None:
     import gc
     import weakref
