@@ -5,17 +5,20 @@ generator in its worker (as the server runs it), in one run.
 
 CKPT is a configs-only checkpoint (`cosmos3-serve make-tiny CKPT --shape nano`); vLLM's dummy weights, bf16, eager
 reasoner. The request: text->image (`--size`), guidance 6, so two prompts (conditional, unconditional). Its
-handoff is what hands its prompts' K/V from the reasoner to the generator:
+handoff is what hands its prompts' K/V from the reasoner to the generator, both parts timed inside the worker with
+the GPU synchronised:
 
-- export: the K/V connector copies each prompt's blocks out of every layer's paged cache into the store
-  (`Cosmos3KVExportConnector.wait_for_save`): the connector's own readers timed inside the worker, GPU
-  synchronised, at the request's prompt lengths. Cross-check: the same prompts' prefill with and without export
-  (fresh random tokens of the same lengths, one prompt at a time).
-- admit: the `cosmos3_admit` call (K/V out of the store, initial latents, positions, scheduler), wall time from
-  the driver through the engine's RPC.
+- export: the K/V connector reads each prompt's blocks out of every layer's paged cache
+  (`Cosmos3KVExportConnector.read_prompt`, what `wait_for_save` runs), at the request's prompt lengths.
+  Cross-check: the same prompts' prefill with and without export (fresh random tokens of the same lengths, one
+  prompt at a time), from the driver.
+- admit: `DiffusionExecutor.admit` of the request with its exported K/V (K/V out of the store, initial latents,
+  positions, scheduler): what a `cosmos3_tick` that admits the request does before its step.
 
-One denoising step: `cosmos3_step` with that request alone, wall time from the driver, median of the steps after
-the first (the first also builds the batch's rotary tables and attention layout: reported as `first_step_s`).
+One denoising step: a `cosmos3_tick` with that request alone, wall time from the driver (the engine's RPC round
+trip included), median of the ticks after the first (the first also builds the batch's rotary tables and
+attention layout: reported as `first_step_s`). Also reported: an empty tick's round trip (`rpc_s`), the
+control-plane cost every step pays once, whatever the batch.
 """
 
 from __future__ import annotations
@@ -28,16 +31,22 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with the probe below
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with the probes below
 
 PROMPT = "A robot arm picks up a red cube from a wooden table and places it in a blue bowl."
 STEPS = 8
 
 
-def time_export(worker, prompt_lengths: list[int], repeats: int = 20) -> float:
-    """Seconds (median) to read prompts of `prompt_lengths` tokens out of every layer's paged cache, as the
-    connector's export does (any blocks: the copy does not depend on what they hold)."""
+def _synchronize() -> None:
     import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_export(worker, prompt_lengths: list[int], repeats: int = 20) -> float:
+    """Seconds (median) the connector takes to read prompts of `prompt_lengths` tokens out of every layer's paged
+    cache (any blocks: the copy does not depend on what they hold)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     connector = get_kv_transfer_group()
@@ -45,19 +54,31 @@ def time_export(worker, prompt_lengths: list[int], repeats: int = 20) -> float:
 
     def export() -> None:
         for tokens in prompt_lengths:
-            index = connector._readers[0].block_index(list(range(1, -(-tokens // block_size) + 1)))
-            [reader.read(index, tokens) for reader in connector._readers]
+            connector.read_prompt(list(range(1, -(-tokens // block_size) + 1)), tokens)
 
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     export()
-    sync()
+    _synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         export()
-        sync()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_admit(worker, request_id: str, payload: dict, keys: list[str]) -> float:
+    """Seconds the executor takes to admit a request whose prompts were exported under `keys` (GPU synchronised)."""
+    from cosmos3_serve.model_executor import kv_export
+    from cosmos3_serve.model_executor.worker_extension import request_from_payload
+
+    _synchronize()
+    start = time.perf_counter()
+    request = request_from_payload(payload)
+    errors = worker.cosmos3_executor.admit([(request_id, request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys])])
+    _synchronize()
+    assert not errors, errors
+    return time.perf_counter() - start
 
 
 def prefill_seconds(llm, prompts: list[list[int]], export: bool) -> float:
@@ -74,7 +95,7 @@ def prefill_seconds(llm, prompts: list[list[int]], export: bool) -> float:
         llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, extra_args=extra), use_tqdm=False)
         total += time.perf_counter() - start
         if export:
-            llm.collective_rpc("cosmos3_forget_exports", args=([key],))
+            llm.collective_rpc("cosmos3_tick", args=([], [], [key]))
     return total
 
 
@@ -105,24 +126,25 @@ def main() -> int:
     prompts = generator.prompts.context(request)
     lengths = [len(ids) for ids in prompts]
 
-    admits, first_steps, steps = [], [], []
+    admits, first_steps, steps, rpcs = [], [], [], []
     for i in range(args.requests + 1):  # the first is a warm-up
         keys = new_export_keys(len(prompts))
         params = [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(key)) for key in keys]
         llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-        start = time.perf_counter()
-        llm.collective_rpc("cosmos3_admit", args=([(f"r{i}", request_to_payload(request), keys)],))
-        admitted = time.perf_counter()
+        [admit_s] = llm.collective_rpc(time_admit, args=(f"r{i}", request_to_payload(request), keys))[:1]
         step_times = []
         for _ in range(STEPS):
             begin = time.perf_counter()
-            llm.collective_rpc("cosmos3_step")
+            llm.collective_rpc("cosmos3_tick", args=([], [], [], False))
             step_times.append(time.perf_counter() - begin)
-        llm.collective_rpc("cosmos3_take", args=([f"r{i}"], False))
+        begin = time.perf_counter()
+        llm.collective_rpc("cosmos3_tick")  # nothing in flight: the round trip alone
+        rpc_s = time.perf_counter() - begin
         if i:
-            admits.append(admitted - start)
+            admits.append(admit_s)
             first_steps.append(step_times[0])
             steps += step_times[1:]
+            rpcs.append(rpc_s)
 
     [export_s] = llm.collective_rpc(time_export, args=(lengths,))[:1]
     rng, vocab = np.random.default_rng(0), min(llm.llm_engine.model_config.get_vocab_size(), 100_000)
@@ -143,12 +165,14 @@ def main() -> int:
         "handoff_s": export_s + admit_s,
         "step_s": step_s,
         "first_step_s": statistics.median(first_steps),
+        "rpc_s": statistics.median(rpcs),
         "handoff_of_step": (export_s + admit_s) / step_s,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nK/V handoff per request, {result['request']}, prompts of {lengths} tokens, {result['device']}")
-    for key in ("export_s", "export_by_difference_s", "admit_s", "handoff_s", "step_s", "first_step_s", "prefill_s"):
+    for key in ("export_s", "export_by_difference_s", "admit_s", "handoff_s", "step_s", "first_step_s", "rpc_s",
+                "prefill_s"):
         print(f"  {key:24}{result[key] * 1e3:10.2f} ms")
     print(f"  {'handoff / step':24}{result['handoff_of_step']:10.3f}   (goal <= 0.02)")
     return 0

@@ -7,7 +7,7 @@ prefill-only (`max_tokens=1`). In the step that completes its prefill:
 - scheduler side (`Cosmos3KVExportConnector` in the engine core): `build_connector_meta` lists the request's
   blocks, cached prefix blocks included, and its prompt length;
 - worker side (one per tensor-parallel rank): after the forward (`wait_for_save`) every attention layer's blocks
-  are read out of vLLM's paged cache, which holds K after `norm_k` and mRoPE, exactly what the generator's
+  are read out of vLLM's paged cache (on CUDA all layers in one kernel, `kv_gather`), which holds K after `norm_k` and mRoPE, exactly what the generator's
   queries attend to, and V, and are put in the process-local `PROMPT_KV_STORE` under KEY as a `PromptKV`
   (per layer `[num_tokens, num_kv_heads_of_this_rank, head_dim]`).
 
@@ -225,6 +225,7 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
         self._pending: dict[str, Any] = {}  # scheduler: request id -> Request, until its prefill completes
         self._block_ids: dict[str, list[int]] = {}  # scheduler: blocks of pending requests, cached prefix included
         self._readers: list[PagedKVReader] = []  # worker: one per attention layer, in layer order
+        self._gather = None  # worker on CUDA: a `kv_gather.PagedKVGather` over all layers' caches
         self._key_norms = KeyNorms.of_checkpoint(vllm_config.model_config.model)
         self._generator_key_norm: GeneratorKeyNorm | None = None  # worker, when the checkpoint needs it
 
@@ -287,6 +288,10 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
         self._readers = [
             PagedKVReader.for_attention_layer(kv_caches[name], attention_layers[name], self._block_size) for name in names
         ]
+        if all(reader.layout == "flash" and reader.cache.is_cuda for reader in self._readers):
+            from cosmos3_serve.model_executor.kv_gather import PagedKVGather
+
+            self._gather = PagedKVGather([reader.cache for reader in self._readers])
         if self._key_norms.und_k_norm_for_gen:
             self._generator_key_norm = GeneratorKeyNorm.from_checkpoint(self._vllm_config.model_config.model, len(names))
 
@@ -301,8 +306,16 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         for export in self._get_connector_metadata().exports:
-            index = self._readers[0].block_index(export.block_ids)  # every layer's cache has the same block layout
-            keys, values = zip(*(reader.read(index, export.num_tokens) for reader in self._readers))
-            if self._generator_key_norm is not None:
-                keys = [self._generator_key_norm(layer, k) for layer, k in enumerate(keys)]
-            PROMPT_KV_STORE.put(export.key, PromptKV(keys=list(keys), values=list(values)))
+            PROMPT_KV_STORE.put(export.key, self.read_prompt(export.block_ids, export.num_tokens))
+
+    def read_prompt(self, block_ids: list[int], num_tokens: int) -> PromptKV:
+        """The K/V of a prompt of `num_tokens` tokens in the scheduler blocks `block_ids`, from every layer."""
+        index = self._readers[0].block_index(block_ids)  # every layer's cache has the same block layout
+        if self._gather is not None:
+            kv = self._gather.gather(index, num_tokens)  # [layers, 2, tokens, heads, head_dim]
+            keys, values = kv[:, 0].unbind(0), kv[:, 1].unbind(0)
+        else:
+            keys, values = zip(*(reader.read(index, num_tokens) for reader in self._readers))
+        if self._generator_key_norm is not None:
+            keys = [self._generator_key_norm(layer, k) for layer, k in enumerate(keys)]
+        return PromptKV(keys=list(keys), values=list(values))
