@@ -55,9 +55,9 @@ from cosmos3_serve.sampling.conditioning import (
 from cosmos3_serve.sampling.prompts import PromptSpec
 
 
-# Generator tokens per denoising step (`DiffusionExecutor.next_batch`); on an H100 / H200 a step of the Nano tower
-# is compute-bound from about 1,000 tokens on (docs/benchmarks.md).
-DEFAULT_MAX_BATCH_TOKENS = 4096
+# Generator tokens per denoising step (`DiffusionExecutor.next_batch`). On an H200 the Nano tower's eager forward
+# keeps the GPU busy from about 2,000 tokens on, where its GEMMs already run near their peak (docs/benchmarks.md).
+DEFAULT_MAX_BATCH_TOKENS = 2048
 
 
 @dataclass(frozen=True, eq=False)

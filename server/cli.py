@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generation jobs queued or running at once; more get 429 [NIM_MAX_GENERATION_JOBS]")
     serve.add_argument("--max-generation-batch-tokens", type=int,
                        default=_env("NIM_MAX_GENERATION_BATCH_TOKENS", None, int),
-                       help="generator tokens per denoising step (default 4096); later jobs wait for a place in "
+                       help="generator tokens per denoising step (default 2048); later jobs wait for a place in "
                             "the batch [NIM_MAX_GENERATION_BATCH_TOKENS]")
     serve.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                        help="dummy: random weights of the checkpoint's shapes, for benchmarks on configs-only "
