@@ -187,7 +187,7 @@ def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: flo
 
     with torch.no_grad(), mock.patch.object(transformer_cosmos3, "dispatch_attention_fn", recording):
         expected = reference(**inputs)[0][0]
-    prompt_kv = PromptKV(keys=[k for k, _ in captured], values=[v for _, v in captured])
+    prompt_kv = PromptKV.from_layers([k for k, _ in captured], [v for _, v in captured])
     total = tokens * copies
     patches = patchify(latents[0], 2).repeat(copies, 1)
     timesteps = torch.full((total,), 500.0, device="cuda")

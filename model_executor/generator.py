@@ -154,7 +154,6 @@ class PackedAttention:
 
     @classmethod
     def build(cls, sequences: list[GeneratorSequence], device: torch.device) -> PackedAttention:
-        num_layers = len(sequences[0].prompt_kv.keys)
         prompt_lens = [seq.prompt_kv.num_tokens for seq in sequences]
         gen_lens = [seq.num_tokens for seq in sequences]
         total_prompt = sum(prompt_lens)
@@ -162,11 +161,12 @@ class PackedAttention:
         for p, g in zip(prompt_lens, gen_lens):
             order += [torch.arange(prompt_start, prompt_start + p), torch.arange(gen_start, gen_start + g)]
             prompt_start, gen_start = prompt_start + p, gen_start + g
+        packed = torch.cat([seq.prompt_kv.kv for seq in sequences], dim=2)  # [layers, 2, sum prompt tokens, H, D]
         lens_q = torch.tensor([0, *gen_lens])
         lens_k = torch.tensor([0, *(p + g for p, g in zip(prompt_lens, gen_lens))])
         return cls(
-            prompt_keys=[torch.cat([s.prompt_kv.keys[i] for s in sequences]) for i in range(num_layers)],
-            prompt_values=[torch.cat([s.prompt_kv.values[i] for s in sequences]) for i in range(num_layers)],
+            prompt_keys=list(packed[:, 0].unbind(0)),
+            prompt_values=list(packed[:, 1].unbind(0)),
             key_order=torch.cat(order).to(device),
             cu_seqlens_q=lens_q.cumsum(0).to(device=device, dtype=torch.int32),
             cu_seqlens_k=lens_k.cumsum(0).to(device=device, dtype=torch.int32),

@@ -63,21 +63,35 @@ def generation_context_args(key: str) -> dict[str, Any]:
 
 @dataclass
 class PromptKV:
-    """The prompt's K/V of every reasoner layer, as the generator consumes them (one tensor-parallel shard)."""
+    """The prompt's K/V of every reasoner layer, as the generator consumes them (one tensor-parallel shard), in one
+    tensor: a batch packs its prompts' K/V of all layers with one concatenation."""
 
-    keys: list[torch.Tensor]  # per layer [num_tokens, num_kv_heads, head_dim], after norm_k and mRoPE
-    values: list[torch.Tensor]  # per layer [num_tokens, num_kv_heads, head_dim]
+    kv: torch.Tensor  # [layers, 2 (K, V), num_tokens, num_kv_heads, head_dim]; K after norm_k and mRoPE
+
+    @classmethod
+    def from_layers(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> PromptKV:
+        """From per-layer keys and values `[num_tokens, num_kv_heads, head_dim]`."""
+        return cls(torch.stack([torch.stack(keys), torch.stack(values)], dim=1))
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Per layer `[num_tokens, num_kv_heads, head_dim]` (views)."""
+        return list(self.kv[:, 0].unbind(0))
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return list(self.kv[:, 1].unbind(0))
 
     @property
     def num_tokens(self) -> int:
-        return self.keys[0].shape[0]
+        return self.kv.shape[2]
 
     def to(self, device: torch.device | str) -> PromptKV:
-        return PromptKV(keys=[k.to(device) for k in self.keys], values=[v.to(device) for v in self.values])
+        return PromptKV(self.kv.to(device))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return self.kv.numel() * self.kv.element_size()
 
 
 class PromptKVStore:
@@ -312,10 +326,10 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
         """The K/V of a prompt of `num_tokens` tokens in the scheduler blocks `block_ids`, from every layer."""
         index = self._readers[0].block_index(block_ids)  # every layer's cache has the same block layout
         if self._gather is not None:
-            kv = self._gather.gather(index, num_tokens)  # [layers, 2, tokens, heads, head_dim]
-            keys, values = kv[:, 0].unbind(0), kv[:, 1].unbind(0)
+            prompt_kv = PromptKV(self._gather.gather(index, num_tokens))
         else:
-            keys, values = zip(*(reader.read(index, num_tokens) for reader in self._readers))
-        if self._generator_key_norm is not None:
-            keys = [self._generator_key_norm(layer, k) for layer, k in enumerate(keys)]
-        return PromptKV(keys=list(keys), values=list(values))
+            prompt_kv = PromptKV.from_layers(*zip(*(reader.read(index, num_tokens) for reader in self._readers)))
+        if self._generator_key_norm is None:
+            return prompt_kv
+        return PromptKV.from_layers([self._generator_key_norm(layer, k) for layer, k in enumerate(prompt_kv.keys)],
+                                    prompt_kv.values)  # fmt: skip

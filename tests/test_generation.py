@@ -125,7 +125,7 @@ def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_rea
         steps_seen[request_id] = step
         if request_id == "drop" and step == 1:
             [state] = [s for s in executor.active if s.request_id == "drop"]
-            dropped_kv.append(weakref.ref(state.sequences[0].prompt_kv.keys[0]))
+            dropped_kv.append(weakref.ref(state.sequences[0].prompt_kv.kv))
             generator.cancel("drop")
         if request_id == "keep" and step == 3:  # two steps after the cancel
             gc.collect()

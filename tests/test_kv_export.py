@@ -104,7 +104,7 @@ def test_requests_without_the_flag_export_nothing(vllm_reasoner) -> None:
 def test_store_take_forgets() -> None:
     from cosmos3_serve.model_executor.kv_export import PromptKV
 
-    PROMPT_KV_STORE.put("k", PromptKV(keys=[torch.zeros(2, 1, 4)], values=[torch.ones(2, 1, 4)]))
+    PROMPT_KV_STORE.put("k", PromptKV.from_layers([torch.zeros(2, 1, 4)], [torch.ones(2, 1, 4)]))
     assert "k" in PROMPT_KV_STORE and PROMPT_KV_STORE.take("k").nbytes == 2 * 2 * 4 * 4
     assert "k" not in PROMPT_KV_STORE
 
