@@ -9,77 +9,36 @@ generation MLPs and norms (`*_moe_gen`), the latent / time / action / sound head
 state. The prompt K/V the generator needs is read from vLLM's paged cache by `kv_export`, not recomputed.
 
 On CUDA, the language model's unquantized projections and `lm_head` multiply a single token (batch-1 decode) with
-a Triton GEMV (`batch1_linear`) instead of cuBLAS, whose M = 1 kernels read the weights more slowly (measurements in
-docs/benchmarks.md). Every other batch size still goes to cuBLAS.
+a Triton GEMV (`decode_kernels.batch1_linear`) instead of cuBLAS, whose M = 1 kernels read the weights more slowly
+(measurements in docs/benchmarks.md), and the decoder layers (`Batch1DecoderLayer`) fold RMSNorm, SiLU-mul and
+q / k norm + mRoPE into fewer kernels (`decode_kernels`). Every other batch size still goes to cuBLAS.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import regex
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm import envs
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.model_executor.layers.rotary_embedding import MRotaryEmbedding
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.model_executor.models.cosmos3 import Cosmos3ForConditionalGeneration
+from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.platforms import current_platform
-from vllm.triton_utils import tl, triton
-from vllm.utils.torch_utils import direct_register_custom_op
 
+from cosmos3_serve.model_executor import decode_kernels
 from cosmos3_serve.model_executor.checkpoint.generator_config import (
     GENERATOR_ONLY_PREFIXES,
     GENERATOR_ONLY_SUBSTRINGS,
     KeyNorms,
 )
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[rows] = w[rows, :K] @ x[:K] for this program's BLOCK_N rows; K is a multiple of BLOCK_K."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for k in range(0, K, BLOCK_K):
-        w = tl.load(w_ptrs + k, eviction_policy="evict_first")  # each weight is read once per token
-        acc += w.to(tl.float32) * tl.load(x_ptr + k + cols).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows, tl.sum(acc, 1).to(y_ptr.dtype.element_ty))
-
-
-# (rows per program, K per loop step, warps) by weight rows, the fastest on an H200 for the 8B reasoner's shapes
-# (lm_head, gate_up_proj, qkv_proj, o_proj and down_proj); the first entry whose bound is <= the rows applies.
-GEMV_BLOCKS = ((65536, (16, 512, 4)), (16384, (4, 1024, 4)), (4097, (8, 512, 4)), (0, (16, 1024, 8)))
-
-
-def _gemv(x: torch.Tensor, weight: torch.Tensor, rows: int, step: int, warps: int) -> torch.Tensor:
-    n, k = weight.shape
-    y = x.new_empty(*x.shape[:-1], n)
-    _gemv_kernel[(n // rows,)](x.contiguous(), weight, y, k, weight.stride(0), BLOCK_N=rows, BLOCK_K=step,
-                               num_warps=warps, num_stages=1)  # fmt: skip
-    return y
-
-
-def batch1_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; a single bf16 / fp16 row on CUDA without bias goes through `_gemv_kernel`."""
-    n, k = weight.shape
-    rows, step, warps = next(blocks for bound, blocks in GEMV_BLOCKS if n >= bound)
-    if (x.numel() != k or bias is not None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16)
-            or weight.dtype != x.dtype or weight.stride(1) != 1 or n % rows or k % step):  # fmt: skip
-        return F.linear(x, weight, bias)
-    return _gemv(x, weight, rows, step, warps)
-
-
-def _batch1_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-# A custom op: opaque to torch.compile (whose graphs serve every batch size), so the M = 1 test runs where the op
-# does: at CUDA-graph capture, or per call outside graphs.
-direct_register_custom_op("cosmos3_batch1_linear", batch1_linear, fake_impl=_batch1_linear_shape)
 
 
 class Batch1GemvLinearMethod(UnquantizedLinearMethod):
@@ -92,17 +51,120 @@ class Batch1GemvLMHeadMethod(UnquantizedEmbeddingMethod):
         return torch.ops.vllm.cosmos3_batch1_linear(x, layer.weight, bias)
 
 
-def use_batch1_gemv(language_model: nn.Module, dtype: torch.dtype) -> None:
+def use_batch1_gemv(language_model: nn.Module) -> None:
     """Give `language_model`'s unquantized projections and lm_head the batch-1 GEMV, and compile its variants for
-    `dtype` now: compiling at a first launch inside CUDA-graph capture is not safe."""
+    their shapes now: compiling at a first launch inside CUDA-graph capture is not safe."""
+    weights = {}
     for module in language_model.modules():
         if type(getattr(module, "quant_method", None)) is UnquantizedLinearMethod:
             module.quant_method = Batch1GemvLinearMethod()
         elif type(getattr(module, "quant_method", None)) is UnquantizedEmbeddingMethod:
             module.quant_method = Batch1GemvLMHeadMethod()  # lm_head (embed_tokens keeps its lookup)
-    for _, (rows, step, warps) in GEMV_BLOCKS:
-        x = torch.zeros(1, step, dtype=dtype, device="cuda")
-        _gemv(x, torch.zeros(rows, step, dtype=dtype, device="cuda"), rows, step, warps)
+        else:
+            continue
+        weights.setdefault((*module.weight.shape, module.weight.dtype), module.weight)
+    for weight in weights.values():  # the layers' own (not yet loaded) weights: a GEMV each on uninitialized memory
+        decode_kernels.batch1_linear(weight.new_zeros(1, weight.shape[1]), weight, None)
+
+
+class Batch1DecoderLayer:
+    """Mixin for vLLM's `Qwen3DecoderLayer` (qwen3_vl's text layers: its subclass `Qwen3VLDecoderLayer` in vLLM 0.32,
+    itself in 0.26; same forward and attributes in both): the same forward in 3 fused custom ops and 2 projections.
+
+    Per layer: input_layernorm + qkv_proj (`cosmos3_[add_]rms_norm_linear`); q_norm, k_norm and mRoPE
+    (`cosmos3_qk_norm_mrope`, any M); attention and o_proj (vLLM's); post_attention_layernorm + gate_up_proj +
+    SiluAndMul (`cosmos3_add_rms_norm_linear` with `silu_mul`); down_proj (vLLM's, our GEMV). At M = 1 on CUDA that
+    is 4 kernels besides attention and o_proj where vLLM's compiled forward has 9 (4 GEMVs, 2 add + RMSNorm, 3 for
+    q / k norm and mRoPE, SiLU-mul); at M > 1 the norm and SiLU-mul ops run vLLM's C kernels and cuBLAS."""
+
+    @staticmethod
+    def supports(layer: nn.Module) -> bool:
+        """Whether `layer` is a Qwen3 decoder layer with unquantized batch-1 GEMV projections (no bias), plain
+        RMSNorms, q / k RMSNorm or none (`nn.Identity`), neox mRoPE over the whole head and a SiLU MLP."""
+        if not isinstance(layer, Qwen3DecoderLayer):
+            return False
+        attn, mlp, rope = layer.self_attn, layer.mlp, layer.self_attn.rotary_emb
+        half_head = attn.head_dim // 2
+        qk_norms = (attn.q_norm, attn.k_norm)
+        return (
+            all(type(proj.quant_method) is Batch1GemvLinearMethod and proj.bias is None
+                for proj in (attn.qkv_proj, mlp.gate_up_proj, mlp.down_proj))
+            and all(_is_plain_rms_norm(norm) for norm in (layer.input_layernorm, layer.post_attention_layernorm))
+            and (all(type(norm) is nn.Identity for norm in qk_norms)
+                 or (all(_is_plain_rms_norm(norm) for norm in qk_norms)
+                     and attn.q_norm.variance_epsilon == attn.k_norm.variance_epsilon))
+            and type(rope) is MRotaryEmbedding and rope.mrope_section is not None and len(rope.mrope_section) == 3
+            and rope.is_neox_style and rope.rotary_dim == rope.head_size == attn.head_dim
+            and half_head & (half_head - 1) == 0
+            and isinstance(mlp.act_fn, SiluAndMul)
+        )  # fmt: skip
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, mlp = self.self_attn, self.mlp
+        norm = self.input_layernorm
+        if residual is None:
+            residual = hidden_states
+            qkv = torch.ops.vllm.cosmos3_rms_norm_linear(
+                hidden_states, norm.weight, norm.variance_epsilon, attn.qkv_proj.weight
+            )
+        else:
+            qkv, residual = torch.ops.vllm.cosmos3_add_rms_norm_linear(
+                hidden_states, residual, norm.weight, norm.variance_epsilon, attn.qkv_proj.weight, False
+            )
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = torch.ops.vllm.cosmos3_qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args())
+        hidden_states, _ = attn.o_proj(attn.attn(q, k, v))
+        norm = self.post_attention_layernorm
+        activation, residual = torch.ops.vllm.cosmos3_add_rms_norm_linear(
+            hidden_states, residual, norm.weight, norm.variance_epsilon, mlp.gate_up_proj.weight, True
+        )
+        hidden_states, _ = mlp.down_proj(activation)
+        return hidden_states, residual
+
+    def _qk_norm_mrope_args(self) -> tuple:
+        """`qk_norm_mrope`'s arguments after (positions, q, k): the q / k norm weights (None without norms), eps,
+        the rotary cache, head dim and mRoPE sections."""
+        attn, rope = self.self_attn, self.self_attn.rotary_emb
+        has_norm = isinstance(attn.q_norm, RMSNorm)
+        return (attn.q_norm.weight if has_norm else None, attn.k_norm.weight if has_norm else None,
+                attn.q_norm.variance_epsilon if has_norm else 0.0, rope.cos_sin_cache, attn.head_dim,
+                rope.mrope_section, rope.mrope_interleaved)  # fmt: skip
+
+    def compile_kernels(self) -> None:
+        """Compile the fused kernels' variants for this layer's shapes now (M = 1, on its uninitialized weights)."""
+        attn, mlp = self.self_attn, self.mlp
+        norm, post_norm = self.input_layernorm, self.post_attention_layernorm
+        x = attn.qkv_proj.weight.new_zeros(1, attn.qkv_proj.weight.shape[1])
+        qkv = decode_kernels.rms_norm_linear(x, norm.weight, norm.variance_epsilon, attn.qkv_proj.weight)
+        decode_kernels.add_rms_norm_linear(x, x, norm.weight, norm.variance_epsilon, attn.qkv_proj.weight, False)
+        eps, weight = post_norm.variance_epsilon, mlp.gate_up_proj.weight
+        decode_kernels.add_rms_norm_linear(x, x, post_norm.weight, eps, weight, True)
+        q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        positions = torch.zeros(3, 1, dtype=torch.long, device=x.device)
+        decode_kernels.qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args())
+
+
+def _is_plain_rms_norm(norm: nn.Module) -> bool:
+    return type(norm) is RMSNorm and norm.has_weight and norm.variance_size_override is None
+
+
+@functools.cache
+def _batch1_layer_class(layer_class: type) -> type:
+    return type(f"Batch1{layer_class.__name__}", (Batch1DecoderLayer, layer_class), {})
+
+
+def use_batch1_decoder_layers(language_model: nn.Module) -> None:
+    """Give `language_model`'s decoder layers the fused forward of `Batch1DecoderLayer` if all of them support it
+    (after `use_batch1_gemv`), and compile its kernels now."""
+    layers = [layer for layer in language_model.model.layers if isinstance(layer, Qwen3DecoderLayer)]
+    if not layers or not all(Batch1DecoderLayer.supports(layer) for layer in layers):
+        return
+    for layer in layers:
+        layer.__class__ = _batch1_layer_class(type(layer))
+    if layers[0].self_attn.qkv_proj.weight.is_cuda:
+        layers[0].compile_kernels()
 
 
 class Cosmos3ReasonerForConditionalGeneration(Cosmos3ForConditionalGeneration):
@@ -131,14 +193,15 @@ class Cosmos3ReasonerForConditionalGeneration(Cosmos3ForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = "model") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        dtype = vllm_config.model_config.dtype
-        if current_platform.is_cuda() and dtype in (torch.bfloat16, torch.float16) and not envs.VLLM_BATCH_INVARIANT:
-            use_batch1_gemv(self.language_model, dtype)
         if not KeyNorms.of_checkpoint(vllm_config.model_config.model).qk_norm_for_text:
             for layer in self.language_model.model.layers:
                 if hasattr(layer, "self_attn"):  # not a pipeline-parallel placeholder
                     layer.self_attn.q_norm = nn.Identity()
                     layer.self_attn.k_norm = nn.Identity()
+        dtype = vllm_config.model_config.dtype
+        if current_platform.is_cuda() and dtype in decode_kernels.HALF_DTYPES and not envs.VLLM_BATCH_INVARIANT:
+            use_batch1_gemv(self.language_model)
+            use_batch1_decoder_layers(self.language_model)
 
     def recompute_mrope_positions(
         self,
