@@ -1,7 +1,7 @@
 """Reasoner throughput: our vLLM plugin against stock vLLM's `Cosmos3ForConditionalGeneration`, same run, same card.
 
     python bench/reasoner_throughput.py CKPT [--num-requests 256 --input-len 512 --output-len 256] [--json OUT]
-        [--decode-only] [--profile] [--[no-]async-scheduling]
+        [--decode-only] [--profile] [--[no-]async-scheduling] [--attention-splits N]
 
 CKPT is a configs-only checkpoint (`cosmos3-serve make-tiny CKPT --shape nano`): weights are vLLM's dummy
 weights, so the numbers are about kernels and scheduling, not accuracy. Each implementation runs in its own
@@ -20,6 +20,8 @@ vLLM's `VLLM_PLUGINS` allow-list. Measured per implementation:
   the GPU sits idle between kernels.
 
 `--decode-only` skips the throughput run. Async scheduling is vLLM's default unless `--[no-]async-scheduling`.
+`--attention-splits N` caps FlashAttention's KV splits under CUDA graphs (both implementations): 1 has no
+split-combine kernel.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ PROFILE_STEPS = 64
 # First match wins: FlashAttention 3's kernels are CUTLASS kernels too.
 KERNEL_CLASSES = (
     ("kv_cache_write", ("reshape_and_cache",)),
-    ("attention", ("flash", "fmha")),
+    ("attention", ("flash", "fmha", "decode_attention")),
     ("gemv", ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitk")),
 )
 
@@ -147,6 +149,8 @@ def run_one(args: argparse.Namespace) -> dict:
         async_scheduling=args.async_scheduling,
         disable_log_stats=False,  # per-request metrics: vLLM's own time per output token
         seed=0,
+        **({} if args.attention_splits is None else
+           {"attention_config": {"flash_attn_max_num_splits_for_cuda_graph": args.attention_splits}}),
     )
     vocab = llm.llm_engine.model_config.get_vocab_size()
     rng = np.random.default_rng(0)
@@ -211,6 +215,9 @@ def main() -> int:
                         help="overlap scheduling with the forward (default: vLLM's default)")
     parser.add_argument("--decode-only", action="store_true", help="skip the throughput run")
     parser.add_argument("--profile", action="store_true", help="GPU time split of batch-1 decode steps")
+    parser.add_argument("--attention-splits", type=int, default=None,
+                        help="FlashAttention's most KV splits under CUDA graphs, both implementations (vLLM's "
+                             "`attention_config.flash_attn_max_num_splits_for_cuda_graph`; default vLLM's, 32)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--impl", choices=["ours", "stock"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
