@@ -258,7 +258,6 @@ class GenerationService:
             for job, _ in admit.values():
                 self._admitted[job.id] = job
             started = time.perf_counter()
-            metrics.BATCH_SIZE.observe(len(self._admitted))
             try:
                 tick = await self._rpc("cosmos3_tick", entries, cancel, forget, True)
             except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
@@ -266,6 +265,8 @@ class GenerationService:
                     await self._drop(job, error=f"denoising failed: {exc}")
                 continue
             metrics.STEP_SECONDS.observe(time.perf_counter() - started)
+            if tick["progress"]:
+                metrics.BATCH_SIZE.observe(len(tick["progress"]))
             self._admitted_by(tick["errors"], [job for job, _ in admit.values()])
             self._progress(tick["progress"])
             finished = [self._admitted.pop(job_id) for job_id in tick["results"] if job_id in self._admitted]

@@ -24,11 +24,12 @@ PHASE_SECONDS = Histogram(
 )
 QUEUE_DEPTH = Gauge("cosmos3_generation_queue_depth", "Jobs whose prompts are being prefilled, not yet denoising")
 BATCH_SIZE = Histogram(
-    "cosmos3_denoise_batch_size", "Jobs denoised together in one step", buckets=(1, 2, 4, 8, 16, 32, 64)
+    "cosmos3_denoise_batch_size", "Jobs denoised together in one step (within the step's token budget)", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
 STEP_SECONDS = Histogram(
     "cosmos3_denoise_step_seconds",
-    "Wall time of one denoising step of the whole batch",
+    "Wall time of one denoising step of the batch, as the service sees it (one tick: admissions and the decode of "
+    "the jobs that finished in it included)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 PROMPT_KV_TOKENS = Counter(
