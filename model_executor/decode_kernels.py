@@ -101,6 +101,35 @@ def _gemv_kernel(
         tl.store(y_ptr + outputs, y.to(y_ptr.dtype.element_ty), mask=outputs < N)
 
 
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, K, eps, BLOCK_K: tl.constexpr):
+    """Row `program_id` of [M, K]: residual_out = x + residual rounded to its dtype, out = rmsnorm(residual_out)
+    rounded, times weight (vLLM's `fused_add_rms_norm`, out of place)."""
+    offsets = tl.program_id(0).to(tl.int64) * K + tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    z = (z + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
+    tl.store(residual_out_ptr + offsets, z, mask=mask)
+    z = z.to(tl.float32)
+    normed = (z * tl.rsqrt(tl.sum(z * z, 0) / K + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    out = normed * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm_rows(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_add_rms_norm_kernel` over contiguous rows x, residual [M, K]: (rmsnorm(x + residual) * weight, x + residual)
+    in one kernel, where vLLM's C kernel works in place."""
+    k = x.shape[-1]
+    out, residual_out = x.new_empty(x.shape), x.new_empty(x.shape)
+    block = _next_power_of_2(k)
+    _add_rms_norm_kernel[(x.numel() // k,)](x, residual, weight, out, residual_out, k, eps, BLOCK_K=block,
+                                            num_warps=min(max(block // 512, 1), 16))  # fmt: skip
+    return out, residual_out
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -159,6 +188,8 @@ def _add_rms_norm(
     """(rmsnorm(x + residual) * weight, x + residual), out of place."""
     if not x.is_cuda:
         return ir.ops.fused_add_rms_norm(x, residual, weight, eps)
+    if x.is_contiguous() and residual.is_contiguous() and x.dtype == residual.dtype == weight.dtype:
+        return add_rms_norm_rows(x, residual, weight, eps)
     residual_out = x + residual
     return _rms_norm(residual_out, weight, eps), residual_out
 

@@ -62,7 +62,18 @@ def run_interpreted_checks() -> None:
     for dtype in (torch.float32, torch.float16):
         for interleaved in (True, False):
             check_qk_norm_mrope_kernel(decode_kernels, dtype, interleaved)
+        for num_tokens, k in ((3, 256), (2, 200)):
+            check_add_rms_norm_rows(decode_kernels, num_tokens, k, dtype)
     print("all interpreted checks passed")
+
+
+def check_add_rms_norm_rows(decode_kernels, num_tokens: int, k: int, dtype: torch.dtype) -> None:
+    """M > 1 on CUDA: the residual add and RMSNorm of every row in one kernel."""
+    x, residual = torch.randn(num_tokens, k, dtype=dtype), torch.randn(num_tokens, k, dtype=dtype)
+    weight = torch.randn(k, dtype=dtype)
+    out, residual_out = decode_kernels.add_rms_norm_rows(x, residual, weight, EPS)
+    assert torch.equal(residual_out, x + residual), (num_tokens, k, dtype)
+    assert_close(out, rms_norm_reference(x + residual, weight), dtype, f"add_rms_norm_rows M={num_tokens} K={k}")
 
 
 def check_gemv_kernels(decode_kernels, n: int, k: int, dtype: torch.dtype) -> None:
