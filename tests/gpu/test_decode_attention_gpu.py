@@ -17,8 +17,6 @@ with it. Skipped without CUDA; run on the GPU machine with `COSMOS3_TEST_CHECKPO
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.gpu.test_decode_kernels_gpu import MAX_TOKENS, PROMPTS, TOP_LOGPROBS, _assert_same_greedy_up_to_ties
+from tests.gpu.greedy_probe import assert_same_greedy_up_to_ties, greedy_outputs, probe_engine, run_probe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -175,38 +173,21 @@ def test_time_against_flash_attention_3(decode_attention, monkeypatch, seq_len: 
     print(f"\n{torch.cuda.get_device_name()}, {seq_len} keys, us per layer: " + ", ".join(times))
 
 
-def _greedy_run(tiny_checkpoint: Path, mode: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{mode}.json"
-    torch.cuda.empty_cache()  # this process's cached blocks: the probe's engine sizes itself from free memory
-    # In the probe's own process (where the "fa3" probe patches the reasoner), no compile cache (as in
-    # test_decode_kernels_gpu).
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_DISABLE_COMPILE_CACHE": "1"}
-    subprocess.run([sys.executable, "-m", "tests.gpu.test_decode_attention_gpu", str(tiny_checkpoint), mode, str(out)],
-                   env=env, cwd=Path(__file__).parents[2], check=True, timeout=1200)  # fmt: skip
-    return json.loads(out.read_text())
-
-
 def test_greedy_tokens_with_our_attention_and_with_fa3(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    ours = _greedy_run(tiny_checkpoint, "ours", tmp_path)
-    fa3 = _greedy_run(tiny_checkpoint, "fa3", tmp_path)
+    ours = run_probe(__name__, tiny_checkpoint, "ours", tmp_path)
+    fa3 = run_probe(__name__, tiny_checkpoint, "fa3", tmp_path)
     assert ours["our_attention_layers"] == ours["num_layers"] > 0 and fa3["our_attention_layers"] == 0
-    for mode in ("one_at_a_time", "batched"):
-        for our_output, reference in zip(ours[mode], fa3[mode], strict=True):
-            _assert_same_greedy_up_to_ties(our_output, reference)
+    assert_same_greedy_up_to_ties(ours, fa3)
 
 
 def main() -> None:
-    """The probe: one engine (CUDA graphs, bf16, fused decoder layers) with our attention or vLLM's FA3, its greedy
-    outputs."""
-    from vllm import LLM, SamplingParams
-
+    """The probe: one engine (fused decoder layers) with our attention or vLLM's FA3, its greedy outputs."""
     from cosmos3_serve.model_executor.decode_attention import Batch1AttentionImpl
 
-    checkpoint, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    if mode == "fa3":
+    checkpoint, variant, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    if variant == "fa3":
         Batch1AttentionImpl.supports = staticmethod(lambda attention: False)
-    llm = LLM(checkpoint, dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.2, seed=0,
-              max_num_seqs=len(PROMPTS), limit_mm_per_prompt={"image": 1, "video": 1})  # fmt: skip
+    llm = probe_engine(checkpoint)
 
     def count_layers(worker) -> tuple[int, int]:
         layers = worker.model_runner.get_model().language_model.model.layers
@@ -214,17 +195,8 @@ def main() -> None:
         return ours, len(layers)
 
     [(our_attention_layers, num_layers)] = llm.collective_rpc(count_layers)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_LOGPROBS)
-
-    def greedy(outputs) -> list[dict]:
-        return [{"tokens": list(o.outputs[0].token_ids),
-                 "logprobs": [{str(t): e.logprob for t, e in step.items()} for step in o.outputs[0].logprobs]}
-                for o in outputs]  # fmt: skip
-
-    one_at_a_time = [greedy(llm.generate([prompt], params, use_tqdm=False))[0] for prompt in PROMPTS]
-    batched = greedy(llm.generate(list(PROMPTS), params, use_tqdm=False))
     Path(out).write_text(json.dumps({"our_attention_layers": our_attention_layers, "num_layers": num_layers,
-                                     "one_at_a_time": one_at_a_time, "batched": batched}))  # fmt: skip
+                                     **greedy_outputs(llm)}))  # fmt: skip
 
 
 if __name__ == "__main__":

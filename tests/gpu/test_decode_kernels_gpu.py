@@ -13,13 +13,13 @@ the fused decoder layers. Skipped without CUDA; run on the GPU machine with `COS
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.gpu.greedy_probe import assert_same_greedy_up_to_ties, greedy_outputs, probe_engine, run_probe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -30,12 +30,6 @@ HIDDEN, INTERMEDIATE, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 4096, 12288, 32, 8, 
 QKV_ROWS = (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
 MROPE_SECTION = [24, 20, 20]
 EPS = 1e-6
-PROMPTS = ("A robot arm picks up a red cube.", "Describe the scene:", "The weather today is", "Once upon a time")
-MAX_TOKENS, TOP_LOGPROBS = 24, 5
-# Where the two engines' greedy tokens part, the unfused engine's logprobs of both tokens must be this close: a tie
-# that bf16 rounding may break either way (random tiny weights). Before it, same top-1 logprob within this.
-TIE_LOGPROB = 0.05
-LOGPROB_ATOL = 0.1
 
 
 def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -153,63 +147,28 @@ def test_fused_ops_replay_in_cuda_graph(ops, mrope) -> None:
         assert torch.equal(ours, theirs) and not torch.equal(ours, before)
 
 
-def _greedy_run(tiny_checkpoint: Path, mode: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{mode}.json"
-    torch.cuda.empty_cache()  # this process's cached blocks: the probe's engine sizes itself from free memory
-    # The engine in the probe's own process (where the "unfused" probe patches the reasoner), and no compile cache:
-    # vLLM would load the other probe's compiled graph (same config and sources), fused ops included.
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_DISABLE_COMPILE_CACHE": "1"}
-    subprocess.run([sys.executable, "-m", "tests.gpu.test_decode_kernels_gpu", str(tiny_checkpoint), mode, str(out)],
-                   env=env, cwd=Path(__file__).parents[2], check=True, timeout=1200)  # fmt: skip
-    return json.loads(out.read_text())
-
-
-def _assert_same_greedy_up_to_ties(ours: dict, reference: dict) -> None:
-    for step, (token, expected) in enumerate(zip(ours["tokens"], reference["tokens"])):
-        top = {int(t): lp for t, lp in reference["logprobs"][step].items()}
-        if token != expected:  # only where the reference had a near-tie, and then the sequences part
-            assert token in top and top[expected] - top[token] <= TIE_LOGPROB, (step, token, expected, top)
-            return
-        assert abs(ours["logprobs"][step][str(token)] - top[token]) <= LOGPROB_ATOL, (step, token)
-
-
 def test_greedy_tokens_with_and_without_fused_layers(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    fused = _greedy_run(tiny_checkpoint, "fused", tmp_path)
-    unfused = _greedy_run(tiny_checkpoint, "unfused", tmp_path)
+    fused = run_probe(__name__, tiny_checkpoint, "fused", tmp_path)
+    unfused = run_probe(__name__, tiny_checkpoint, "unfused", tmp_path)
     assert fused["fused_layers"] == fused["num_layers"] > 0 and unfused["fused_layers"] == 0
-    for mode in ("one_at_a_time", "batched"):
-        for ours, reference in zip(fused[mode], unfused[mode], strict=True):
-            _assert_same_greedy_up_to_ties(ours, reference)
+    assert_same_greedy_up_to_ties(fused, unfused)
 
 
 def main() -> None:
-    """The probe: one engine (CUDA graphs, bf16) with or without the fused decoder layers, its greedy outputs."""
-    from vllm import LLM, SamplingParams
-
+    """The probe: one engine with or without the fused decoder layers, its greedy outputs."""
     from cosmos3_serve.model_executor import reasoner
 
-    checkpoint, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    if mode == "unfused":
+    checkpoint, variant, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    if variant == "unfused":
         reasoner.use_batch1_decoder_layers = lambda language_model: None
-    llm = LLM(checkpoint, dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.2, seed=0,
-              max_num_seqs=len(PROMPTS), limit_mm_per_prompt={"image": 1, "video": 1})  # fmt: skip
+    llm = probe_engine(checkpoint)
 
     def count_layers(worker) -> tuple[int, int]:
         layers = worker.model_runner.get_model().language_model.model.layers
         return sum(isinstance(layer, reasoner.Batch1DecoderLayer) for layer in layers), len(layers)
 
     [(fused_layers, num_layers)] = llm.collective_rpc(count_layers)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_LOGPROBS)
-
-    def greedy(outputs) -> list[dict]:
-        return [{"tokens": list(o.outputs[0].token_ids),
-                 "logprobs": [{str(t): e.logprob for t, e in step.items()} for step in o.outputs[0].logprobs]}
-                for o in outputs]  # fmt: skip
-
-    one_at_a_time = [greedy(llm.generate([prompt], params, use_tqdm=False))[0] for prompt in PROMPTS]
-    batched = greedy(llm.generate(list(PROMPTS), params, use_tqdm=False))
-    Path(out).write_text(json.dumps({"fused_layers": fused_layers, "num_layers": num_layers,
-                                     "one_at_a_time": one_at_a_time, "batched": batched}))  # fmt: skip
+    Path(out).write_text(json.dumps({"fused_layers": fused_layers, "num_layers": num_layers, **greedy_outputs(llm)}))
 
 
 if __name__ == "__main__":
