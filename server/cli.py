@@ -66,6 +66,13 @@ def _env(name: str, default=None, kind=str):
     return default if value in (None, "") else kind(value)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosmos3-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--video-pruning-rate", type=float, default=None, help="fraction of video tokens to prune (EVS), in [0, 1)"
     )
     serve.add_argument("--video-pruning-method", choices=["evs", "vidcom2"], default="evs")
-    serve.add_argument("--max-request-bytes", type=int, default=_env("NIM_MAX_REQUEST_BYTES", 64 << 20, int),
+    serve.add_argument("--max-request-bytes", type=_positive_int,
+                       default=_env("NIM_MAX_REQUEST_BYTES", 64 << 20, _positive_int),
                        help="larger request bodies get 413 [NIM_MAX_REQUEST_BYTES]")
-    serve.add_argument("--max-generation-jobs", type=int, default=_env("NIM_MAX_GENERATION_JOBS", 64, int),
+    serve.add_argument("--max-generation-jobs", type=_positive_int,
+                       default=_env("NIM_MAX_GENERATION_JOBS", 64, _positive_int),
                        help="generation jobs queued or running at once; more get 429 [NIM_MAX_GENERATION_JOBS]")
-    serve.add_argument("--max-generation-batch-tokens", type=int,
-                       default=_env("NIM_MAX_GENERATION_BATCH_TOKENS", None, int),
+    serve.add_argument("--max-generation-batch-tokens", type=_positive_int,
+                       default=_env("NIM_MAX_GENERATION_BATCH_TOKENS", None, _positive_int),
                        help="generator tokens per denoising step (default 2048); later jobs wait for a place in "
                             "the batch [NIM_MAX_GENERATION_BATCH_TOKENS]")
     serve.add_argument("--load-format", choices=["auto", "dummy"], default="auto",

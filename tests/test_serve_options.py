@@ -15,14 +15,23 @@ from cosmos3_serve.server.launcher import ServeOptions, vllm_engine_argv
 
 def test_nim_environment_variables_are_defaults_and_flags_win(monkeypatch, tiny_checkpoint: Path) -> None:
     env = {"NIM_MODEL_PATH": str(tiny_checkpoint), "NIM_PRECISION": "fp8", "NIM_TENSOR_PARALLEL_SIZE": "2",
-           "NIM_SERVER_PORT": "9123", "NIM_API_KEY": "k", "NIM_MAX_GENERATION_JOBS": "7"}  # fmt: skip
+           "NIM_SERVER_PORT": "9123", "NIM_API_KEY": "k", "NIM_MAX_GENERATION_JOBS": "7",
+           "NIM_MAX_GENERATION_BATCH_TOKENS": "4096"}  # fmt: skip
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     args = build_parser().parse_args(["serve"])
     assert (args.checkpoint, args.precision, args.tensor_parallel_size, args.port, args.api_key,
-            args.max_generation_jobs) == (str(tiny_checkpoint), "fp8", 2, 9123, "k", 7)  # fmt: skip
+            args.max_generation_jobs, args.max_generation_batch_tokens) == (str(tiny_checkpoint), "fp8", 2, 9123,
+                                                                           "k", 7, 4096)  # fmt: skip
     flags = build_parser().parse_args(["serve", "/elsewhere", "--precision", "bf16", "--port", "8001"])
     assert (flags.checkpoint, flags.precision, flags.port) == ("/elsewhere", "bf16", 8001)
+
+
+@pytest.mark.parametrize("flag", ["--max-generation-batch-tokens", "--max-generation-jobs", "--max-request-bytes"])
+def test_limits_must_be_positive(flag: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "/ckpt", flag, "0"])
+    assert exit_info.value.code == 2 and f"argument {flag}: must be a positive integer, not 0" in capsys.readouterr().err
 
 
 def test_precision_becomes_engine_arguments(tiny_checkpoint: Path) -> None:
