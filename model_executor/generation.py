@@ -303,14 +303,9 @@ class ConditioningClip:
     clean frames that lead the clip need only the pixel frames up to the last of them: an image-conditioned video
     or a policy request encodes one frame, not the whole clip; the rest of the latents are noise anyway."""
 
-    pixels: torch.Tensor  # [1, 3, T, H, W] in [-1, 1], T = 1 + temporal * (encoded latent frames - 1)
+    pixels: torch.Tensor  # [1, 3, T, H, W] in [-1, 1], T = 1 + temporal * (clean latent frames - 1)
     latent_frames: int  # latent frames of the whole clip
     content_hw: tuple[int, int]  # latent (height, width) to keep: an action canvas' content, without its padding
-    temporal: int  # the VAE's temporal compression
-
-    def prefix(self, clean_frames: int) -> ConditioningClip:
-        """The clip cut to the pixel frames that its first `clean_frames` latent frames see."""
-        return dataclasses.replace(self, pixels=self.pixels[:, :, : 1 + self.temporal * (clean_frames - 1)])
 
     def latents(self, encoded: torch.Tensor) -> torch.Tensor:
         """`[1, C, latent_frames, h, w]` of the encoded prefix: the content kept, zeros after the encoded frames."""
@@ -558,16 +553,15 @@ class DiffusionExecutor:
                                   request.condition_frame_indexes)  # fmt: skip
             if not mask.any():
                 return None
-            pixels = conditioning_clip(request.num_frames, request.height, request.width, request.image, request.video,
+            pixel_frames = 1 + temporal * int(mask.nonzero().max())  # up to the last clean latent frame
+            pixels = conditioning_clip(pixel_frames, request.height, request.width, request.image, request.video,
                                        request.condition_frame_indexes)  # fmt: skip
-            clean_frames = int(mask.nonzero().max()) + 1
-            return ConditioningClip(pixels, shape[2], shape[3:], temporal).prefix(clean_frames)
-        pixels, (content_h, content_w) = action_conditioning_clip(request.action_frames, request.action_chunk_size + 1,
+            return ConditioningClip(pixels, shape[2], shape[3:])
+        latent_frames = request.action_chunk_size // temporal + 1  # of the clip's action_chunk_size + 1 frames
+        clean_frames = latent_frames if request.action_mode == INVERSE_DYNAMICS else 1  # every frame / the first
+        pixels, (content_h, content_w) = action_conditioning_clip(request.action_frames, 1 + temporal * (clean_frames - 1),
                                                                   request.action_canvas)  # fmt: skip
-        latent_frames = (pixels.shape[2] - 1) // temporal + 1
-        clip = ConditioningClip(pixels, latent_frames, (max(content_h // spatial, 1), max(content_w // spatial, 1)),
-                                temporal)  # fmt: skip
-        return clip if request.action_mode == INVERSE_DYNAMICS else clip.prefix(1)  # clean: every frame / the first
+        return ConditioningClip(pixels, latent_frames, (max(content_h // spatial, 1), max(content_w // spatial, 1)))
 
     def _video_latents(
         self, request: GenerationRequest, generator: torch.Generator, clean: torch.Tensor | None

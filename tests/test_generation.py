@@ -167,6 +167,23 @@ def test_conditioned_video_latents_equal_the_reference(generator, diffusers_pipe
     assert (ours - reference).abs().max() <= LATENT_ATOL
 
 
+def test_the_vae_encodes_only_the_frames_clean_latents_see(generator, vllm_reasoner, monkeypatch) -> None:
+    """The VAE is causal in time: image conditioning (clean latent frame 0) needs pixel frame 0; video conditioning
+    of latent frames (0, 1) needs pixel frames 0..4 (the latents equal the reference: the tests above)."""
+    from PIL import Image
+
+    from tests import media
+
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
+    encoded_frames, encode = [], executor.vae.encode
+    monkeypatch.setattr(executor.vae, "encode", lambda pixels: encoded_frames.append(pixels.shape[2]) or encode(pixels))
+    frames = [Image.fromarray(f) for f in media.smooth_video(seed=12, num_frames=9, height=32, width=64)]
+    for condition in ({"image": media.smooth_image(seed=11, height=32, width=64)}, {"video": frames}):
+        generator.generate_latents(GenerationRequest(PROMPT, num_frames=17, height=32, width=64, num_inference_steps=1,
+                                                     guidance_scale=1.0, **condition))  # fmt: skip
+    assert encoded_frames == [1, 5]
+
+
 def test_odd_latent_sizes_are_padded_like_the_reference(generator, diffusers_pipeline) -> None:
     # 48x80 px -> 3x5 latents: an odd grid for 2x2 patches (like 720p: 45x80 latents).
     common = dict(negative_prompt=NEGATIVE, num_frames=1, height=48, width=80, num_inference_steps=2)
