@@ -132,60 +132,42 @@ def take_prompt_kv(worker: Any, key: str) -> PromptKV:
 
 
 class PagedKVReader:
-    """Reads K and V of whole blocks out of one layer's paged KV cache.
+    """Reads K and V of whole blocks out of one layer's paged KV cache of vLLM's CPU backend (on CUDA, vLLM's
+    FlashAttention caches of all layers are read by one kernel: `kv_gather`).
 
-    Every backend we run exposes the logical cache shape `[num_blocks, num_kv_heads, block_size, 2 * head_dim]`;
-    what differs is where K and V sit inside the last two dimensions:
-    - `FLASH_ATTN` (GPU): K is `[..., :head_dim]`, V is `[..., head_dim:]`.
-    - `CPU_ATTN`: per block and head, one slab of `block_size * head_dim` for K then one for V, packed by the
-      kernel's instruction set: `vec` stores K transposed (`[head_dim, block_size]`) and V as is; `amx` stores
-      K as 16-token tiles of bf16 pairs and V as `[head_dim / 16, block_size / 2, 16, 2]` tiles.
+    The logical cache shape is `[num_blocks, num_kv_heads, block_size, 2 * head_dim]`: per block and head, one slab
+    of `block_size * head_dim` for K then one for V, packed by the kernel's instruction set: `vec` stores K
+    transposed (`[head_dim, block_size]`) and V as is; `amx` stores K as 16-token tiles of bf16 pairs and V as
+    `[head_dim / 16, block_size / 2, 16, 2]` tiles.
     """
 
-    def __init__(self, cache: torch.Tensor, layout: str, scheduler_block_size: int) -> None:
-        if layout not in ("flash", "cpu_vec", "cpu_amx"):
+    def __init__(self, cache: torch.Tensor, layout: str) -> None:
+        if layout not in ("cpu_vec", "cpu_amx"):
             raise NotImplementedError(f"reading K/V from a {layout!r} paged cache is not supported")
         self.cache = cache
         self.layout = layout
         _, self.num_kv_heads, self.block_size, two_head_dim = cache.shape
         self.head_dim = two_head_dim // 2
-        # The kernel may split each scheduler block into several smaller cache blocks.
-        self.blocks_per_scheduler_block = scheduler_block_size // self.block_size
 
     @classmethod
-    def for_attention_layer(
-        cls, cache: torch.Tensor, attention: torch.nn.Module, scheduler_block_size: int
-    ) -> PagedKVReader:
+    def for_attention_layer(cls, cache: torch.Tensor, attention: torch.nn.Module) -> PagedKVReader:
         backend = attention.attn_backend.get_name()
-        if backend == "FLASH_ATTN":
-            layout = "flash"
-        elif backend == "CPU_ATTN":
-            layout = f"cpu_{getattr(attention.impl, 'isa', None) or getattr(attention, 'isa', None)}"
-        else:
-            layout = backend
-        return cls(cache, layout, scheduler_block_size)
-
-    def block_index(self, block_ids: list[int]) -> torch.Tensor:
-        """The cache blocks of scheduler blocks `block_ids`, on the cache's device (build once, read every layer)."""
-        r = self.blocks_per_scheduler_block
-        return torch.tensor([b * r + j for b in block_ids for j in range(r)]).to(self.cache.device, non_blocking=True)
+        if backend == "CPU_ATTN":
+            return cls(cache, f"cpu_{getattr(attention.impl, 'isa', None) or getattr(attention, 'isa', None)}")
+        return cls(cache, backend)
 
     def read(self, index: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V `[num_tokens, num_kv_heads, head_dim]` of the first `num_tokens` slots of the cache blocks `index`
-        (`block_index`)."""
+        """K, V `[num_tokens, num_kv_heads, head_dim]` of the first `num_tokens` slots of the cache blocks `index`."""
         blocks = self.cache.index_select(0, index)  # [nb, H, N, 2D]
         nb, h, n, d = len(index), self.num_kv_heads, self.block_size, self.head_dim
-        if self.layout == "flash":
-            k, v = blocks[..., :d], blocks[..., d:]  # [nb, H, N, D]
-        else:
-            slabs = blocks.view(nb, h, 2, n * d)
-            if self.layout == "cpu_vec":
-                k = slabs[:, :, 0].reshape(nb, h, d, n).transpose(-1, -2)
-                v = slabs[:, :, 1].reshape(nb, h, n, d)
-            else:  # cpu_amx: K in int32 pairs of bf16, 16 tokens per tile
-                k_pairs = slabs[:, :, 0].contiguous().view(torch.int32).view(nb, h, n // 16, d // 2, 16)
-                k = k_pairs.permute(0, 1, 2, 4, 3).contiguous().view(blocks.dtype).view(nb, h, n, d)
-                v = slabs[:, :, 1].reshape(nb, h, d // 16, n // 2, 16, 2).permute(0, 1, 3, 5, 2, 4).reshape(nb, h, n, d)
+        slabs = blocks.view(nb, h, 2, n * d)
+        if self.layout == "cpu_vec":
+            k = slabs[:, :, 0].reshape(nb, h, d, n).transpose(-1, -2)
+            v = slabs[:, :, 1].reshape(nb, h, n, d)
+        else:  # cpu_amx: K in int32 pairs of bf16, 16 tokens per tile
+            k_pairs = slabs[:, :, 0].contiguous().view(torch.int32).view(nb, h, n // 16, d // 2, 16)
+            k = k_pairs.permute(0, 1, 2, 4, 3).contiguous().view(blocks.dtype).view(nb, h, n, d)
+            v = slabs[:, :, 1].reshape(nb, h, d // 16, n // 2, 16, 2).permute(0, 1, 3, 5, 2, 4).reshape(nb, h, n, d)
         k = k.transpose(1, 2).reshape(nb * n, h, d)[:num_tokens]
         v = v.transpose(1, 2).reshape(nb * n, h, d)[:num_tokens]
         return k.contiguous(), v.contiguous()
@@ -238,8 +220,10 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._pending: dict[str, Any] = {}  # scheduler: request id -> Request, until its prefill completes
         self._block_ids: dict[str, list[int]] = {}  # scheduler: blocks of pending requests, cached prefix included
-        self._readers: list[PagedKVReader] = []  # worker: one per attention layer, in layer order
+        self._readers: list[PagedKVReader] = []  # worker on CPU: one per attention layer, in layer order
         self._gather = None  # worker on CUDA: a `kv_gather.PagedKVGather` over all layers' caches
+        self._blocks_per_scheduler_block = 1  # worker: the attention kernel may split scheduler blocks
+        self._cache_device = torch.device("cpu")
         self._key_norms = KeyNorms.of_checkpoint(vllm_config.model_config.model)
         self._generator_key_norm: GeneratorKeyNorm | None = None  # worker, when the checkpoint needs it
 
@@ -299,13 +283,15 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         attention_layers = self._vllm_config.compilation_config.static_forward_context
         names = sorted(kv_caches, key=lambda name: int(_LAYER_INDEX.search(name).group(1)))
-        self._readers = [
-            PagedKVReader.for_attention_layer(kv_caches[name], attention_layers[name], self._block_size) for name in names
-        ]
-        if all(reader.layout == "flash" and reader.cache.is_cuda for reader in self._readers):
+        caches, layers = [kv_caches[name] for name in names], [attention_layers[name] for name in names]
+        self._blocks_per_scheduler_block = self._block_size // caches[0].shape[2]  # cache blocks per scheduler block
+        self._cache_device = caches[0].device
+        if caches[0].is_cuda and all(layer.attn_backend.get_name() == "FLASH_ATTN" for layer in layers):
             from cosmos3_serve.model_executor.kv_gather import PagedKVGather
 
-            self._gather = PagedKVGather([reader.cache for reader in self._readers])
+            self._gather = PagedKVGather(caches)
+        else:
+            self._readers = [PagedKVReader.for_attention_layer(cache, layer) for cache, layer in zip(caches, layers)]
         if self._key_norms.und_k_norm_for_gen:
             self._generator_key_norm = GeneratorKeyNorm.from_checkpoint(self._vllm_config.model_config.model, len(names))
 
@@ -324,7 +310,8 @@ class Cosmos3KVExportConnector(KVConnectorBase_V1):
 
     def read_prompt(self, block_ids: list[int], num_tokens: int) -> PromptKV:
         """The K/V of a prompt of `num_tokens` tokens in the scheduler blocks `block_ids`, from every layer."""
-        index = self._readers[0].block_index(block_ids)  # every layer's cache has the same block layout
+        r = self._blocks_per_scheduler_block  # every layer's cache has the same block layout: one index for all
+        index = torch.tensor([b * r + j for b in block_ids for j in range(r)]).to(self._cache_device, non_blocking=True)
         if self._gather is not None:
             prompt_kv = PromptKV(self._gather.gather(index, num_tokens))
         else:
