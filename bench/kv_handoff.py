@@ -49,43 +49,37 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def time_export(worker, prompt_lengths: list[int], repeats: int = 20) -> float:
-    """Seconds (median) the connector takes to read prompts of `prompt_lengths` tokens out of every layer's paged
-    cache (any blocks: the copy does not depend on what they hold)."""
+def _median_seconds(work, repeats: int = 20) -> float:
+    """Median wall time of `work()` with the GPU synchronised, after one untimed call."""
+    work()
+    times = []
+    for _ in range(repeats):
+        _synchronize()
+        start = time.perf_counter()
+        work()
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_export(worker, prompt_lengths: list[int]) -> float:
+    """Seconds the connector takes to read prompts of `prompt_lengths` tokens out of every layer's paged cache (any
+    blocks: the copy does not depend on what they hold)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     connector = get_kv_transfer_group()
     block_size = connector._block_size
-
-    def export() -> None:
-        for tokens in prompt_lengths:
-            connector.read_prompt(list(range(1, -(-tokens // block_size) + 1)), tokens)
-
-    export()
-    _synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        export()
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_seconds(lambda: [connector.read_prompt(list(range(1, -(-tokens // block_size) + 1)), tokens)
+                                    for tokens in prompt_lengths])  # fmt: skip
 
 
-def time_kv_into_batch(worker, request_id: str, repeats: int = 20) -> float:
-    """Seconds (median) to build the attention layout of admitted `request_id`'s sequences over their prompt K/V."""
+def time_kv_into_batch(worker, request_id: str) -> float:
+    """Seconds to build the attention layout of admitted `request_id`'s sequences over their prompt K/V."""
     from cosmos3_serve.model_executor.generator import PackedAttention
 
     executor = worker.cosmos3_executor
     [state] = [state for state in executor.active if state.request_id == request_id]
-    times = []
-    for _ in range(repeats):
-        _synchronize()
-        start = time.perf_counter()
-        PackedAttention.build(state.sequences, executor.device)
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_seconds(lambda: PackedAttention.build(state.sequences, executor.device))
 
 
 def time_admit(worker, request_id: str, payload: dict, keys: list[str]) -> float:
