@@ -254,8 +254,7 @@ def add_rms_norm_linear(
         h, residual_out = _add_rms_norm(x, residual, norm_weight, eps)
         y = F.linear(h, weight)
         return _silu_mul(y) if silu_mul else y, residual_out
-    y, residual_out = gemv(x, weight, residual=residual, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul)
-    return y, residual_out
+    return gemv(x, weight, residual=residual, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul)
 
 
 @triton.jit

@@ -262,7 +262,7 @@ class GenerationService:
                 tick = await self._rpc("cosmos3_tick", entries, cancel, forget, True)
             except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
                 for job in list(self._admitted.values()):
-                    await self._drop(job, error=f"denoising failed: {exc}")
+                    self._drop(job, error=f"denoising failed: {exc}")
                 continue
             metrics.STEP_SECONDS.observe(time.perf_counter() - started)
             if tick["progress"]:
@@ -315,7 +315,8 @@ class GenerationService:
             job.phases["encode"] = time.time() - now
             self._finish(job, JobStatus.SUCCEEDED)
 
-    async def _drop(self, job: Job, error: str) -> None:
+    def _drop(self, job: Job, error: str) -> None:
+        """Fail an admitted job; the next tick drops it from the executor."""
         self._admitted.pop(job.id, None)
         self._cancellations.append(job.id)
         self._finish(job, JobStatus.FAILED, error=error)
