@@ -6,8 +6,8 @@ launch does both: program (kv_head, split) attends the GQA group of query heads 
 of whole cache blocks (computed on the device from `seq_lens[0]`, so a CUDA graph captured once replays at any
 length), writes its partial softmax state to a persistent fp32 workspace and takes a ticket from a per-kv-head
 counter; the program that takes the last ticket merges the group's partials into the output and zeroes the
-counter for the next launch. Scores and the weighted sum of values are fp32 multiply + sum (no `tl.dot`: a group
-has few query heads).
+counter for the next launch. Scores and the weighted sum of values are `tl.dot`s (the group's query heads padded
+to the tensor cores' 16 rows), accumulated in fp32.
 
 The cache is vLLM's FLASH_ATTN one: logical `[num_blocks, num_kv_heads, block_size, 2 * head_dim]` (K in
 `[..., :head_dim]`, V in `[..., head_dim:]`), physical order of the first three dimensions per vLLM's cache layout,
@@ -30,25 +30,23 @@ from cosmos3_serve.model_executor import vllm_compat
 if TYPE_CHECKING:
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
 
-# Launch configuration, read at each launch. Not measured yet: tests/gpu/test_decode_attention_gpu.py times others.
+# Launch configuration, read at each launch; tests/gpu/test_decode_attention_gpu.py times others.
 SPLITS = 16  # programs per kv head: 8 kv heads x 16 ~ the 132 SMs of an H100 / H200
 TILE = 64  # keys per loop step (512 to 768 cached tokens: 32 to 48 keys per program, one step)
 NUM_WARPS = 4
+MIN_DOT_ROWS = 16  # tl.dot's smallest M: a GQA group's query heads are padded to it
 
 
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, out_ptr, partial_out_ptr, partial_stats_ptr, counters_ptr,
     stride_q_head, stride_out_head, stride_block, stride_head, stride_slot, block_size, scale,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-    REPS: tl.constexpr, ROWS: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, TILE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Program (kv_head, split): query heads kv_head * GROUP + [0, GROUP) against keys [start, end) of sequence 0,
-    then (last program of kv_head) the merge. Scores are in log2 units (q is scaled by scale * log2(e)).
-
-    A loop step reads REPS x ROWS keys (key rep * ROWS + row); each row keeps its own softmax state (max, sum,
-    weighted values) across steps, so a step reduces over reps within a thread and never across warps; the rows
-    are merged once after the loop. Tensors are [BLOCK_G, REPS, ROWS, HEAD_DIM] or reductions of it."""
+    """Program (kv_head, split): query heads kv_head * GROUP + [0, GROUP) (rows of a [BLOCK_G, HEAD_DIM] tile, the
+    rows past GROUP zero) against keys [start, end) of sequence 0, TILE keys per step on the tensor cores, then
+    (last program of kv_head) the merge. Scores are in log2 units (scaled by scale * log2(e))."""
     kv_head, split = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr)
     num_blocks = tl.cdiv(seq_len, block_size)
@@ -56,54 +54,49 @@ def _decode_attention_kernel(
     start = split * blocks_per_split * block_size
     end = tl.minimum(start + blocks_per_split * block_size, seq_len)
 
-    g = tl.arange(0, BLOCK_G)[:, None, None, None]
-    rep = tl.arange(0, REPS)[None, :, None, None]
-    row = tl.arange(0, ROWS)[None, None, :, None]
-    dim = tl.arange(0, HEAD_DIM)[None, None, None, :]
-    q = tl.load(q_ptr + (kv_head * GROUP + g) * stride_q_head + dim, mask=g < GROUP, other=0.0)
-    q = q.to(tl.float32) * (scale * 1.4426950408889634)  # [BLOCK_G, 1, 1, HEAD_DIM]
+    g, dims, keys = tl.arange(0, BLOCK_G), tl.arange(0, HEAD_DIM), tl.arange(0, TILE)
+    q = tl.load(q_ptr + (kv_head * GROUP + g)[:, None] * stride_q_head + dims[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)  # fmt: skip  # [BLOCK_G, HEAD_DIM]
+    score_scale = scale * 1.4426950408889634
     head_base = cache_ptr + kv_head.to(tl.int64) * stride_head
-    # Per row: running max score (finite: no inf - inf), running sum of exp2(score - m), and of that times values.
-    m = tl.full((BLOCK_G, 1, ROWS, 1), -1.0e30, tl.float32)
-    l = tl.zeros((BLOCK_G, 1, ROWS, 1), tl.float32)
-    acc = tl.zeros((BLOCK_G, 1, ROWS, HEAD_DIM), tl.float32)
-    for tile_start in range(start, end, REPS * ROWS):
-        positions = tile_start + rep * ROWS + row  # [1, REPS, ROWS, 1]
+    # Running max score (finite: no inf - inf), running sum of exp2(score - m), and of that times values.
+    m = tl.full((BLOCK_G,), -1.0e30, tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+    for tile_start in range(start, end, TILE):
+        positions = tile_start + keys  # [TILE]
         valid = positions < end
         blocks = tl.load(block_table_ptr + positions // block_size, mask=valid, other=0).to(tl.int64)
-        slots = head_base + blocks * stride_block + (positions % block_size) * stride_slot + dim
-        k = tl.load(slots, mask=valid, other=0.0).to(tl.float32)  # [1, REPS, ROWS, HEAD_DIM]
-        v = tl.load(slots + HEAD_DIM, mask=valid, other=0.0).to(tl.float32)
-        scores = tl.where(valid, tl.sum(q * k, 3, keep_dims=True), float("-inf"))  # [BLOCK_G, REPS, ROWS, 1]
-        m_new = tl.maximum(m, tl.max(scores, 1, keep_dims=True))
+        slots = head_base + (blocks * stride_block + (positions % block_size) * stride_slot)[:, None] + dims[None, :]
+        k = tl.load(slots, mask=valid[:, None], other=0.0)  # [TILE, HEAD_DIM]
+        v = tl.load(slots + HEAD_DIM, mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * score_scale  # [BLOCK_G, TILE]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new)
-        l = l * alpha + tl.sum(p, 1, keep_dims=True)
-        acc = acc * alpha + tl.sum(p * v, 1, keep_dims=True)
+        p = tl.exp2(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
-    # Merge the rows into this program's partial state, store it, then take a ticket; the last of the kv head's
-    # SPLITS programs merges their partials.
-    m_split = tl.max(m, 2, keep_dims=True)  # [BLOCK_G, 1, 1, 1]
-    row_weights = tl.exp2(m - m_split)
+    # Store this program's partial state, then take a ticket; the last of the kv head's SPLITS programs merges.
     part = kv_head * SPLITS + split
-    tl.store(partial_out_ptr + (part * BLOCK_G + g) * HEAD_DIM + dim, tl.sum(row_weights * acc, 2, keep_dims=True))
-    tl.store(partial_stats_ptr + part * 2 * BLOCK_G + g, m_split)
-    tl.store(partial_stats_ptr + (part * 2 + 1) * BLOCK_G + g, tl.sum(row_weights * l, 2, keep_dims=True))
+    tl.store(partial_out_ptr + (part * BLOCK_G + g)[:, None] * HEAD_DIM + dims[None, :], acc)
+    tl.store(partial_stats_ptr + part * 2 * BLOCK_G + g, m)
+    tl.store(partial_stats_ptr + (part * 2 + 1) * BLOCK_G + g, l)
     tl.debug_barrier()  # every thread's stores issued before the (single-thread) release below
     ticket = tl.atomic_add(counters_ptr + kv_head, 1, sem="acq_rel")
     if ticket == SPLITS - 1:  # all partials are in L2: load them from there (.cg), not from this SM's L1
-        rows_g, dims = tl.arange(0, BLOCK_G), tl.arange(0, HEAD_DIM)
         parts = kv_head * SPLITS + tl.arange(0, SPLITS)
-        stats = partial_stats_ptr + (parts * 2 * BLOCK_G)[:, None] + rows_g[None, :]  # [SPLITS, BLOCK_G]
+        stats = partial_stats_ptr + (parts * 2 * BLOCK_G)[:, None] + g[None, :]  # [SPLITS, BLOCK_G]
         m_parts = tl.load(stats, cache_modifier=".cg")
         weights = tl.exp2(m_parts - tl.max(m_parts, 0)[None, :])  # splits without keys: 0 (l = 0, acc = 0 anyway)
         l_total = tl.sum(weights * tl.load(stats + BLOCK_G, cache_modifier=".cg"), 0)
-        acc_ptrs = partial_out_ptr + ((parts * BLOCK_G)[:, None, None] + rows_g[None, :, None]) * HEAD_DIM + dims
+        acc_ptrs = partial_out_ptr + ((parts * BLOCK_G)[:, None, None] + g[None, :, None]) * HEAD_DIM + dims
         acc_parts = tl.load(acc_ptrs, cache_modifier=".cg")  # [SPLITS, BLOCK_G, HEAD_DIM]
         out = tl.sum(weights[:, :, None] * acc_parts, 0) / tl.where(l_total > 0, l_total, 1.0)[:, None]
-        out_ptrs = out_ptr + (kv_head * GROUP + rows_g)[:, None] * stride_out_head + dims[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows_g < GROUP)[:, None])
+        out_ptrs = out_ptr + (kv_head * GROUP + g)[:, None] * stride_out_head + dims[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
         tl.store(counters_ptr + kv_head, 0)
 
 
@@ -114,6 +107,11 @@ class Workspace(NamedTuple):
     partial_out: torch.Tensor  # [num_kv_heads, splits, BLOCK_G, head_dim] fp32: sum of exp2(score - max) * value
     partial_stats: torch.Tensor  # [num_kv_heads, splits, 2, BLOCK_G] fp32: max score (log2 units), sum of exp2
     counters: torch.Tensor  # [num_kv_heads] int32: programs done; 0 between launches
+
+
+def group_rows(group: int) -> int:
+    """Rows of the kernel's query tile for a GQA group of `group` query heads (BLOCK_G)."""
+    return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
 
 
 @functools.cache
@@ -141,17 +139,13 @@ def decode_attention(
     _, num_heads, head_dim = query.shape
     _, num_kv_heads, block_size, _ = kv_cache.shape
     group = num_heads // num_kv_heads
-    block_g = triton.next_power_of_2(group)
-    # One repetition of the kernel's layout covers ROWS keys: 16-byte vectors along head_dim, the lanes left over
-    # and the warps along keys.
-    lanes_along_dim = min(32, max(1, head_dim * kv_cache.element_size() // 16))
-    rows = 32 // lanes_along_dim * NUM_WARPS
+    block_g = group_rows(group)
     scratch = workspace(query.device, num_kv_heads, SPLITS, block_g, head_dim)
     _decode_attention_kernel[(num_kv_heads, SPLITS)](
         query, kv_cache, block_table, seq_lens, output, scratch.partial_out, scratch.partial_stats, scratch.counters,
         query.stride(1), output.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_size,
-        scale, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, SPLITS=SPLITS,
-        REPS=max(1, TILE // rows), ROWS=rows, num_warps=NUM_WARPS,
+        scale, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, SPLITS=SPLITS, TILE=TILE,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS,
     )  # fmt: skip
 
 

@@ -16,8 +16,11 @@ def png_bytes(frame_hw3: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def mp4_bytes(frames_thw3: np.ndarray, fps: float, crf: int = 18) -> bytes:
-    """H.264 in MP4 at `fps` (yuv420p: width and height are padded to even sizes by repeating the last pixel)."""
+def mp4_bytes(frames_thw3: np.ndarray, fps: float, crf: int = 18, preset: str = "veryfast") -> bytes:
+    """H.264 in MP4 at `fps` (yuv420p: width and height are padded to even sizes by repeating the last pixel).
+
+    x264's `veryfast` preset: a response waits for its encoding, and at the same quality (`crf`) it encodes about 3x
+    faster than the default `medium` for about the same size (17 frames of 320x192: 85 vs 254 ms on one core)."""
     frames = frames_thw3
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
@@ -27,7 +30,7 @@ def mp4_bytes(frames_thw3: np.ndarray, fps: float, crf: int = 18) -> bytes:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        stream.options = {"crf": str(crf), "preset": preset}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())

@@ -80,11 +80,9 @@ def check_decode_attention(
     decode_attention, dtype: torch.dtype, layout: str, num_heads: int, num_kv_heads: int, head_dim: int,
     block_size: int, seq_lens: tuple[int, ...],
 ) -> None:  # fmt: skip
-    import triton
-
     block_table = torch.randperm(NUM_BLOCKS, dtype=torch.int32).view(2, -1)
     scale = head_dim**-0.5
-    block_g = triton.next_power_of_2(num_heads // num_kv_heads)
+    block_g = decode_attention.group_rows(num_heads // num_kv_heads)
     counters = decode_attention.workspace(torch.device("cpu"), num_kv_heads, decode_attention.SPLITS, block_g,
                                           head_dim).counters  # fmt: skip
     for seq_len in seq_lens:
