@@ -38,7 +38,7 @@ PROFILE_STEPS = 64
 # First match wins: FlashAttention 3's kernels are CUTLASS kernels too.
 KERNEL_CLASSES = (
     ("kv_cache_write", ("reshape_and_cache",)),
-    ("attention", ("flash", "fmha", "decode_attention")),
+    ("attention", ("flash", "fmha")),
     ("gemv", ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitk")),
 )
 

@@ -14,16 +14,12 @@ the residual add + RMSNorm as one Triton kernel (`add_rms_norm_rows`), vLLM's C 
   With `silu_mul` (gate_up_proj), vLLM's `SiluAndMul` runs in the GEMV's epilogue: each program multiplies
   matching gate and up rows, and down_proj reads the activation [I] (a prologue in down_proj's GEMV would compute
   each sigmoid once per program: slower than the separate kernel on an H200).
-- On Hopper and later every GEMV is a programmatic dependent launch: it streams its first weights while the kernel
-  before it finishes and waits for it only to read its activation (`COSMOS3_DISABLE_PDL=1` turns that off).
 - `cosmos3_qk_norm_mrope`: per-head q / k RMSNorm and neox-style mRoPE (3 x T positions, sectioned or interleaved
   like vLLM's `MRotaryEmbedding`) in one kernel, one program per token, for any number of tokens.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +53,12 @@ def _load_k(ptr, offsets, K, EVEN_K: tl.constexpr):
 def _gemv_kernel(
     x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, w_ptr, y_ptr, N, K, stride_w, eps,
     RMS_NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """y[outputs] = w[rows, :K] @ a for this program's BLOCK_N rows, N outputs in all. The activation a[:K] is x,
     or (RMS_NORM) z * norm_weight with the result scaled by rsqrt(mean(z^2) + eps), z = x or (ADD_RESIDUAL)
     x + residual rounded to x's dtype, stored by program 0 to residual_out. SILU_MUL: w is [gate; up] (2N rows),
-    the program's rows are BLOCK_N / 2 (gate, up) pairs and y = silu(gate) * up, each rounded to y's dtype.
-    PDL (launched as a programmatic dependent launch): the weights stream in before the previous kernel has
-    finished; the program waits for it (`gdc_wait`) before it reads an activation or writes anything."""
+    the program's rows are BLOCK_N / 2 (gate, up) pairs and y = silu(gate) * up, each rounded to y's dtype."""
     pid = tl.program_id(0)
     if SILU_MUL:  # local row 2i is gate row `outputs[i]`, 2i + 1 the up row N + outputs[i]
         local = tl.arange(0, BLOCK_N)
@@ -85,8 +79,6 @@ def _gemv_kernel(
         else:
             w_mask = (row_outputs[:, None] < N) & (ks[None, :] < K)
             w = tl.load(w_ptrs + k, mask=w_mask, other=0.0, eviction_policy="evict_first")
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # the previous kernel's outputs (x, residual) are complete and visible
         a = _load_k(x_ptr, ks, K, EVEN_K).to(tl.float32)
         if ADD_RESIDUAL:
             z = (a + _load_k(residual_ptr, ks, K, EVEN_K).to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
@@ -96,8 +88,6 @@ def _gemv_kernel(
             sum_sq += a * a
             a = a * _load_k(norm_weight_ptr, ks, K, EVEN_K).to(tl.float32)
         acc += w.to(tl.float32) * a[None, :]
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch and start streaming its weights
     y = tl.sum(acc, 1)
     if RMS_NORM:
         y = y * tl.rsqrt(tl.sum(sum_sq, 0) / K + eps)
@@ -175,21 +165,9 @@ def gemv(
         x if residual_out is None else residual_out, weight, y, outputs, k, weight.stride(0), eps,
         RMS_NORM=norm_weight is not None, ADD_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
         BLOCK_N=rows, BLOCK_K=step, EVEN_N=outputs % outputs_per_program == 0, EVEN_K=k % step == 0,
-        num_warps=warps, num_stages=1, **_pdl_launch(x.device),
+        num_warps=warps, num_stages=1,
     )  # fmt: skip
     return y, residual_out
-
-
-def _pdl_launch(device: torch.device) -> dict[str, bool]:
-    """Launch options of a GEMV: programmatic dependent launch on Hopper and later (a decode step is a chain of
-    GEMVs, each reading its weights while the previous one finishes), unless `COSMOS3_DISABLE_PDL=1`."""
-    pdl = device.type == "cuda" and _supports_pdl(device.index or 0)
-    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
-
-
-@functools.cache
-def _supports_pdl(device_index: int) -> bool:
-    return os.environ.get("COSMOS3_DISABLE_PDL") != "1" and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _is_gemv_row(x: torch.Tensor, width: int, weight: torch.Tensor) -> bool:

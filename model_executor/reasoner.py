@@ -11,9 +11,8 @@ state. The prompt K/V the generator needs is read from vLLM's paged cache by `kv
 On CUDA, the language model's unquantized projections and `lm_head` multiply a single token (batch-1 decode) with
 a Triton GEMV (`decode_kernels.batch1_linear`) instead of cuBLAS, whose M = 1 kernels read the weights more slowly
 (measurements in docs/benchmarks.md), and the decoder layers (`Batch1DecoderLayer`) fold RMSNorm, SiLU-mul and
-q / k norm + mRoPE into fewer kernels (`decode_kernels`). Every other batch size still goes to cuBLAS. Their
-FlashAttention attends a single query token in one kernel (`decode_attention`) instead of FA3's split-KV kernel
-plus combine; any other batch keeps FA3.
+q / k norm + mRoPE into fewer kernels (`decode_kernels`). Every other batch size still goes to cuBLAS. Attention is
+vLLM's FA3 at every batch size (a single-kernel Triton decode attention measured slower: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ from cosmos3_serve.model_executor.checkpoint.generator_config import (
     GENERATOR_ONLY_SUBSTRINGS,
     KeyNorms,
 )
-from cosmos3_serve.model_executor.decode_attention import Batch1AttentionImpl
 
 
 class Batch1GemvLinearMethod(UnquantizedLinearMethod):
@@ -75,7 +73,7 @@ class Batch1DecoderLayer:
     itself in 0.26; same forward and attributes in both): the same forward in 3 fused custom ops and 2 projections.
 
     Per layer: input_layernorm + qkv_proj (`cosmos3_[add_]rms_norm_linear`); q_norm, k_norm and mRoPE
-    (`cosmos3_qk_norm_mrope`, any M); attention (vLLM's; at M = 1 with FLASH_ATTN our `decode_attention`) and
+    (`cosmos3_qk_norm_mrope`, any M); attention (vLLM's) and
     o_proj (vLLM's); post_attention_layernorm + gate_up_proj + SiluAndMul (`cosmos3_add_rms_norm_linear` with
     `silu_mul`); down_proj (vLLM's, our GEMV). At M = 1 on CUDA that is 4 kernels besides attention and o_proj
     where vLLM's compiled forward has 9 (4 GEMVs, 2 add + RMSNorm, 3 for q / k norm and mRoPE, SiLU-mul); at
@@ -149,8 +147,6 @@ class Batch1DecoderLayer:
         q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         positions = torch.zeros(3, 1, dtype=torch.long, device=x.device)
         decode_kernels.qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args())
-        if isinstance(attn.attn.impl, Batch1AttentionImpl):
-            attn.attn.impl.compile_kernel(x.dtype, x.device)
 
 
 def _is_plain_rms_norm(norm: nn.Module) -> bool:
@@ -162,23 +158,14 @@ def _batch1_layer_class(layer_class: type) -> type:
     return type(f"Batch1{layer_class.__name__}", (Batch1DecoderLayer, layer_class), {})
 
 
-@functools.cache
-def _batch1_attention_impl_class(impl_class: type) -> type:
-    return type(f"Batch1{impl_class.__name__}", (Batch1AttentionImpl, impl_class), {})
-
-
 def use_batch1_decoder_layers(language_model: nn.Module) -> None:
     """Give `language_model`'s decoder layers the fused forward of `Batch1DecoderLayer` if all of them support it
-    (after `use_batch1_gemv`) and their FlashAttention the single-token kernel of `Batch1AttentionImpl`
-    where it applies, and compile their kernels now."""
+    (after `use_batch1_gemv`), and compile their kernels now."""
     layers = [layer for layer in language_model.model.layers if isinstance(layer, Qwen3DecoderLayer)]
     if not layers or not all(Batch1DecoderLayer.supports(layer) for layer in layers):
         return
     for layer in layers:
         layer.__class__ = _batch1_layer_class(type(layer))
-        attention = layer.self_attn.attn
-        if Batch1AttentionImpl.supports(attention):
-            attention.impl.__class__ = _batch1_attention_impl_class(type(attention.impl))
     if layers[0].self_attn.qkv_proj.weight.is_cuda:
         layers[0].compile_kernels()
 

@@ -7,11 +7,6 @@
   runner does.
 - The OpenAI server's building blocks moved from `vllm.entrypoints.openai.{api_server,cli_args}` and
   `vllm.entrypoints.launcher` (0.26) to `vllm.entrypoints.launchers` (0.32); `openai_server_api()` finds them.
-- FlashAttention's metadata (`FlashAttentionMetadata`): 0.26 has cascade attention (`use_cascade`), the KV cache
-  group's window (`sliding_window`) and PrefixLM ranges per request (`mm_prefix_range_tensor`); 0.32 drops the
-  first two and has the ranges per query token (`mm_prefix_query_range_tensor`). `FlashAttentionImpl.forward`'s
-  signature and the paged cache (logical `[num_blocks, num_kv_heads, block_size, 2 * head_dim]`) are the same in
-  both. `is_plain_causal_flash_attention` reads either.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ import importlib.util
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 import vllm
 
 VLLM_VERSION: tuple[int, int] = tuple(int(p) for p in vllm.__version__.split(".")[:2])  # type: ignore[assignment]
@@ -89,18 +83,4 @@ def openai_server_api() -> SimpleNamespace:
         build_app=module["app"].build_app,
         init_app_state=module["app_state"].init_app_state,
         serve_http=module["launcher"].serve_http,
-    )
-
-
-def is_plain_causal_flash_attention(metadata: Any) -> bool:
-    """Whether vLLM's `FlashAttentionMetadata` asks for nothing but causal attention of each request's queries over
-    its paged K/V: no cascade, window, PrefixLM ranges, reference sliding window (R-SWA) or per-request causal
-    flags."""
-    return (
-        not getattr(metadata, "use_cascade", False)
-        and getattr(metadata, "sliding_window", None) in (None, (-1, -1))
-        and getattr(metadata, "mm_prefix_range_tensor", None) is None
-        and getattr(metadata, "mm_prefix_query_range_tensor", None) is None
-        and metadata.rswa_prefix_lens is None
-        and not isinstance(metadata.causal, torch.Tensor)
     )
