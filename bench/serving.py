@@ -12,6 +12,10 @@ the server runs it with random weights (`--load-format dummy`, bf16).
    the 256 tier's canvas, 16 actions, `--policy-steps` steps), each with guidance 6: N simultaneous requests for
    each N of `--concurrency` (latency p50 / p95, throughput = N / time until the last answer), and `--sequential`
    requests one after another (the one-at-a-time baseline: p50 / p95 of their latencies, throughput = 1 / mean).
+   With `--profile`, the largest N of each kind runs once more under the worker's PyTorch profiler (`serve
+   --profile-dir`, vLLM's /start_profile and /stop_profile): where that run's GPU time went, from its trace: kernels
+   inside the executor's ranges (denoising steps, VAE encode, VAE decode), outside them (the reasoner's prefills,
+   sampling), and the GPU's idle time. The profiler slows the host, so that run's latencies are not reported.
 3. After the server has stopped (GPU memory): diffusers' `Cosmos3OmniPipeline` with random weights of the same
    shapes (bf16 transformer, float32 VAE as the server's dummy VAE), the same requests one at a time, up to the
    decoded frames (`output_type="np"`; no PNG / MP4 encoding, no HTTP).
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
+import gzip
 import io
 import json
 import re
@@ -105,6 +111,8 @@ class Server:
                    "--max-model-len", "4096", "--port", str(args.port)]  # fmt: skip
         if args.max_generation_batch_tokens is not None:
             command += ["--max-generation-batch-tokens", str(args.max_generation_batch_tokens)]
+        if args.profile:
+            command += ["--profile-dir", str(profile_dir(args))]
         self.base_url = f"http://127.0.0.1:{args.port}"
         self.log = open(args.server_log, "w")  # noqa: SIM115 - open for the server's lifetime
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
@@ -190,9 +198,58 @@ async def measure_server(base_url: str, works: dict[str, Workload], args: argpar
             for n in args.concurrency:
                 rows[f"together_{n}"] = await together(client, works[key], n)
             result["concurrency"][key] = rows
+            if args.profile:
+                result.setdefault("profiled", {})[key] = await profiled_together(client, works[key],
+                                                                                 max(args.concurrency), args)  # fmt: skip
         metrics = (await client.get("/metrics")).text
     result["step_seconds"] = [line for line in metrics.splitlines() if line.startswith("cosmos3_denoise_step_seconds")]
     return result
+
+
+# ---- profile ------------------------------------------------------------------------------------------------
+
+EXECUTOR_RANGES = {"cosmos3::denoise_step": "denoise", "cosmos3::vae_encode": "vae_encode",
+                   "cosmos3::vae_decode": "vae_decode"}  # model_executor.generation.PROFILE_RANGES  # fmt: skip
+GPU_ACTIVITY = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def profile_dir(args: argparse.Namespace) -> Path:
+    return Path(args.server_log).resolve().with_suffix(".profiles")
+
+
+async def profiled_together(client: httpx.AsyncClient, work: Workload, n: int, args: argparse.Namespace) -> dict:
+    """N simultaneous requests under the worker's profiler, and where their GPU time went (`gpu_time_split`)."""
+    before = set(profile_dir(args).rglob("*.pt.trace.json*"))
+    (await client.post("/start_profile")).raise_for_status()
+    start = time.perf_counter()
+    await asyncio.gather(*(timed_post(client, work, seed) for seed in range(n)))
+    wall_s = time.perf_counter() - start
+    (await client.post("/stop_profile")).raise_for_status()
+    [trace] = set(profile_dir(args).rglob("*.pt.trace.json*")) - before  # one worker (no tensor parallelism)
+    return {"requests": n, "wall_s": wall_s, "trace": str(trace), **gpu_time_split(trace)}
+
+
+def gpu_time_split(trace: Path) -> dict:
+    """GPU seconds of a worker's trace: busy (the union of its kernels, copies and memsets), split by the executor
+    range each kernel ran in (the `gpu_user_annotation` spans of `record_function` ranges; "outside": the
+    reasoner's prefills, sampling), the number of denoising steps, and the span from first to last activity."""
+    with (gzip.open if trace.suffix == ".gz" else open)(trace, "rt") as fh:
+        events = json.load(fh)["traceEvents"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"], EXECUTOR_RANGES[e["name"]]) for e in events
+                   if e.get("cat") == "gpu_user_annotation" and e.get("name") in EXECUTOR_RANGES)  # fmt: skip
+    starts = [span[0] for span in spans]
+    activity = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_ACTIVITY)
+    by_range = dict.fromkeys([*EXECUTOR_RANGES.values(), "outside"], 0.0)
+    busy_us, covered_until = 0.0, float("-inf")
+    for begin, end in activity:
+        busy_us += max(0.0, end - max(begin, covered_until))
+        covered_until = max(covered_until, end)
+        i = bisect.bisect_right(starts, begin) - 1
+        inside = i >= 0 and begin < spans[i][1]
+        by_range[spans[i][2] if inside else "outside"] += (end - begin) / 1e6
+    span_s = (activity[-1][1] - activity[0][0]) / 1e6 if activity else 0.0
+    steps = sum(1 for span in spans if span[2] == "denoise")
+    return {"gpu_busy_s": busy_us / 1e6, "gpu_span_s": span_s, "gpu_by_range_s": by_range, "denoise_steps": steps}
 
 
 # ---- diffusers ----------------------------------------------------------------------------------------------
@@ -287,6 +344,12 @@ def print_report(report: dict) -> None:
             split = " ".join(f"{row['phases'].get(phase, 0.0):8.3f}" for phase in phases) if "phases" in row else ""
             print(f"{label:28}{row['p50_s']:9.3f}{row['p95_s']:9.3f}{row['throughput_per_s']:9.3f}"
                   f"{row['p50_s'] / single:14.2f}{'':19}{split}")  # fmt: skip
+        profiled = server.get("profiled", {}).get(key)
+        if profiled is not None:
+            split = ", ".join(f"{name} {seconds:.3f}" for name, seconds in profiled["gpu_by_range_s"].items())
+            print(f"profiled again, {profiled['requests']} together: wall {profiled['wall_s']:.3f} s, GPU busy "
+                  f"{profiled['gpu_busy_s']:.3f} s over a span of {profiled['gpu_span_s']:.3f} s; GPU s by range: "
+                  f"{split}; {profiled['denoise_steps']} denoising steps")  # fmt: skip
 
 
 def main() -> int:
@@ -308,6 +371,8 @@ def main() -> int:
     parser.add_argument("--ready-timeout", type=float, default=900.0)
     parser.add_argument("--max-generation-batch-tokens", type=int, default=None,
                         help="the server's step token budget (default: the server's default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="rerun the largest concurrency under the worker's profiler; traces next to the server log")
     parser.add_argument("--parts", type=lambda s: s.split(","), default=["latency", "image", "policy"],
                         help="comma-separated subset of latency, image, policy")
     args = parser.parse_args()

@@ -27,6 +27,7 @@ import diffusers
 from diffusers import AutoencoderKLWan
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from torch.profiler import record_function
 
 from cosmos3_serve.model_executor import kv_export
 from cosmos3_serve.model_executor.generator import (
@@ -373,6 +374,12 @@ class DenoisingState:
         return GenerationOutput(video, actions)
 
 
+# Names of the profiler ranges around the executor's work (`torch.profiler.record_function`): a trace of the worker
+# (`cosmos3-serve serve --profile-dir`) shows each denoising step and each VAE batch as one range, on the host and,
+# on CUDA, over the GPU kernels it launched.
+PROFILE_RANGES = {"denoise": "cosmos3::denoise_step", "encode": "cosmos3::vae_encode", "decode": "cosmos3::vae_decode"}
+
+
 class DiffusionExecutor:
     """The generator sidecar inside a vLLM worker: tower, VAE, scheduler template and the requests in flight.
 
@@ -469,7 +476,8 @@ class DiffusionExecutor:
         batch = self.next_batch()
         if not batch:
             return []
-        self._step(batch)
+        with record_function(PROFILE_RANGES["denoise"]):
+            self._step(batch)
         progress = []
         for state in batch:
             progress.append((state.request_id, state.step, len(state.timesteps)))
@@ -612,7 +620,8 @@ class DiffusionExecutor:
         std = torch.tensor(vae.latents_std, device=self.device).view(1, -1, 1, 1, 1)
         latents = {}
         for ids, batch in _batches_by_shape(clips):
-            raw = self.vae.encode(batch.to(self.device, self.vae.dtype)).latent_dist.mode()
+            with record_function(PROFILE_RANGES["encode"]):
+                raw = self.vae.encode(batch.to(self.device, self.vae.dtype)).latent_dist.mode()
             latents.update(zip(ids, ((raw - mean) / std).float().split(1)))
         return latents
 
@@ -669,7 +678,8 @@ class DiffusionExecutor:
         std = torch.tensor(vae.latents_std, device=self.device).view(1, -1, 1, 1, 1)
         frames = {}
         for ids, batch in _batches_by_shape(latents):
-            video = self.vae.decode(batch.to(self.vae.dtype) * std + mean).sample  # [B, 3, T, H, W] in [-1, 1]
+            with record_function(PROFILE_RANGES["decode"]):
+                video = self.vae.decode(batch.to(self.vae.dtype) * std + mean).sample  # [B, 3, T, H, W] in [-1, 1]
             pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             frames.update(zip(ids, pixels.permute(0, 2, 3, 4, 1).unbind(0)))
         return frames

@@ -5,6 +5,7 @@ command prints. Generated pixels are compared with diffusers' pipeline (the orac
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import shlex
@@ -31,12 +32,18 @@ LONG_JOB = {"num_frames": 33, "height": 512, "width": 512, "num_inference_steps"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
+def profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("profiles")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path, profile_dir: Path) -> Iterator[ServerProcess]:
     port = free_port()
     running = ServerProcess(
         [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint), "--port", str(port),
          "--precision", "fp32", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2", "--api-key", API_KEY,
-         "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-generation-jobs", str(MAX_JOBS)],
+         "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-generation-jobs", str(MAX_JOBS),
+         "--profile-dir", str(profile_dir)],
         port,
     )  # fmt: skip
     try:
@@ -353,6 +360,22 @@ def test_metadata_version_and_unknown_job(http: httpx.Client, tiny_checkpoint: P
     assert metadata["towers"]["generator"]["loaded"] and metadata["tensor_parallel_size"] == 1
     assert http.get("/v1/version").json()["api"] == "v1"
     assert http.get("/v1/video/generate/gen-unknown").status_code == 404
+
+
+def test_profiler_traces_each_denoising_step_and_vae_batch(http: httpx.Client, profile_dir: Path) -> None:
+    """`--profile-dir`: vLLM's /start_profile and /stop_profile around one text->image request of 3 steps leave a
+    trace of the engine's worker with one range per denoising step, one VAE decode and no VAE encode."""
+    assert http.post("/start_profile").status_code == 200
+    response = http.post("/v1/images/generations", json={"prompt": "A red cube.", "size": "64x32",
+                                                         "num_inference_steps": 3, "response_format": "b64_json"})
+    assert response.status_code == 200, response.text
+    assert http.post("/stop_profile").status_code == 200
+    [trace] = profile_dir.rglob("*.pt.trace.json*")
+    opener = gzip.open if trace.suffix == ".gz" else open
+    with opener(trace, "rt") as fh:
+        events = json.load(fh)["traceEvents"]
+    ranges = [e["name"] for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("cosmos3::")]
+    assert sorted(ranges) == ["cosmos3::denoise_step"] * 3 + ["cosmos3::vae_decode"], ranges
 
 
 def test_openapi_lists_every_route_with_its_schema(http: httpx.Client) -> None:
