@@ -230,13 +230,20 @@ async def profiled_together(client: httpx.AsyncClient, work: Workload, n: int, a
 
 
 def gpu_time_split(trace: Path) -> dict:
-    """GPU seconds of a worker's trace: busy (the union of its kernels, copies and memsets), split by the executor
-    range each kernel ran in (the `gpu_user_annotation` spans of `record_function` ranges; "outside": the
-    reasoner's prefills, sampling), the number of denoising steps, and the span from first to last activity."""
+    """Where a worker's trace spent its time. GPU: busy seconds (the union of its kernels, copies and memsets), each
+    kernel's seconds by the executor range it ran in (the `gpu_user_annotation` spans of the `record_function`
+    ranges; "outside": the reasoner's prefills, sampling), the span from first to last activity. Host: seconds and
+    count of each range (`user_annotation`): a range whose host time exceeds its kernels' was bound by launching."""
     with (gzip.open if trace.suffix == ".gz" else open)(trace, "rt") as fh:
         events = json.load(fh)["traceEvents"]
-    spans = sorted((e["ts"], e["ts"] + e["dur"], EXECUTOR_RANGES[e["name"]]) for e in events
-                   if e.get("cat") == "gpu_user_annotation" and e.get("name") in EXECUTOR_RANGES)  # fmt: skip
+    ranges = [e for e in events if e.get("name") in EXECUTOR_RANGES]
+    host_s, host_count = dict.fromkeys(EXECUTOR_RANGES.values(), 0.0), dict.fromkeys(EXECUTOR_RANGES.values(), 0)
+    for e in ranges:
+        if e.get("cat") == "user_annotation":
+            host_s[EXECUTOR_RANGES[e["name"]]] += e["dur"] / 1e6
+            host_count[EXECUTOR_RANGES[e["name"]]] += 1
+    spans = sorted((e["ts"], e["ts"] + e["dur"], EXECUTOR_RANGES[e["name"]]) for e in ranges
+                   if e.get("cat") == "gpu_user_annotation")  # fmt: skip
     starts = [span[0] for span in spans]
     activity = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_ACTIVITY)
     by_range = dict.fromkeys([*EXECUTOR_RANGES.values(), "outside"], 0.0)
@@ -248,8 +255,8 @@ def gpu_time_split(trace: Path) -> dict:
         inside = i >= 0 and begin < spans[i][1]
         by_range[spans[i][2] if inside else "outside"] += (end - begin) / 1e6
     span_s = (activity[-1][1] - activity[0][0]) / 1e6 if activity else 0.0
-    steps = sum(1 for span in spans if span[2] == "denoise")
-    return {"gpu_busy_s": busy_us / 1e6, "gpu_span_s": span_s, "gpu_by_range_s": by_range, "denoise_steps": steps}
+    return {"gpu_busy_s": busy_us / 1e6, "gpu_span_s": span_s, "gpu_by_range_s": by_range, "host_by_range_s": host_s,
+            "ranges": host_count}  # fmt: skip
 
 
 # ---- diffusers ----------------------------------------------------------------------------------------------
@@ -346,10 +353,13 @@ def print_report(report: dict) -> None:
                   f"{row['p50_s'] / single:14.2f}{'':19}{split}")  # fmt: skip
         profiled = server.get("profiled", {}).get(key)
         if profiled is not None:
-            split = ", ".join(f"{name} {seconds:.3f}" for name, seconds in profiled["gpu_by_range_s"].items())
             print(f"profiled again, {profiled['requests']} together: wall {profiled['wall_s']:.3f} s, GPU busy "
-                  f"{profiled['gpu_busy_s']:.3f} s over a span of {profiled['gpu_span_s']:.3f} s; GPU s by range: "
-                  f"{split}; {profiled['denoise_steps']} denoising steps")  # fmt: skip
+                  f"{profiled['gpu_busy_s']:.3f} s over a span of {profiled['gpu_span_s']:.3f} s")  # fmt: skip
+            print(f"{'  range':28}{'count':>9}{'host s':>9}{'GPU s':>9}")
+            for name, gpu_s in profiled["gpu_by_range_s"].items():
+                count, host_s = profiled["ranges"].get(name), profiled["host_by_range_s"].get(name)
+                host = f"{'':18}" if count is None else f"{count:9d}{host_s:9.3f}"
+                print(f"{'  ' + name:28}{host}{gpu_s:9.3f}")
 
 
 def main() -> int:
