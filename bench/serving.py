@@ -199,8 +199,8 @@ async def measure_server(base_url: str, works: dict[str, Workload], args: argpar
                 rows[f"together_{n}"] = await together(client, works[key], n)
             result["concurrency"][key] = rows
             if args.profile:
-                result.setdefault("profiled", {})[key] = await profiled_together(client, works[key],
-                                                                                 max(args.concurrency), args)  # fmt: skip
+                profiled = await profiled_together(client, works[key], max(args.concurrency), args)
+                result.setdefault("profiled", {})[key] = profiled
         metrics = (await client.get("/metrics")).text
     result["step_seconds"] = [line for line in metrics.splitlines() if line.startswith("cosmos3_denoise_step_seconds")]
     return result
