@@ -38,7 +38,6 @@ SHAPES = {  # name: (frames, height, width, sequences packed in one forward)
     "video480x93": (93, 480, 832, 1),
     "video720x189": (189, 720, 1280, 1),
 }
-GRAPH_MAX_TOKENS = 16_384  # larger forwards are bound by their kernels, not by launching them
 KERNEL_CLASSES = (("attention", ("flash",)), ("gemm", ("gemm", "nvjet", "xmma", "cutlass")))  # first match wins
 
 
@@ -156,7 +155,7 @@ def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: flo
     from diffusers.models.transformers import transformer_cosmos3
 
     from cosmos3_serve.model_executor.generation import patchify, unpatchify, vision_positions
-    from cosmos3_serve.model_executor.generator import CapturedForward, GeneratorSequence
+    from cosmos3_serve.model_executor.generator import GRAPH_MAX_TOKENS, CapturedForward, GeneratorSequence
     from cosmos3_serve.model_executor.kv_export import PromptKV
 
     frames, height, width, copies = shape

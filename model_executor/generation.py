@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import dataclasses
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from torch.profiler import record_function
 
 from cosmos3_serve.model_executor import kv_export
 from cosmos3_serve.model_executor.generator import (
+    GRAPH_MAX_TOKENS,
+    CapturedForward,
     Cosmos3GeneratorTower,
     GeneratorConfig,
     GeneratorSequence,
@@ -374,10 +377,16 @@ class DenoisingState:
         return GenerationOutput(video, actions)
 
 
+logger = logging.getLogger(__name__)
+
 # Names of the profiler ranges around the executor's work (`torch.profiler.record_function`): a trace of the worker
 # (`cosmos3-serve serve --profile-dir`) shows each denoising step and each VAE batch as one range, on the host and,
 # on CUDA, over the GPU kernels it launched.
 PROFILE_RANGES = {"denoise": "cosmos3::denoise_step", "encode": "cosmos3::vae_encode", "decode": "cosmos3::vae_decode"}
+# A batch runs as a CUDA graph (`CapturedForward`) only if it will take at least this many steps together: capturing
+# costs about two eager forwards, a replay saves the host's launches of one (at most a third of a small forward's
+# time: docs/benchmarks.md), so a 4-step policy request stays eager and a 10- or 35-step image is captured.
+GRAPH_MIN_STEPS = 8
 
 
 class DiffusionExecutor:
@@ -423,6 +432,9 @@ class DiffusionExecutor:
         self.finished: dict[str, GenerationOutput] = {}  # request id -> result, until taken
         self.max_batch_tokens = max_batch_tokens
         self._packed: tuple[list[DenoisingState], PackedBatch] | None = None  # the last batch and its layout
+        # CUDA graphs of batches unless the engine is eager (`--enforce-eager`); the last batch's graph, if any.
+        self.use_cuda_graphs = self.device.type == "cuda" and not vllm_config.model_config.enforce_eager
+        self._graph: tuple[list[DenoisingState], CapturedForward] | None = None
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
         vae = self.vae.config
@@ -484,6 +496,8 @@ class DiffusionExecutor:
             if state.finished:
                 self.active.remove(state)
                 self.finished[state.request_id] = state.output()
+        if not self.active:  # idle: release the last batch's layout and graph (their prompt K/V, the graph's memory)
+            self._packed = self._graph = None
         return progress
 
     def next_batch(self) -> list[DenoisingState]:
@@ -627,13 +641,39 @@ class DiffusionExecutor:
 
     def _packed_batch(self, active: list[DenoisingState]) -> PackedBatch:
         """The batch's layout, rebuilt only when its membership changed since the last step."""
-        if self._packed is None or len(self._packed[0]) != len(active) or any(
-            a is not b for a, b in zip(self._packed[0], active)
-        ):
+        if self._packed is None or not _same_states(self._packed[0], active):
             positions = torch.cat([state.positions_3n for state in active], dim=1)
             sequences = [seq for state in active for seq in state.sequences]
             self._packed = (list(active), self.tower.pack(positions, sequences))
         return self._packed[1]
+
+    def _forward(
+        self,
+        active: list[DenoisingState],
+        patches_vp: torch.Tensor,
+        timesteps_n: torch.Tensor,
+        noisy_n: torch.Tensor,
+        actions_na: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tower's forward of the batch: a replay of its CUDA graph, captured at its first step if its members
+        will step together at least GRAPH_MIN_STEPS times and it has at most GRAPH_MAX_TOKENS tokens; else eager.
+        The outputs of a replay are the graph's buffers: consumed before the next step."""
+        batch = self._packed_batch(active)
+        if self._graph is not None and not _same_states(self._graph[0], active):
+            self._graph = None  # another batch: release its graph (memory pool, prompt K/V) before anything else
+        if self._graph is None and self.use_cuda_graphs and noisy_n.shape[0] <= GRAPH_MAX_TOKENS and min(
+            len(state.timesteps) - state.step for state in active
+        ) >= GRAPH_MIN_STEPS:
+            try:
+                graph = CapturedForward(self.tower, batch, patches_vp, timesteps_n, noisy_n, actions_na)
+            except RuntimeError as error:  # an op that cannot be captured: stay eager from now on
+                logger.warning("generator CUDA graph capture failed, running eagerly: %s", error)
+                self.use_cuda_graphs = False
+            else:
+                self._graph = (list(active), graph)
+        if self._graph is not None:
+            return self._graph[1](patches_vp, timesteps_n, noisy_n, actions_na)
+        return self.tower(patches_vp, timesteps_n, noisy_n, batch, actions_na)
 
     def _step(self, active: list[DenoisingState]) -> None:
         """One packed generator forward for every sequence of every active request, then each request's step."""
@@ -648,9 +688,8 @@ class DiffusionExecutor:
                     actions.append(state.actions.latents.to(self.dtype))
                 timesteps.append(t.expand(seq.num_tokens))
         noisy = torch.cat([state.noisy for state in active])
-        video_velocity, action_velocity = self.tower(torch.cat(patches), torch.cat(timesteps), noisy,
-                                                     self._packed_batch(active),
-                                                     torch.cat(actions) if actions else None)  # fmt: skip
+        video_velocity, action_velocity = self._forward(active, torch.cat(patches), torch.cat(timesteps), noisy,
+                                                        torch.cat(actions) if actions else None)  # fmt: skip
         patch_offset = action_offset = 0
         for state in active:
             n, branches = state.sequences[0].num_vision_tokens, len(state.sequences)
@@ -683,6 +722,11 @@ class DiffusionExecutor:
             pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             frames.update(zip(ids, pixels.permute(0, 2, 3, 4, 1).unbind(0)))
         return frames
+
+
+def _same_states(cached: list[DenoisingState], active: list[DenoisingState]) -> bool:
+    """Whether `active` is the same requests, in the same order, as the batch `cached` was built for."""
+    return len(cached) == len(active) and all(a is b for a, b in zip(cached, active))
 
 
 def _batches_by_shape(tensors: dict[str, torch.Tensor]) -> list[tuple[list[str], torch.Tensor]]:

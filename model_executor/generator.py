@@ -486,6 +486,9 @@ class Cosmos3GeneratorTower(nn.Module):
         return loaded
 
 
+GRAPH_MAX_TOKENS = 16_384  # larger forwards are bound by their kernels, not by launching them: no CUDA graph
+
+
 class CapturedForward:
     """The tower's forward over one packed batch as a CUDA graph: captured once per batch membership, then replayed
     every step on new inputs copied into its static buffers. An eager forward of a small batch (a few thousand
@@ -504,14 +507,20 @@ class CapturedForward:
         self.tower, self.batch = tower, batch
         self.inputs = [t.clone() for t in (patches_vp, timesteps_n, noisy_n)]
         self.actions = None if actions_na is None else actions_na.clone()
+        # One eager call first (lazy initialisation stays out of the graph), then the capture, both on a side stream.
+        # Not `torch.cuda.graph(...)`: it synchronises the device, collects garbage and empties the allocator's
+        # cache before each capture, which would cost more than the capture in a serving process.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # one eager call first: lazy initialisation stays out of the graph
+        with torch.cuda.stream(side):
             self._forward()
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.capture_begin(capture_error_mode="thread_local")  # other threads' CUDA calls are theirs
+            try:
+                self.outputs = self._forward()
+            finally:
+                self.graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self._forward()
 
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.tower(*self.inputs, self.batch, self.actions)

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                        help="dummy: random weights of the checkpoint's shapes, for benchmarks on configs-only "
                             "checkpoints (`make-tiny --shape nano`)")
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="no CUDA graphs: vLLM's for the reasoner, ours for the generator's denoising steps")
     serve.add_argument("--profile-dir", default=None,
                        help="enable POST /start_profile and /stop_profile (vLLM's): the engine worker's PyTorch "
                             "profiler, host and GPU, with ranges around each denoising step and VAE batch; traces "

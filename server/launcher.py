@@ -37,6 +37,7 @@ class ServeOptions:
     max_generation_batch_tokens: int | None = None  # None: the executor's default
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
     profile_dir: str | None = None  # the worker's profiler traces; enables /start_profile and /stop_profile
+    enforce_eager: bool = False  # no CUDA graphs, in the reasoner (vLLM's) nor in the generator
 
     @property
     def model_name(self) -> str:
@@ -60,6 +61,8 @@ def vllm_engine_argv(options: ServeOptions) -> list[str]:
         engine["max_model_len"] = options.max_model_len
     if options.gpu_memory_utilization is not None:
         engine["gpu_memory_utilization"] = options.gpu_memory_utilization
+    if options.enforce_eager:
+        engine["enforce_eager"] = True
     if options.profile_dir is not None:  # the worker's profiler only: the API server's would slow every request
         engine["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(Path(options.profile_dir).resolve()),
                                      "torch_profiler_with_stack": False, "ignore_frontend": True}  # fmt: skip

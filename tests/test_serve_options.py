@@ -44,3 +44,18 @@ def test_precision_becomes_engine_arguments(tiny_checkpoint: Path) -> None:
     assert (pairs["--quantization"], pairs["--tensor-parallel-size"]) == ("fp8", "2")
     assert json.loads(pairs["--kv-transfer-config"])["kv_connector"] == "Cosmos3KVExportConnector"
     assert pairs["--worker-extension-cls"].endswith("Cosmos3WorkerExtension")
+
+
+def test_eager_and_profiler_flags_reach_vllms_parser(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from cosmos3_serve.model_executor import vllm_compat
+
+    parser = vllm_compat.openai_server_api().make_arg_parser(FlexibleArgumentParser())
+    default = parser.parse_args(vllm_engine_argv(ServeOptions(tiny_checkpoint)))
+    assert not default.enforce_eager and default.profiler_config.profiler is None
+    options = ServeOptions(tiny_checkpoint, enforce_eager=True, profile_dir=str(tmp_path / "traces"))
+    parsed = parser.parse_args(vllm_engine_argv(options))
+    assert parsed.enforce_eager
+    assert (parsed.profiler_config.profiler, parsed.profiler_config.torch_profiler_dir) == (
+        "torch", str(tmp_path / "traces"))

@@ -47,3 +47,35 @@ def test_mixed_batch_on_gpu(gpu_generator) -> None:
     together = gpu_generator.generate(requests)
     for request_id, request in requests.items():
         assert _relative_error(together[request_id].video, gpu_generator.generate_latents(request)) <= LATENT_REL_TOL
+
+
+@pytest.mark.parametrize("mode", [None, "policy"])
+def test_cuda_graph_steps_equal_eager_steps(gpu_generator, gpu_reasoner, monkeypatch, mode: str | None) -> None:
+    """A request of GRAPH_MIN_STEPS steps runs as one CUDA graph, captured at its first step and replayed after, and
+    gives the latents (and actions) of the same request run eagerly."""
+    from cosmos3_serve.model_executor import generation
+    from tests.test_actions import action_request
+
+    captures = []
+
+    class CountedCapture(generation.CapturedForward):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            captures.append(self)
+
+    monkeypatch.setattr(generation, "CapturedForward", CountedCapture)  # the engine runs in this process
+    [executor] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)
+    steps = generation.GRAPH_MIN_STEPS
+    if mode is None:
+        request = GenerationRequest(PROMPT, NEGATIVE, num_frames=9, height=32, width=64, num_inference_steps=steps,
+                                    seed=3)  # fmt: skip
+    else:
+        request = action_request(mode, steps=steps)
+    graphed = gpu_generator.generate({"one": request}, decode=False)["one"]
+    assert len(captures) == 1 and executor.use_cuda_graphs
+    monkeypatch.setattr(executor, "use_cuda_graphs", False)
+    eager = gpu_generator.generate({"one": request}, decode=False)["one"]
+    assert len(captures) == 1
+    assert _relative_error(graphed.video, eager.video) <= 1e-3  # the same kernels: bf16 rounding at most
+    if mode is not None:
+        assert _relative_error(graphed.actions, eager.actions) <= 1e-3
