@@ -406,7 +406,8 @@ class DiffusionExecutor:
         checkpoint = Path(checkpoint)
         self.config = GeneratorConfig.from_checkpoint(checkpoint)
         self.device, self.dtype = torch.device(device), vllm_config.model_config.dtype
-        # The tower runs eagerly: build it with vLLM's fused kernels (norms, SiLU), whatever the engine compiles.
+        # The tower is not compiled (eager, or a CUDA graph of eager kernels): build it with vLLM's fused kernels (norms,
+        # SiLU), whatever the engine compiles.
         tower_config = copy.copy(vllm_config)
         tower_config.compilation_config = CompilationConfig(custom_ops=["all"])
         default_dtype = torch.get_default_dtype()
