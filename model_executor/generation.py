@@ -487,11 +487,10 @@ class DiffusionExecutor:
         """One packed forward and scheduler step for the next batch (`next_batch`): (request id, steps done, total)
         of each request in it."""
         batch = self.next_batch()
-        if not batch:
-            return []
-        with record_function(PROFILE_RANGES["denoise"]):
-            self._step(batch)
         progress = []
+        if batch:
+            with record_function(PROFILE_RANGES["denoise"]):
+                self._step(batch)
         for state in batch:
             progress.append((state.request_id, state.step, len(state.timesteps)))
             if state.finished:
