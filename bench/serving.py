@@ -17,8 +17,8 @@ the server runs it with random weights (`--load-format dummy`, bf16).
    inside the executor's ranges (denoising steps, VAE encode, VAE decode), outside them (the reasoner's prefills,
    sampling), and the GPU's idle time. The profiler slows the host, so that run's latencies are not reported.
 3. After the server has stopped (GPU memory): diffusers' `Cosmos3OmniPipeline` with random weights of the same
-   shapes (bf16 transformer, float32 VAE as the server's dummy VAE), the same requests one at a time, up to the
-   decoded frames (`output_type="np"`; no PNG / MP4 encoding, no HTTP).
+   shapes (bf16 transformer, the VAE in the server's `--vae-precision`, float32 by default), the same requests one
+   at a time, up to the decoded frames (`output_type="np"`; no PNG / MP4 encoding, no HTTP).
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ class Server:
             command += ["--max-generation-batch-tokens", str(args.max_generation_batch_tokens)]
         if args.profile:
             command += ["--profile-dir", str(profile_dir(args))]
+        command += ["--vae-precision", args.vae_precision]
         self.base_url = f"http://127.0.0.1:{args.port}"
         self.log = open(args.server_log, "w")  # noqa: SIM115 - open for the server's lifetime
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
@@ -262,7 +263,7 @@ def gpu_time_split(trace: Path) -> dict:
 # ---- diffusers ----------------------------------------------------------------------------------------------
 
 
-def diffusers_pipeline(checkpoint: Path, device: str):
+def diffusers_pipeline(checkpoint: Path, device: str, vae_dtype):
     import torch
     from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer
     from transformers import AutoTokenizer
@@ -278,7 +279,8 @@ def diffusers_pipeline(checkpoint: Path, device: str):
     with torch.no_grad():
         for p in transformer.parameters():  # random weights with unit-scale activations
             p.normal_(0, 1.0 / max(p.shape[-1], 1) ** 0.5) if p.ndim > 1 else p.data.normal_(1.0, 0.05)
-    vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(checkpoint, subfolder="vae")).to(device).eval()
+    vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(checkpoint, subfolder="vae"))
+    vae = vae.to(device, vae_dtype).eval()  # the server's --vae-precision
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
     return Cosmos3OmniPipeline(transformer=transformer, text_tokenizer=tokenizer, vae=vae,
                                scheduler=load_scheduler(checkpoint), enable_safety_checker=False)  # fmt: skip
@@ -289,7 +291,9 @@ def measure_diffusers(checkpoint: Path, works: dict[str, Workload], args: argpar
     from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = diffusers_pipeline(checkpoint, device)
+    from cosmos3_serve.server.launcher import VAE_DTYPES
+
+    pipe = diffusers_pipeline(checkpoint, device, getattr(torch, VAE_DTYPES[args.vae_precision]))
     pipe.set_progress_bar_config(disable=True)
     policy = CosmosActionCondition(mode="policy", chunk_size=POLICY_CHUNK, domain_name=args.policy_domain,
                                    resolution_tier=POLICY_TIER, image=first_frame(), view_point="ego_view")  # fmt: skip
@@ -381,6 +385,8 @@ def main() -> int:
     parser.add_argument("--ready-timeout", type=float, default=900.0)
     parser.add_argument("--max-generation-batch-tokens", type=int, default=None,
                         help="the server's step token budget (default: the server's default)")
+    parser.add_argument("--vae-precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="the server's VAE precision; diffusers' VAE runs in the same")
     parser.add_argument("--profile", action="store_true",
                         help="rerun the largest concurrency under the worker's profiler; traces next to the server log")
     parser.add_argument("--parts", type=lambda s: s.split(","), default=["latency", "image", "policy"],

@@ -399,7 +399,7 @@ class DiffusionExecutor:
     `worker_extension.Cosmos3WorkerExtension`."""
 
     def __init__(self, checkpoint: str | Path, vllm_config, device: torch.device,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):  # fmt: skip
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, vae_dtype: torch.dtype = torch.float32):  # fmt: skip
         from vllm.config import CompilationConfig, set_current_vllm_config
         from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
@@ -427,7 +427,7 @@ class DiffusionExecutor:
             vae = AutoencoderKLWan.from_pretrained(checkpoint, subfolder="vae")
         process_weights_after_loading(tower, vllm_config.model_config, self.device)  # quantization, CPU packing
         self.tower = tower.eval()
-        self.vae = vae.to(self.device).eval()
+        self.vae = vae.to(self.device, vae_dtype).eval()  # float32 by default, whatever the towers' precision
         self.scheduler = load_scheduler(checkpoint)
         self.active: list[DenoisingState] = []
         self.finished: dict[str, GenerationOutput] = {}  # request id -> result, until taken
@@ -629,15 +629,21 @@ class DiffusionExecutor:
     def _encode_by_shape(self, clips: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Normalised latents `[1, C, T', H', W']` of `[1, 3, T, H, W]` clips in [-1, 1] (the VAE's distribution
         mode); clips of one shape share one encoder call."""
-        vae = self.vae.config
-        mean = torch.tensor(vae.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.latents_std, device=self.device).view(1, -1, 1, 1, 1)
+        mean, inv_std = self._latent_normalization()
         latents = {}
         for ids, batch in _batches_by_shape(clips):
             with record_function(PROFILE_RANGES["encode"]):
                 raw = self.vae.encode(batch.to(self.device, self.vae.dtype)).latent_dist.mode()
-            latents.update(zip(ids, ((raw - mean) / std).float().split(1)))
+            latents.update(zip(ids, ((raw - mean) * inv_std).float().split(1)))
         return latents
+
+    def _latent_normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1 / std) of the VAE's latent channels, `[1, C, 1, 1, 1]` in the VAE's dtype, computed as the
+        reference pipeline computes them for its VAE."""
+        vae, dtype = self.vae.config, self.vae.dtype
+        mean = torch.tensor(vae.latents_mean, dtype=dtype, device=self.device).view(1, -1, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(vae.latents_std, dtype=dtype, device=self.device).view(1, -1, 1, 1, 1)
+        return mean, inv_std
 
     def _packed_batch(self, active: list[DenoisingState]) -> PackedBatch:
         """The batch's layout, rebuilt only when its membership changed since the last step."""
@@ -712,13 +718,11 @@ class DiffusionExecutor:
     def _decode_by_shape(self, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """uint8 frames `[T, H, W, 3]` of normalised latents `[1, C, T', H', W']`; latents of one shape share one
         decoder call."""
-        vae = self.vae.config
-        mean = torch.tensor(vae.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.latents_std, device=self.device).view(1, -1, 1, 1, 1)
+        mean, inv_std = self._latent_normalization()
         frames = {}
         for ids, batch in _batches_by_shape(latents):
             with record_function(PROFILE_RANGES["decode"]):
-                video = self.vae.decode(batch.to(self.vae.dtype) * std + mean).sample  # [B, 3, T, H, W] in [-1, 1]
+                video = self.vae.decode(batch.to(self.vae.dtype) / inv_std + mean).sample  # [B, 3, T, H, W] in [-1, 1]
             pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             frames.update(zip(ids, pixels.permute(0, 2, 3, 4, 1).unbind(0)))
         return frames

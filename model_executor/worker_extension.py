@@ -86,13 +86,16 @@ def tensor_from_payload(payload: dict[str, Any]) -> torch.Tensor:
 class Cosmos3WorkerExtension:
     """RPC surface of the diffusion executor in a vLLM worker (every name is prefixed: vLLM forbids clashes)."""
 
-    def cosmos3_load_generator(self, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> dict[str, Any]:
-        """Build the generator tower and VAE of the served checkpoint on this worker's device (idempotent)."""
+    def cosmos3_load_generator(self, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                               vae_dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
+        """Build the generator tower and VAE (in `vae_dtype`, a torch dtype's name) of the served checkpoint on
+        this worker's device (idempotent)."""
         if getattr(self, "cosmos3_executor", None) is None:
             self.cosmos3_executor = DiffusionExecutor(self.vllm_config.model_config.model, self.vllm_config,
-                                                      self.device, max_batch_tokens)  # fmt: skip
+                                                      self.device, max_batch_tokens, getattr(torch, vae_dtype))  # fmt: skip
         executor = self.cosmos3_executor
         return {"dtype": str(executor.dtype).removeprefix("torch."), "device": str(executor.device),
+                "vae_dtype": str(executor.vae.dtype).removeprefix("torch."),
                 "generator_parameters": sum(p.numel() for p in executor.tower.parameters()),
                 "max_batch_tokens": executor.max_batch_tokens}  # fmt: skip
 

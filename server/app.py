@@ -37,6 +37,7 @@ class ServerSettings:
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
     max_generation_batch_tokens: int | None = None  # None: the executor's default
+    vae_dtype: str = "float32"  # the VAE's torch dtype, whatever the towers' precision
 
 
 @dataclass
@@ -140,7 +141,8 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
 
     async def start_generator() -> None:
         try:
-            await service.start(warmup=WARMUP, max_batch_tokens=settings.max_generation_batch_tokens)
+            await service.start(warmup=WARMUP, max_batch_tokens=settings.max_generation_batch_tokens,
+                                vae_dtype=settings.vae_dtype)  # fmt: skip
             logger.info("generator loaded and warm: ready")
         except Exception:  # noqa: BLE001 - stay up (live, not ready) and say why
             logger.exception("the generator failed to start; /v1/health/ready stays 503")

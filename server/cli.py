@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                        help="dummy: random weights of the checkpoint's shapes, for benchmarks on configs-only "
                             "checkpoints (`make-tiny --shape nano`)")
+    serve.add_argument("--vae-precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="the VAE's precision, apart from the towers': fp32 (default) encodes and decodes as "
+                            "the float32 reference does; bf16 / fp16 as diffusers' pipeline with its VAE in that dtype")
     serve.add_argument("--enforce-eager", action="store_true",
                        help="no CUDA graphs: vLLM's for the reasoner, ours for the generator's denoising steps")
     serve.add_argument("--profile-dir", default=None,

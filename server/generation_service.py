@@ -141,11 +141,12 @@ class GenerationService:
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
 
-    async def start(self, warmup: GenerationRequest | None = None, max_batch_tokens: int | None = None) -> None:
+    async def start(self, warmup: GenerationRequest | None = None, max_batch_tokens: int | None = None,
+                    vae_dtype: str = "float32") -> None:  # fmt: skip
         """Load the generator in the worker (steps of at most `max_batch_tokens` generator tokens, the executor's
-        default if None), start the step loop, run `warmup` through it, then be ready."""
-        self.generator_info = await self._rpc("cosmos3_load_generator", *([] if max_batch_tokens is None
-                                                                          else [max_batch_tokens]))  # fmt: skip
+        default if None; the VAE in `vae_dtype`), start the step loop, run `warmup` through it, then be ready."""
+        options = {"vae_dtype": vae_dtype} | ({} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens})
+        self.generator_info = await self._rpc("cosmos3_load_generator", **options)
         self._loop_task = asyncio.create_task(self._step_loop())
         if warmup is not None:
             job = self.submit(warmup, mode="warmup")
@@ -334,8 +335,8 @@ class GenerationService:
                 metrics.PHASE_SECONDS.labels(mode=job.mode, phase=phase).observe(seconds)
         job.publish()
 
-    async def _rpc(self, method: str, *args: Any) -> Any:
-        return (await self.engine.collective_rpc(method, args=args))[0]
+    async def _rpc(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return (await self.engine.collective_rpc(method, args=args, kwargs=kwargs or None))[0]
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)

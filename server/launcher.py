@@ -19,6 +19,9 @@ from cosmos3_serve.model_executor import vllm_compat
 from cosmos3_serve.quant.precision import precision_engine_args
 
 
+VAE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --vae-precision -> torch dtype name
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     checkpoint: Path
@@ -38,6 +41,7 @@ class ServeOptions:
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
     profile_dir: str | None = None  # the worker's profiler traces; enables /start_profile and /stop_profile
     enforce_eager: bool = False  # no CUDA graphs, in the reasoner (vLLM's) nor in the generator
+    vae_precision: str = "fp32"  # the VAE's: fp32 (default), bf16 or fp16
 
     @property
     def model_name(self) -> str:
@@ -99,7 +103,8 @@ async def _serve(options: ServeOptions, vllm_args) -> None:
                               precision=options.precision, api_key=options.api_key,
                               max_request_bytes=options.max_request_bytes,
                               max_generation_jobs=options.max_generation_jobs,
-                              max_generation_batch_tokens=options.max_generation_batch_tokens)  # fmt: skip
+                              max_generation_batch_tokens=options.max_generation_batch_tokens,
+                              vae_dtype=VAE_DTYPES[options.vae_precision])  # fmt: skip
     _, sock = api.setup_server(vllm_args, reuse_port=False)
     async with api.build_async_engine_client(vllm_args) as engine_client:
         app = await build_cosmos3_app(engine_client, vllm_args, settings)

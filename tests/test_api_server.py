@@ -358,6 +358,7 @@ def test_metadata_version_and_unknown_job(http: httpx.Client, tiny_checkpoint: P
     assert metadata["model"] == tiny_checkpoint.name and metadata["precision"] == "fp32"
     assert {"text2image", "text2video", "image2video", "video2video"} <= set(metadata["modes"])
     assert metadata["towers"]["generator"]["loaded"] and metadata["tensor_parallel_size"] == 1
+    assert metadata["towers"]["generator"]["vae_dtype"] == "float32"  # the default --vae-precision
     assert http.get("/v1/version").json()["api"] == "v1"
     assert http.get("/v1/video/generate/gen-unknown").status_code == 404
 

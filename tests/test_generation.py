@@ -81,6 +81,45 @@ def test_decoded_frames_equal_the_reference(generator, diffusers_pipeline) -> No
     assert difference.max() <= 1.0  # rounding to 8 bits
 
 
+def test_a_half_precision_vae_encodes_and_decodes_like_the_reference_in_that_precision(
+    generator, diffusers_pipeline, vllm_reasoner
+) -> None:
+    """`serve --vae-precision bf16`, against diffusers' pipeline built with its VAE in bf16 (the rest float32): an
+    image -> video request's latents (its first frame encoded in bf16) equal the reference's, and decoding the
+    reference's latents gives its frames to 8-bit rounding. (Decoding our own latents is not compared: a 1e-5
+    difference that crosses a bf16 rounding boundary moves a few pixels by several levels.)"""
+    import copy
+
+    from diffusers import Cosmos3OmniPipeline
+
+    from tests import media
+
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
+    reference_pipeline = Cosmos3OmniPipeline(
+        transformer=diffusers_pipeline.transformer, text_tokenizer=diffusers_pipeline.text_tokenizer,
+        vae=copy.deepcopy(diffusers_pipeline.vae).to(torch.bfloat16), scheduler=diffusers_pipeline.scheduler,
+        enable_safety_checker=False,
+    )  # fmt: skip
+    common = dict(negative_prompt=NEGATIVE, image=media.smooth_image(seed=31, height=32, width=64), num_frames=5,
+                  height=32, width=64, fps=16.0, num_inference_steps=3, guidance_scale=6.0)  # fmt: skip
+
+    def reference(output_type: str, pipeline=reference_pipeline):
+        return pipeline(PROMPT, **common, generator=torch.Generator().manual_seed(4), output_type=output_type).video
+
+    reference_latents = reference("latent")
+    float32_vae, executor.vae = executor.vae, copy.deepcopy(executor.vae).to(torch.bfloat16)
+    try:
+        latents = generator.generate_latents(GenerationRequest(PROMPT, seed=4, **common))
+        frames = executor._decode_by_shape({"reference": reference_latents.to(executor.device)})["reference"]
+    finally:
+        executor.vae = float32_vae
+    assert (latents - reference_latents).abs().max() <= LATENT_ATOL
+    reference_frames = torch.from_numpy(reference("np")) * 255  # [T, H, W, 3]
+    assert (frames.float() - reference_frames).abs().max() <= 1.0  # rounding to 8 bits
+    float32_frames = torch.from_numpy(reference("np", diffusers_pipeline)) * 255
+    assert (reference_frames - float32_frames).abs().max() > 1.0  # the bf16 VAE is not a no-op here
+
+
 MIXED = {
     "image-cfg": GenerationRequest(PROMPT, NEGATIVE, num_frames=1, height=64, width=96, num_inference_steps=4, seed=1),
     "video-cfg": GenerationRequest("A dog runs.", None, num_frames=9, height=32, width=64, fps=16.0,

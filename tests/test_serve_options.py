@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cosmos3_serve.quant.precision import precision_engine_args
 from cosmos3_serve.server.cli import build_parser
-from cosmos3_serve.server.launcher import ServeOptions, vllm_engine_argv
+from cosmos3_serve.server.launcher import VAE_DTYPES, ServeOptions, vllm_engine_argv
 
 
 def test_nim_environment_variables_are_defaults_and_flags_win(monkeypatch, tiny_checkpoint: Path) -> None:
@@ -59,3 +60,9 @@ def test_eager_and_profiler_flags_reach_vllms_parser(tiny_checkpoint: Path, tmp_
     assert parsed.enforce_eager
     assert (parsed.profiler_config.profiler, parsed.profiler_config.torch_profiler_dir) == (
         "torch", str(tmp_path / "traces"))
+
+
+@pytest.mark.parametrize("flag, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_vae_precision_names_a_torch_dtype(tiny_checkpoint: Path, flag: str, dtype: torch.dtype) -> None:
+    args = build_parser().parse_args(["serve", str(tiny_checkpoint), "--vae-precision", flag])
+    assert getattr(torch, VAE_DTYPES[args.vae_precision]) is dtype  # what the worker builds its VAE in
