@@ -20,7 +20,6 @@ the residual add + RMSNorm as one Triton kernel (`add_rms_norm_rows`), vLLM's C 
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from vllm import _custom_ops as vllm_ops  # loads vLLM's C kernels (torch.ops._C)

@@ -58,6 +58,7 @@ from cosmos3_serve.sampling.conditioning import (
 )
 from cosmos3_serve.sampling.prompts import PromptSpec
 
+logger = logging.getLogger(__name__)
 
 # Generator tokens per denoising step (`DiffusionExecutor.next_batch`). On an H200 the Nano tower's eager forward
 # keeps the GPU busy from about 2,000 tokens on, where its GEMMs already run near their peak (docs/benchmarks.md).
@@ -377,8 +378,6 @@ class DenoisingState:
         return GenerationOutput(video, actions)
 
 
-logger = logging.getLogger(__name__)
-
 # Names of the profiler ranges around the executor's work (`torch.profiler.record_function`): a trace of the worker
 # (`cosmos3-serve serve --profile-dir`) shows each denoising step and each VAE batch as one range, on the host and,
 # on CUDA, over the GPU kernels it launched.
@@ -387,6 +386,20 @@ PROFILE_RANGES = {"denoise": "cosmos3::denoise_step", "encode": "cosmos3::vae_en
 # costs about two eager forwards, a replay saves the host's launches of one (at most a third of a small forward's
 # time: docs/benchmarks.md), so a 4-step policy request stays eager and a 10- or 35-step image is captured.
 GRAPH_MIN_STEPS = 8
+
+
+@dataclass
+class BatchPlan:
+    """What the executor keeps of the batch it stepped last, for as long as the same requests step together: their
+    packed layout (rotary tables, attention over their prompt K/V) and, once captured, their forward's CUDA graph."""
+
+    states: list[DenoisingState]
+    layout: PackedBatch
+    graph: CapturedForward | None = None
+
+    def serves(self, batch: list[DenoisingState]) -> bool:
+        """Whether `batch` is the same requests, in the same order."""
+        return len(self.states) == len(batch) and all(a is b for a, b in zip(self.states, batch))
 
 
 class DiffusionExecutor:
@@ -406,8 +419,8 @@ class DiffusionExecutor:
         checkpoint = Path(checkpoint)
         self.config = GeneratorConfig.from_checkpoint(checkpoint)
         self.device, self.dtype = torch.device(device), vllm_config.model_config.dtype
-        # The tower is not compiled (eager, or a CUDA graph of eager kernels): build it with vLLM's fused kernels (norms,
-        # SiLU), whatever the engine compiles.
+        # The tower is not compiled (eager, or a CUDA graph of eager kernels): build it with vLLM's fused kernels
+        # (norms, SiLU), whatever the engine compiles.
         tower_config = copy.copy(vllm_config)
         tower_config.compilation_config = CompilationConfig(custom_ops=["all"])
         default_dtype = torch.get_default_dtype()
@@ -432,10 +445,8 @@ class DiffusionExecutor:
         self.active: list[DenoisingState] = []
         self.finished: dict[str, GenerationOutput] = {}  # request id -> result, until taken
         self.max_batch_tokens = max_batch_tokens
-        self._packed: tuple[list[DenoisingState], PackedBatch] | None = None  # the last batch and its layout
-        # CUDA graphs of batches unless the engine is eager (`--enforce-eager`); the last batch's graph, if any.
+        self._plan: BatchPlan | None = None  # of the batch stepped last
         self.use_cuda_graphs = self.device.type == "cuda" and not vllm_config.model_config.enforce_eager
-        self._graph: tuple[list[DenoisingState], CapturedForward] | None = None
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
         vae = self.vae.config
@@ -497,7 +508,7 @@ class DiffusionExecutor:
                 self.active.remove(state)
                 self.finished[state.request_id] = state.output()
         if not self.active:  # idle: release the last batch's layout and graph (their prompt K/V, the graph's memory)
-            self._packed = self._graph = None
+            self._plan = None
         return progress
 
     def next_batch(self) -> list[DenoisingState]:
@@ -581,7 +592,8 @@ class DiffusionExecutor:
             return ConditioningClip(pixels, shape[2], shape[3:])
         latent_frames = request.action_chunk_size // temporal + 1  # of the clip's action_chunk_size + 1 frames
         clean_frames = latent_frames if request.action_mode == INVERSE_DYNAMICS else 1  # every frame / the first
-        pixels, (content_h, content_w) = action_conditioning_clip(request.action_frames, 1 + temporal * (clean_frames - 1),
+        pixel_frames = 1 + temporal * (clean_frames - 1)
+        pixels, (content_h, content_w) = action_conditioning_clip(request.action_frames, pixel_frames,
                                                                   request.action_canvas)  # fmt: skip
         return ConditioningClip(pixels, latent_frames, (max(content_h // spatial, 1), max(content_w // spatial, 1)))
 
@@ -645,13 +657,15 @@ class DiffusionExecutor:
         inv_std = 1.0 / torch.tensor(vae.latents_std, dtype=dtype, device=self.device).view(1, -1, 1, 1, 1)
         return mean, inv_std
 
-    def _packed_batch(self, active: list[DenoisingState]) -> PackedBatch:
-        """The batch's layout, rebuilt only when its membership changed since the last step."""
-        if self._packed is None or not _same_states(self._packed[0], active):
+    def _batch_plan(self, active: list[DenoisingState]) -> BatchPlan:
+        """The plan of `active`: the last one if the same requests step together again, else a new layout (the last
+        plan, its graph's memory pool and prompt K/V, released first)."""
+        if self._plan is None or not self._plan.serves(active):
+            self._plan = None
             positions = torch.cat([state.positions_3n for state in active], dim=1)
             sequences = [seq for state in active for seq in state.sequences]
-            self._packed = (list(active), self.tower.pack(positions, sequences))
-        return self._packed[1]
+            self._plan = BatchPlan(list(active), self.tower.pack(positions, sequences))
+        return self._plan
 
     def _forward(
         self,
@@ -664,22 +678,18 @@ class DiffusionExecutor:
         """The tower's forward of the batch: a replay of its CUDA graph, captured at its first step if its members
         will step together at least GRAPH_MIN_STEPS times and it has at most GRAPH_MAX_TOKENS tokens; else eager.
         The outputs of a replay are the graph's buffers: consumed before the next step."""
-        batch = self._packed_batch(active)
-        if self._graph is not None and not _same_states(self._graph[0], active):
-            self._graph = None  # another batch: release its graph (memory pool, prompt K/V) before anything else
-        if self._graph is None and self.use_cuda_graphs and noisy_n.shape[0] <= GRAPH_MAX_TOKENS and min(
+        plan = self._batch_plan(active)
+        if plan.graph is None and self.use_cuda_graphs and noisy_n.shape[0] <= GRAPH_MAX_TOKENS and min(
             len(state.timesteps) - state.step for state in active
         ) >= GRAPH_MIN_STEPS:
             try:
-                graph = CapturedForward(self.tower, batch, patches_vp, timesteps_n, noisy_n, actions_na)
+                plan.graph = CapturedForward(self.tower, plan.layout, patches_vp, timesteps_n, noisy_n, actions_na)
             except RuntimeError as error:  # an op that cannot be captured: stay eager from now on
                 logger.warning("generator CUDA graph capture failed, running eagerly: %s", error)
                 self.use_cuda_graphs = False
-            else:
-                self._graph = (list(active), graph)
-        if self._graph is not None:
-            return self._graph[1](patches_vp, timesteps_n, noisy_n, actions_na)
-        return self.tower(patches_vp, timesteps_n, noisy_n, batch, actions_na)
+        if plan.graph is not None:
+            return plan.graph(patches_vp, timesteps_n, noisy_n, actions_na)
+        return self.tower(patches_vp, timesteps_n, noisy_n, plan.layout, actions_na)
 
     def _step(self, active: list[DenoisingState]) -> None:
         """One packed generator forward for every sequence of every active request, then each request's step."""
@@ -726,11 +736,6 @@ class DiffusionExecutor:
             pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             frames.update(zip(ids, pixels.permute(0, 2, 3, 4, 1).unbind(0)))
         return frames
-
-
-def _same_states(cached: list[DenoisingState], active: list[DenoisingState]) -> bool:
-    """Whether `active` is the same requests, in the same order, as the batch `cached` was built for."""
-    return len(cached) == len(active) and all(a is b for a, b in zip(cached, active))
 
 
 def _batches_by_shape(tensors: dict[str, torch.Tensor]) -> list[tuple[list[str], torch.Tensor]]:

@@ -7,9 +7,9 @@ prefill-only (`max_tokens=1`). In the step that completes its prefill:
 - scheduler side (`Cosmos3KVExportConnector` in the engine core): `build_connector_meta` lists the request's
   blocks, cached prefix blocks included, and its prompt length;
 - worker side (one per tensor-parallel rank): after the forward (`wait_for_save`) every attention layer's blocks
-  are read out of vLLM's paged cache (on CUDA all layers in one kernel, `kv_gather`), which holds K after `norm_k` and mRoPE, exactly what the generator's
-  queries attend to, and V, and are put in the process-local `PROMPT_KV_STORE` under KEY as a `PromptKV`
-  (per layer `[num_tokens, num_kv_heads_of_this_rank, head_dim]`).
+  are read out of vLLM's paged cache (on CUDA all layers in one kernel, `kv_gather`), which holds K after
+  `norm_k` and mRoPE, exactly what the generator's queries attend to, and V, and are put in the process-local
+  `PROMPT_KV_STORE` under KEY as a `PromptKV` (`[layers, 2, num_tokens, num_kv_heads_of_this_rank, head_dim]`).
 
 When the generator re-normalises the reasoner's keys (`k_norm_und_for_gen`, checkpoints with
 `qk_norm_for_text=False`), the exported keys are `RoPE(norm(RoPE^-1(K)))`: the cache holds `RoPE(K)`, RoPE is a

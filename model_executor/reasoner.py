@@ -73,12 +73,11 @@ class Batch1DecoderLayer:
     itself in 0.26; same forward and attributes in both): the same forward in 3 fused custom ops and 2 projections.
 
     Per layer: input_layernorm + qkv_proj (`cosmos3_[add_]rms_norm_linear`); q_norm, k_norm and mRoPE
-    (`cosmos3_qk_norm_mrope`, any M); attention (vLLM's) and
-    o_proj (vLLM's); post_attention_layernorm + gate_up_proj + SiluAndMul (`cosmos3_add_rms_norm_linear` with
-    `silu_mul`); down_proj (vLLM's, our GEMV). At M = 1 on CUDA that is 4 kernels besides attention and o_proj
-    where vLLM's compiled forward has 9 (4 GEMVs, 2 add + RMSNorm, 3 for q / k norm and mRoPE, SiLU-mul); at
-    M > 1 the norms run one Triton add + RMSNorm kernel each (the first layer's, vLLM's C `rms_norm`), SiLU-mul
-    vLLM's C kernel, the projections cuBLAS."""
+    (`cosmos3_qk_norm_mrope`, any M); attention and o_proj (vLLM's); post_attention_layernorm + gate_up_proj +
+    SiluAndMul (`cosmos3_add_rms_norm_linear` with `silu_mul`); down_proj (vLLM's, our GEMV). At M = 1 on CUDA
+    that is 4 kernels besides attention and o_proj where vLLM's compiled forward has 9 (4 GEMVs, 2 add + RMSNorm,
+    3 for q / k norm and mRoPE, SiLU-mul); at M > 1 the norms run one Triton add + RMSNorm kernel each (the first
+    layer's, vLLM's C `rms_norm`), SiLU-mul vLLM's C kernel, the projections cuBLAS."""
 
     @staticmethod
     def supports(layer: nn.Module) -> bool:

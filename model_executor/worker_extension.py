@@ -91,8 +91,8 @@ class Cosmos3WorkerExtension:
         """Build the generator tower and VAE (in `vae_dtype`, a torch dtype's name) of the served checkpoint on
         this worker's device (idempotent)."""
         if getattr(self, "cosmos3_executor", None) is None:
-            self.cosmos3_executor = DiffusionExecutor(self.vllm_config.model_config.model, self.vllm_config,
-                                                      self.device, max_batch_tokens, getattr(torch, vae_dtype))  # fmt: skip
+            self.cosmos3_executor = DiffusionExecutor(self.vllm_config.model_config.model, self.vllm_config, self.device,
+                                                      max_batch_tokens, getattr(torch, vae_dtype))  # fmt: skip
         executor = self.cosmos3_executor
         return {"dtype": str(executor.dtype).removeprefix("torch."), "device": str(executor.device),
                 "vae_dtype": str(executor.vae.dtype).removeprefix("torch."),

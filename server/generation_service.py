@@ -145,7 +145,9 @@ class GenerationService:
                     vae_dtype: str = "float32") -> None:  # fmt: skip
         """Load the generator in the worker (steps of at most `max_batch_tokens` generator tokens, the executor's
         default if None; the VAE in `vae_dtype`), start the step loop, run `warmup` through it, then be ready."""
-        options = {"vae_dtype": vae_dtype} | ({} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens})
+        options = {"vae_dtype": vae_dtype}
+        if max_batch_tokens is not None:
+            options["max_batch_tokens"] = max_batch_tokens
         self.generator_info = await self._rpc("cosmos3_load_generator", **options)
         self._loop_task = asyncio.create_task(self._step_loop())
         if warmup is not None:

@@ -68,7 +68,8 @@ def vllm_engine_argv(options: ServeOptions) -> list[str]:
     if options.enforce_eager:
         engine["enforce_eager"] = True
     if options.profile_dir is not None:  # the worker's profiler only: the API server's would slow every request
-        engine["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(Path(options.profile_dir).resolve()),
+        trace_dir = str(Path(options.profile_dir).resolve())
+        engine["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": trace_dir,
                                      "torch_profiler_with_stack": False, "ignore_frontend": True}  # fmt: skip
     argv = ["--model", str(options.checkpoint)]
     for name, value in engine.items():

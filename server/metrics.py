@@ -24,7 +24,9 @@ PHASE_SECONDS = Histogram(
 )
 QUEUE_DEPTH = Gauge("cosmos3_generation_queue_depth", "Jobs whose prompts are being prefilled, not yet denoising")
 BATCH_SIZE = Histogram(
-    "cosmos3_denoise_batch_size", "Jobs denoised together in one step (within the step's token budget)", buckets=(1, 2, 4, 8, 16, 32, 64)
+    "cosmos3_denoise_batch_size",
+    "Jobs denoised together in one step (within the step's token budget)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 STEP_SECONDS = Histogram(
     "cosmos3_denoise_step_seconds",
