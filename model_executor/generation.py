@@ -5,9 +5,10 @@ image / video, and the action modes (forward dynamics, policy, inverse dynamics:
 worker; `generation_client` drives it). Requests are denoised together: every step is one packed generator
 forward over every sequence (request x CFG branch) in flight, whatever their modes, resolutions, frame counts and
 step counts, followed by each request's guidance combine and flow-matching scheduler step (the checkpoint's own
-scheduler, one copy per request and one more for its action tokens). A finished or cancelled request leaves the
-batch at the next step and its K/V are released. The reasoner does not run during denoising. Initial noise, positions, patching and scheduling
-follow diffusers' `Cosmos3OmniPipeline`, so for the same seed the latents and actions equal the reference's.
+scheduler, one copy per request and one more for its action tokens; UniPC steps as `sampling.flow_unipc` computes
+them, without host syncs). A finished or cancelled request leaves the batch at the next step and its K/V are
+released. The reasoner does not run during denoising. Initial noise, positions, patching and scheduling follow
+diffusers' `Cosmos3OmniPipeline`, so for the same seed the latents and actions equal the reference's.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from cosmos3_serve.sampling.conditioning import (
     condition_mask,
     conditioning_clip,
 )
+from cosmos3_serve.sampling.flow_unipc import device_scheduler
 from cosmos3_serve.sampling.prompts import PromptSpec
 
 logger = logging.getLogger(__name__)
@@ -551,7 +553,7 @@ class DiffusionExecutor:
             latents, mask = self._video_latents(request, generator, clean)
         else:
             latents, mask = self._action_clip_latents(request, generator, clean)
-            actions = self._action_chunk(request, generator, copy.deepcopy(scheduler))
+            actions = self._action_chunk(request, generator, device_scheduler(copy.deepcopy(scheduler)))
         patch = self.config.latent_patch_size
         grid = (latents.shape[2], -(-latents.shape[3] // patch), -(-latents.shape[4] // patch))
         temporal = self.vae.config.scale_factor_temporal
@@ -571,7 +573,7 @@ class DiffusionExecutor:
             latents=latents,
             frame_mask=mask,
             noisy=torch.cat([noisy_patches, noisy_actions] * len(kvs)),
-            scheduler=scheduler,
+            scheduler=device_scheduler(scheduler),
             timesteps=scheduler.timesteps,
             actions=actions,
         )
