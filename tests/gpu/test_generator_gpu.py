@@ -71,11 +71,17 @@ def test_cuda_graph_steps_equal_eager_steps(gpu_generator, gpu_reasoner, monkeyp
                                     seed=3)  # fmt: skip
     else:
         request = action_request(mode, steps=steps)
-    graphed = gpu_generator.generate({"one": request}, decode=False)["one"]
-    assert len(captures) == 1 and executor.use_cuda_graphs
+    assert executor.use_cuda_graphs  # on by default
+    # Eager twice, then graphed: the first run fills the reasoner's prefix cache, so the two compared runs read the
+    # same prompt K/V (a prompt's uncached tail is recomputed at another batch size: other bf16 roundings).
     monkeypatch.setattr(executor, "use_cuda_graphs", False)
-    eager = gpu_generator.generate({"one": request}, decode=False)["one"]
+    first, eager = (gpu_generator.generate({"one": request}, decode=False)["one"] for _ in range(2))
+    assert not captures
+    monkeypatch.setattr(executor, "use_cuda_graphs", True)
+    graphed = gpu_generator.generate({"one": request}, decode=False)["one"]
     assert len(captures) == 1
-    assert _relative_error(graphed.video, eager.video) <= 1e-3  # the same kernels: bf16 rounding at most
-    if mode is not None:
-        assert _relative_error(graphed.actions, eager.actions) <= 1e-3
+    for name in ("video",) if mode is None else ("video", "actions"):
+        runs = _relative_error(getattr(first, name), getattr(eager, name))
+        error = _relative_error(getattr(graphed, name), getattr(eager, name))
+        print(f"{mode} {name}: eager runs 1 and 2 differ by {runs:.1e}, graphed and eager run 2 by {error:.1e}")
+        assert error <= 1e-3, name  # the same kernels: bf16 rounding at most
