@@ -4,10 +4,9 @@
 
 Needs a CUDA GPU. For each GEMV of a decode step, as the fused decoder layers launch it (qkv_proj with the residual
 add + RMSNorm prologue, o_proj, gate_up_proj with the prologue and SiLU-mul, down_proj, lm_head), every candidate
-(rows per program, K per loop step, warps, pipeline stages) is timed as `--layers` launches on distinct weights
-replayed in one CUDA graph: the weights stream from HBM as in a decode step, none is left in the L2. Candidates:
-tiles of 2k to 16k weights with 4 warps (8 as well from 8k), one pipeline stage; then the 3 fastest with 2 and 3
-stages. Printed per GEMV: the current table's time per launch and read bandwidth, and the fastest candidate's.
+(rows per program, K per loop step, warps) is timed as `--layers` launches on distinct weights replayed in one
+CUDA graph: the weights stream from HBM as in a decode step, none is left in the L2. Candidates: tiles of 2k to
+16k weights with 4 warps, 8 as well from 8k. Printed per GEMV: the current table's time per launch and read bandwidth, and the fastest candidate's.
 Then the whole step's GEMVs (`--layers` x 4 projections + lm_head, one graph) with the current tables and with the
 fastest shapes, against the weights' bytes over the copy bandwidth (the reasoner bench's roofline) and over the read
 bandwidth (a sum over 2 GiB), both measured in the same run.
@@ -25,7 +24,7 @@ import torch
 
 HIDDEN, INTERMEDIATE, QKV_ROWS, VOCAB = 4096, 12288, 6144, 151936  # Qwen3-8B-shaped Nano reasoner
 EPS = 1e-6
-Blocks = tuple[int, int, int, int]  # rows per program, K per loop step, warps, stages
+Blocks = tuple[int, int, int]  # rows per program, K per loop step, warps
 
 
 class Projection:
@@ -100,7 +99,7 @@ def candidates(cols: int) -> list[Blocks]:
         for step in (128, 256, 512, 1024, 2048):
             tile = rows * step
             if step <= cols and 2048 <= tile <= 16384:
-                shapes += [(rows, step, 4, 1)] + ([(rows, step, 8, 1)] if tile >= 8192 else [])
+                shapes += [(rows, step, 4)] + ([(rows, step, 8)] if tile >= 8192 else [])
     return shapes
 
 
@@ -118,13 +117,10 @@ def current_blocks(projection: Projection) -> Blocks:
 
 
 def sweep(projection: Projection) -> dict:
-    """Every candidate's seconds per launch; then stages 2 and 3 for the 3 fastest."""
+    """Every candidate's seconds per launch."""
     times = {}
     for blocks in candidates(projection.cols) + [current_blocks(projection)]:
         times.setdefault(blocks, time_blocks(projection, blocks))
-    for rows, step, warps, _ in sorted(times, key=times.get)[:3]:
-        for stages in (2, 3):
-            times.setdefault((rows, step, warps, stages), time_blocks(projection, (rows, step, warps, stages)))
     best = min(times, key=times.get)
     current = current_blocks(projection)
     return {"name": projection.name, "shape": [projection.rows, projection.cols], "bytes": projection.bytes,

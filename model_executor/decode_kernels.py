@@ -14,18 +14,11 @@ the residual add + RMSNorm as one Triton kernel (`add_rms_norm_rows`), vLLM's C 
   With `silu_mul` (gate_up_proj), vLLM's `SiluAndMul` runs in the GEMV's epilogue: each program multiplies
   matching gate and up rows, and down_proj reads the activation [I] (a prologue in down_proj's GEMV would compute
   each sigmoid once per program: slower than the separate kernel on an H200).
-  On Hopper and later every GEMV is a programmatic dependent launch (PDL) that lets the next one launch as soon as
-  all its programs have started: the next GEMV's programs take the SMs this one's leave and stream their first
-  weight tile while it finishes; each waits for the kernel before it (`gdc_wait`) only to read its activation.
-  `COSMOS3_DISABLE_PDL=1` turns that off.
 - `cosmos3_qk_norm_mrope`: per-head q / k RMSNorm and neox-style mRoPE (3 x T positions, sectioned or interleaved
   like vLLM's `MRotaryEmbedding`) in one kernel, one program per token, for any number of tokens.
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +30,14 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
-# (rows per program, K per loop step, warps, pipeline stages) by weight rows, the fastest on an H200 for the 8B
-# reasoner's shapes (lm_head, gate_up_proj, qkv_proj, o_proj and down_proj); the first entry whose bound is <= the
-# rows applies. `bench/decode_gemv.py` sweeps them.
-GEMV_BLOCKS = ((65536, (16, 512, 4, 1)), (16384, (4, 1024, 4, 1)), (4097, (8, 512, 4, 1)), (0, (16, 1024, 8, 1)))
+# (rows per program, K per loop step, warps) by weight rows, the fastest on an H200 for the 8B reasoner's shapes
+# (lm_head, gate_up_proj, qkv_proj, o_proj and down_proj); the first entry whose bound is <= the rows applies.
+# `bench/decode_gemv.py` sweeps them (docs/benchmarks.md).
+GEMV_BLOCKS = ((65536, (16, 512, 4)), (16384, (4, 1024, 4)), (4097, (8, 512, 4)), (0, (16, 1024, 8)))
 # The same with the RMSNorm prologue (qkv_proj, gate_up_proj), whose programs also load the residual and the norm
 # weight: gate_up wants more rows per program to share those loads. H200, weights streamed from HBM: qkv 14.2 us
 # (unfused C add + RMSNorm and GEMV 15.6, the GEMV alone 13.7); gate_up with SiLU-mul 49.1 (unfused 52.9, 47.2).
-NORM_GEMV_BLOCKS = ((16384, (32, 128, 4, 1)), (4097, (8, 512, 4, 1)), (0, (16, 512, 4, 1)))
+NORM_GEMV_BLOCKS = ((16384, (32, 128, 4)), (4097, (8, 512, 4)), (0, (16, 512, 4)))
 
 
 @triton.jit
@@ -60,16 +53,12 @@ def _load_k(ptr, offsets, K, EVEN_K: tl.constexpr):
 def _gemv_kernel(
     x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, w_ptr, y_ptr, N, K, stride_w, eps,
     RMS_NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """y[outputs] = w[rows, :K] @ a for this program's BLOCK_N rows, N outputs in all. The activation a[:K] is x,
     or (RMS_NORM) z * norm_weight with the result scaled by rsqrt(mean(z^2) + eps), z = x or (ADD_RESIDUAL)
     x + residual rounded to x's dtype, stored by program 0 to residual_out. SILU_MUL: w is [gate; up] (2N rows),
-    the program's rows are BLOCK_N / 2 (gate, up) pairs and y = silu(gate) * up, each rounded to y's dtype.
-    PDL (a programmatic dependent launch): the next kernel may launch once every program has started here; this
-    one's first weight tile is loaded before it waits for the previous kernel (its reads and writes come after)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+    the program's rows are BLOCK_N / 2 (gate, up) pairs and y = silu(gate) * up, each rounded to y's dtype."""
     pid = tl.program_id(0)
     if SILU_MUL:  # local row 2i is gate row `outputs[i]`, 2i + 1 the up row N + outputs[i]
         local = tl.arange(0, BLOCK_N)
@@ -90,8 +79,6 @@ def _gemv_kernel(
         else:
             w_mask = (row_outputs[:, None] < N) & (ks[None, :] < K)
             w = tl.load(w_ptrs + k, mask=w_mask, other=0.0, eviction_policy="evict_first")
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # the previous kernel's outputs (x, residual) are complete and visible
         a = _load_k(x_ptr, ks, K, EVEN_K).to(tl.float32)
         if ADD_RESIDUAL:
             z = (a + _load_k(residual_ptr, ks, K, EVEN_K).to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
@@ -149,12 +136,12 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def gemv_blocks(n: int, k: int, rms_norm: bool = False) -> tuple[int, int, int, int]:
-    """(rows per program, K per loop step, warps, stages) of an [n, k] weight: `GEMV_BLOCKS` (`NORM_GEMV_BLOCKS`
-    with the RMSNorm prologue), clipped to small shapes."""
+def gemv_blocks(n: int, k: int, rms_norm: bool = False) -> tuple[int, int, int]:
+    """(rows per program, K per loop step, warps) of an [n, k] weight: `GEMV_BLOCKS` (`NORM_GEMV_BLOCKS` with the
+    RMSNorm prologue), clipped to small shapes."""
     table = NORM_GEMV_BLOCKS if rms_norm else GEMV_BLOCKS
-    rows, step, warps, stages = next(blocks for bound, blocks in table if n >= bound)
-    return min(rows, _next_power_of_2(n)), min(step, _next_power_of_2(k)), warps, stages
+    rows, step, warps = next(blocks for bound, blocks in table if n >= bound)
+    return min(rows, _next_power_of_2(n)), min(step, _next_power_of_2(k)), warps
 
 
 def gemv(
@@ -169,7 +156,7 @@ def gemv(
     silu(y[:N / 2]) * y[N / 2:]), residual_out [1, K] if `residual` else None). `norm_weight` turns on the RMSNorm
     prologue."""
     n, k = weight.shape
-    rows, step, warps, stages = gemv_blocks(n, k, rms_norm=norm_weight is not None)
+    rows, step, warps = gemv_blocks(n, k, rms_norm=norm_weight is not None)
     outputs, outputs_per_program = (n // 2, rows // 2) if silu_mul else (n, rows)
     y = x.new_empty(*x.shape[:-1], outputs)
     residual_out = None if residual is None else x.new_empty(x.shape)
@@ -178,20 +165,9 @@ def gemv(
         x if residual_out is None else residual_out, weight, y, outputs, k, weight.stride(0), eps,
         RMS_NORM=norm_weight is not None, ADD_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
         BLOCK_N=rows, BLOCK_K=step, EVEN_N=outputs % outputs_per_program == 0, EVEN_K=k % step == 0,
-        num_warps=warps, num_stages=stages, **_pdl_launch(x.device),
+        num_warps=warps, num_stages=1,
     )  # fmt: skip
     return y, residual_out
-
-
-def _pdl_launch(device: torch.device) -> dict[str, bool]:
-    """The GEMV's launch options: programmatic dependent launch on Hopper and later, unless COSMOS3_DISABLE_PDL=1."""
-    pdl = device.type == "cuda" and _supports_pdl(device.index or 0)
-    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
-
-
-@functools.cache
-def _supports_pdl(device_index: int) -> bool:
-    return os.environ.get("COSMOS3_DISABLE_PDL") != "1" and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _is_gemv_row(x: torch.Tensor, width: int, weight: torch.Tensor) -> bool:

@@ -39,7 +39,7 @@ def run_interpreted_checks() -> None:
     from cosmos3_serve.model_executor import decode_kernels
 
     torch.manual_seed(0)
-    small_blocks = ((0, (8, 64, 4, 1)),)  # K loops of several steps
+    small_blocks = ((0, (8, 64, 4)),)  # K loops of several steps
     for tables in ((decode_kernels.GEMV_BLOCKS, decode_kernels.NORM_GEMV_BLOCKS), (small_blocks, small_blocks)):
         decode_kernels.GEMV_BLOCKS, decode_kernels.NORM_GEMV_BLOCKS = tables
         for dtype in (torch.float32, torch.float16):
