@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from cosmos3_serve.model_executor import decode_kernels
+
 HIDDEN, INTERMEDIATE, QKV_ROWS, VOCAB = 4096, 12288, 6144, 151936  # Qwen3-8B-shaped Nano reasoner
 EPS = 1e-6
 Blocks = tuple[int, int, int]  # rows per program, K per loop step, warps
@@ -42,8 +44,6 @@ class Projection:
         return self.rows * self.cols * 2
 
     def launch(self, weight: torch.Tensor) -> None:
-        from cosmos3_serve.model_executor import decode_kernels
-
         decode_kernels.gemv(self.x, weight, residual=self.x if self.residual else None, norm_weight=self.norm_weight,
                             eps=EPS, silu_mul=self.silu_mul)  # fmt: skip
 
@@ -82,14 +82,10 @@ class BlockTables:
         self.tables = plain, norm
 
     def __enter__(self) -> None:
-        from cosmos3_serve.model_executor import decode_kernels
-
         self.saved = decode_kernels.GEMV_BLOCKS, decode_kernels.NORM_GEMV_BLOCKS
         decode_kernels.GEMV_BLOCKS, decode_kernels.NORM_GEMV_BLOCKS = self.tables
 
     def __exit__(self, *exc) -> None:
-        from cosmos3_serve.model_executor import decode_kernels
-
         decode_kernels.GEMV_BLOCKS, decode_kernels.NORM_GEMV_BLOCKS = self.saved
 
 
@@ -111,8 +107,6 @@ def time_blocks(projection: Projection, blocks: Blocks) -> float:
 
 
 def current_blocks(projection: Projection) -> Blocks:
-    from cosmos3_serve.model_executor import decode_kernels
-
     return decode_kernels.gemv_blocks(projection.rows, projection.cols, rms_norm=projection.rms_norm)
 
 

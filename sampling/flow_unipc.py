@@ -16,41 +16,24 @@ rounding (tests/test_flow_unipc.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler
 
 
-@dataclass
-class Update:
-    """Coefficients of one UniP / UniC update (x0 prediction) from sigma s0 to sigma t: the result is
-    x_scale * x - m0_scale * m0 - d_scale * (sum_i rho_i * D1_i [+ rho_t * D1_t]), rhos from powers @ rhos = b."""
-
-    x_scale: float  # sigma_t / sigma_s0
-    m0_scale: float  # alpha_t * (e^-h - 1), h the log-SNR step
-    d_scale: float  # alpha_t * B(h), B(h) = e^-h - 1 (bh2)
-    rks: np.ndarray  # [order] the history's log-SNR offsets over h, then 1
-    b: np.ndarray  # [order]
-    powers: np.ndarray  # [order, order] R[i, j] = rks[j] ** i
-
-
 class FlowUniPC:
-    """One request's UniPC state: the schedule (`timesteps`, `sigmas`) of a diffusers scheduler whose timesteps are
-    set, the last converted model outputs (x0 predictions) and the sample before the last predictor."""
+    """One request's UniPC state over the schedule of a diffusers scheduler whose timesteps are set: the step index,
+    the last `solver_order` converted model outputs (x0 predictions) and the sample before the last predictor."""
 
     def __init__(self, scheduler: UniPCMultistepScheduler) -> None:
         config = scheduler.config
-        self.timesteps = scheduler.timesteps
         self.sigmas = scheduler.sigmas.cpu().double().numpy()  # [steps + 1], the last one the final sigma
-        self.order = config.solver_order
+        self.solver_order = config.solver_order
         self.lower_order_final = config.lower_order_final
         self.disable_corrector = set(config.disable_corrector)
-        self.model_outputs: list[torch.Tensor | None] = [None] * self.order  # oldest first
+        self.model_outputs: list[torch.Tensor | None] = [None] * self.solver_order  # oldest first
         self.last_sample: torch.Tensor | None = None
-        self.this_order = 0
-        self.lower_order_nums = 0
         self.step_index = 0
 
     @staticmethod
@@ -68,16 +51,19 @@ class FlowUniPC:
         unused: the step index is counted here, as diffusers does after its first step."""
         k = self.step_index
         x0_pred = torch.add(sample, model_output, alpha=-float(self.sigmas[k]))  # flow: x0 = x - sigma * v
-        if k > 0 and k - 1 not in self.disable_corrector and self.last_sample is not None:
-            sample = self._corrector(x0_pred)
+        if k > 0 and k - 1 not in self.disable_corrector:  # UniC: the last step's update redone with x0_pred
+            sample = self._update(self.last_sample, k - 1, self._order(k - 1), model_t=x0_pred)
         self.model_outputs = self.model_outputs[1:] + [x0_pred]
-        this_order = min(self.order, len(self.timesteps) - k) if self.lower_order_final else self.order
-        self.this_order = min(this_order, self.lower_order_nums + 1)
         self.last_sample = sample
-        prev_sample = self._predictor(sample)
-        self.lower_order_nums = min(self.lower_order_nums + 1, self.order)
+        prev_sample = self._update(sample, k, self._order(k))  # UniP
         self.step_index += 1
         return (prev_sample,)
+
+    def _order(self, k: int) -> int:
+        """The order of step k: the solver's, lower for the first steps (warm-up) and, with `lower_order_final`,
+        the last ones."""
+        final = len(self.sigmas) - 1 - k if self.lower_order_final else self.solver_order
+        return min(self.solver_order, final, k + 1)
 
     def _lambda(self, index: int) -> float:
         """log(alpha / sigma) at sigma index `index`, alpha = 1 - sigma (+inf at sigma 0)."""
@@ -85,50 +71,43 @@ class FlowUniPC:
         with np.errstate(divide="ignore"):
             return float(np.log(1.0 - sigma) - np.log(sigma))
 
-    def _update(self, order: int, s0: int, t: int, history: list[int]) -> Update:
-        """The coefficients of a UniP / UniC update of `order` from sigma index s0 to t, with the model outputs of
-        the `history` indices (newest first) before s0's."""
-        lambda_t, lambda_s0 = self._lambda(t), self._lambda(s0)
-        h = lambda_t - lambda_s0
-        hh = -h  # predict_x0
-        h_phi_1 = b_h = math.expm1(hh)  # bh2: B(h) = e^-h - 1
-        h_phi_k, factorial, b = h_phi_1 / hh - 1.0, 1, []
+    def _update(self, x: torch.Tensor, s0: int, order: int, model_t: torch.Tensor | None = None) -> torch.Tensor:
+        """UniP (`model_t` None) or UniC (`model_t`: the x0 prediction at s0 + 1) of `order`, bh2, x0 prediction,
+        from the sample x at sigma index s0 to s0 + 1, with the model outputs m0 (at s0) and m_i (at s0 - i):
+
+            x_t = sigma_t / sigma_s0 * x - alpha_t * phi * (m0 + sum_i rho_i * D_i [+ rho_t * (model_t - m0)]),
+
+        phi = e^-h - 1 for the log-SNR step h, D_i = (m_i - m0) / r_i, r_i = (lambda_(s0 - i) - lambda_s0) / h, and
+        the rhos solving R rho = b (R[p, j] = r_j^p, r_order = 1), as UniPC defines them."""
+        t = s0 + 1
+        lambda_s0 = self._lambda(s0)
+        h = self._lambda(t) - lambda_s0
+        phi = math.expm1(-h)  # h phi_1(h) = B(h) (bh2)
+        phi_k, factorial, b = phi / -h - 1.0, 1, []
         for i in range(1, order + 1):
-            b.append(h_phi_k * factorial / b_h)
+            b.append(phi_k * factorial / phi)
             factorial *= i + 1
-            h_phi_k = h_phi_k / hh - 1.0 / factorial
+            phi_k = phi_k / -h - 1.0 / factorial
         with np.errstate(divide="ignore", invalid="ignore"):
-            rks = np.array([(self._lambda(si) - lambda_s0) / h for si in history] + [1.0])
-        alpha_t = 1.0 - self.sigmas[t]
-        return Update(self.sigmas[t] / self.sigmas[s0], alpha_t * h_phi_1, alpha_t * b_h, rks,
-                      np.array(b), np.vander(rks, order, increasing=True).T)  # fmt: skip
-
-    def _predictor(self, x: torch.Tensor) -> torch.Tensor:
-        """UniP of order `this_order` from the current sigma to the next."""
-        k, order, m0 = self.step_index, self.this_order, self.model_outputs[-1]
-        update = self._update(order, k, k + 1, history=[k - i for i in range(1, order)])
-        out = torch.mul(x, float(update.x_scale)).add_(m0, alpha=-float(update.m0_scale))
-        if order > 1:
-            rhos = [0.5] if order == 2 else np.linalg.solve(update.powers[:-1, :-1], update.b[:-1])
-            self._add_differences(out, m0, rhos, update)
-        return out
-
-    def _corrector(self, x0_pred: torch.Tensor) -> torch.Tensor:
-        """UniC of the last step's order: the last predictor's update redone with the new model output x0_pred."""
-        k, order, m0 = self.step_index, self.this_order, self.model_outputs[-1]
-        update = self._update(order, k - 1, k, history=[k - (i + 1) for i in range(1, order)])
-        rhos = [0.5] if order == 1 else np.linalg.solve(update.powers, update.b)
-        out = torch.mul(self.last_sample, float(update.x_scale)).add_(m0, alpha=-float(update.m0_scale))
-        self._add_differences(out, m0, rhos[:-1], update)
-        weight = float(update.d_scale * rhos[-1])  # on D1_t = x0_pred - m0
-        return out.add_(x0_pred, alpha=-weight).add_(m0, alpha=weight)
-
-    def _add_differences(self, out: torch.Tensor, m0: torch.Tensor, rhos, update: Update) -> None:
-        """out -= d_scale * sum_i rhos[i] * D1_i, D1_i = (m_i - m0) / rk_i with m_i the (i + 1)-th newest output."""
-        for i, rho in enumerate(rhos):
+            rks = np.array([(self._lambda(s0 - i) - lambda_s0) / h for i in range(1, order)] + [1.0])
+        powers = np.vander(rks, order, increasing=True).T
+        if model_t is None:
+            rhos = [] if order == 1 else [0.5] if order == 2 else np.linalg.solve(powers[:-1, :-1], b[:-1])
+        else:
+            rhos = [0.5] if order == 1 else np.linalg.solve(powers, b)
+        scale = (1.0 - self.sigmas[t]) * phi
+        m0 = self.model_outputs[-1]
+        out, m0_weight = torch.mul(x, float(self.sigmas[t] / self.sigmas[s0])), -scale
+        for i, rho in enumerate(rhos[: order - 1]):  # the history's differences D_i
             with np.errstate(divide="ignore", invalid="ignore"):
-                weight = float(update.d_scale * rho / update.rks[i])
-            out.add_(self.model_outputs[-(i + 2)], alpha=-weight).add_(m0, alpha=weight)
+                weight = float(scale * rho / rks[i])
+            out.add_(self.model_outputs[-(i + 2)], alpha=-weight)
+            m0_weight += weight
+        if model_t is not None:
+            weight = float(scale * rhos[-1])
+            out.add_(model_t, alpha=-weight)
+            m0_weight += weight
+        return out.add_(m0, alpha=float(m0_weight))
 
 
 def device_scheduler(scheduler):
