@@ -15,14 +15,10 @@ the residual add + RMSNorm as one Triton kernel (`add_rms_norm_rows`), vLLM's C 
   matching gate and up rows, and down_proj reads the activation [I] (a prologue in down_proj's GEMV would compute
   each sigmoid once per program: slower than the separate kernel on an H200).
 - `cosmos3_qk_norm_mrope`: per-head q / k RMSNorm and neox-style mRoPE (3 x T positions, sectioned or interleaved
-  like vLLM's `MRotaryEmbedding`) in one kernel, one program per token, for any number of tokens. For a single
-  token it also brings a given weight (the layer's o_proj) into the L2 cache: extra programs issue bulk L2
-  prefetches and exit, the copies run while attention leaves HBM idle, and the o_proj GEMV then reads the L2.
+  like vLLM's `MRotaryEmbedding`) in one kernel, one program per token, for any number of tokens.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +38,6 @@ GEMV_BLOCKS = ((65536, (16, 512, 4)), (16384, (4, 1024, 4)), (4097, (8, 512, 4))
 # weight: gate_up wants more rows per program to share those loads. H200, weights streamed from HBM: qkv 14.2 us
 # (unfused C add + RMSNorm and GEMV 15.6, the GEMV alone 13.7); gate_up with SiLU-mul 49.1 (unfused 52.9, 47.2).
 NORM_GEMV_BLOCKS = ((16384, (32, 128, 4)), (4097, (8, 512, 4)), (0, (16, 512, 4)))
-# L2 prefetch by `cosmos3_qk_norm_mrope` at M = 1: bytes per prefetch instruction, instructions per program (one per
-# thread of its 4 warps). `COSMOS3_DISABLE_L2_PREFETCH=1` turns it off (for A / B measurements).
-L2_PREFETCH_CHUNK, L2_PREFETCH_BLOCK, L2_PREFETCH_BULK = 4096, 128, True
-L2_PREFETCH = os.environ.get("COSMOS3_DISABLE_L2_PREFETCH", "0") != "1"
 
 
 @triton.jit
@@ -266,49 +258,9 @@ def _norm_rope_heads(
     tl.store(out + HEAD_DIM // 2 + offsets, (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype), mask=mask)
 
 
-@triton.jit
-def _prefetch_l2(ptr, num_bytes, program, num_programs, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BULK: tl.constexpr):
-    """Program `program` of `num_programs`: its share of bytes [0, num_bytes) at ptr (num_bytes % 16 == 0) into the
-    L2, BLOCK chunks of CHUNK bytes per loop step (lanes past the end repeat the last chunk). BULK: one
-    `cp.async.bulk.prefetch.L2` per chunk (sm_90+); else a `prefetch.global.L2::evict_last` per 128-byte line."""
-    base = ptr.to(tl.pointer_type(tl.int8))
-    last = (num_bytes + CHUNK - 1) // CHUNK - 1
-    for first in range(program * BLOCK, last + 1, num_programs * BLOCK):
-        offsets = tl.minimum(first + tl.arange(0, BLOCK), last).to(tl.int64) * CHUNK
-        if BULK:
-            sizes = tl.minimum(num_bytes - offsets, CHUNK).to(tl.int32)
-            tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                                      [base + offsets, sizes], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-        else:
-            for line in tl.static_range(0, CHUNK, 128):
-                tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                          [base + offsets + line], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["num_tokens", "prefetch_bytes", "stride_positions"])
+@triton.jit(do_not_specialize=["stride_positions"])
 def _qk_norm_mrope_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr, prefetch_ptr,
-    num_tokens, prefetch_bytes, stride_q, stride_k, stride_positions, stride_cos_sin, eps,
-    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, SECTION_T: tl.constexpr, SECTION_H: tl.constexpr, SECTION_W: tl.constexpr,
-    INTERLEAVED: tl.constexpr, RMS_NORM: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_CHUNK: tl.constexpr,
-    PREFETCH_BLOCK: tl.constexpr, PREFETCH_BULK: tl.constexpr,
-):  # fmt: skip
-    """Programs [0, num_tokens): one token each. Programs past them (PREFETCH): `_prefetch_l2` of prefetch_ptr."""
-    token = tl.program_id(0)
-    if PREFETCH and token >= num_tokens:
-        _prefetch_l2(prefetch_ptr, prefetch_bytes, token - num_tokens, tl.num_programs(0) - num_tokens,
-                     PREFETCH_CHUNK, PREFETCH_BLOCK, PREFETCH_BULK)  # fmt: skip
-    else:
-        _norm_mrope_token(q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr,
-                          token, stride_q, stride_k, stride_positions, stride_cos_sin, eps, NUM_Q_HEADS,
-                          NUM_K_HEADS, BLOCK_Q_HEADS, BLOCK_K_HEADS, HEAD_DIM, SECTION_T, SECTION_H, SECTION_W,
-                          INTERLEAVED, RMS_NORM)  # fmt: skip
-
-
-@triton.jit
-def _norm_mrope_token(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr, token,
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr,
     stride_q, stride_k, stride_positions, stride_cos_sin, eps,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, SECTION_T: tl.constexpr, SECTION_H: tl.constexpr, SECTION_W: tl.constexpr,
@@ -316,6 +268,7 @@ def _norm_mrope_token(
 ):  # fmt: skip
     """One token: cos / sin of each rotary frequency at the position of its section (T, H or W; row
     `section * stride_positions` of positions, 0 for 1-D positions), then q's and k's heads."""
+    token = tl.program_id(0)
     freq = tl.arange(0, HEAD_DIM // 2)
     if INTERLEAVED:  # T H W T H W ... T T: frequency i is H if i % 3 == 1 and i < 3 * H, W likewise, else T
         is_h = (freq % 3 == 1) & (freq < 3 * SECTION_H)
@@ -343,12 +296,10 @@ def qk_norm_mrope(
     head_dim: int,
     mrope_section: list[int],
     mrope_interleaved: bool,
-    prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k) after per-head RMSNorm (skipped when the weights are None) and neox-style mRoPE, new contiguous
     tensors. positions [3, T] (or [T]), q [T, Hq * D], k [T, Hk * D] (rows may be strided, e.g. views of qkv),
-    cos_sin_cache [max_position, D] (cos | sin, rotary dim = head dim D), mrope_section (T, H, W) sums to D / 2.
-    `prefetch` (contiguous, CUDA): brought into the L2 by extra programs when T = 1 (see the module)."""
+    cos_sin_cache [max_position, D] (cos | sin, rotary dim = head dim D), mrope_section (T, H, W) sums to D / 2."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -361,31 +312,16 @@ def qk_norm_mrope(
         return q_out, k_out
     num_q_heads, num_k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
     rms_norm = q_norm_weight is not None
-    prefetch_bytes = _prefetch_bytes(prefetch, q) if num_tokens == 1 else 0
-    chunks = triton.cdiv(prefetch_bytes, L2_PREFETCH_CHUNK)
     section_t, section_h, section_w = mrope_section
-    _qk_norm_mrope_kernel[(num_tokens + triton.cdiv(chunks, L2_PREFETCH_BLOCK),)](
+    _qk_norm_mrope_kernel[(num_tokens,)](
         q, k, q_out, k_out, q_norm_weight if rms_norm else q, k_norm_weight if rms_norm else k, cos_sin_cache,
-        positions, prefetch if prefetch_bytes else q, num_tokens, prefetch_bytes, q.stride(0), k.stride(0),
-        positions.stride(0) if positions.dim() == 2 else 0, cos_sin_cache.stride(0), eps, NUM_Q_HEADS=num_q_heads,
-        NUM_K_HEADS=num_k_heads, BLOCK_Q_HEADS=_next_power_of_2(num_q_heads),
-        BLOCK_K_HEADS=_next_power_of_2(num_k_heads), HEAD_DIM=head_dim, SECTION_T=section_t, SECTION_H=section_h,
-        SECTION_W=section_w, INTERLEAVED=mrope_interleaved, RMS_NORM=rms_norm, PREFETCH=prefetch_bytes > 0,
-        PREFETCH_CHUNK=L2_PREFETCH_CHUNK, PREFETCH_BLOCK=L2_PREFETCH_BLOCK, PREFETCH_BULK=L2_PREFETCH_BULK,
-        num_warps=4,
+        positions, q.stride(0), k.stride(0), positions.stride(0) if positions.dim() == 2 else 0,
+        cos_sin_cache.stride(0), eps, NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads,
+        BLOCK_Q_HEADS=_next_power_of_2(num_q_heads), BLOCK_K_HEADS=_next_power_of_2(num_k_heads), HEAD_DIM=head_dim,
+        SECTION_T=section_t, SECTION_H=section_h, SECTION_W=section_w, INTERLEAVED=mrope_interleaved,
+        RMS_NORM=rms_norm, num_warps=4,
     )  # fmt: skip
     return q_out, k_out
-
-
-def _prefetch_bytes(prefetch: torch.Tensor | None, q: torch.Tensor) -> int:
-    """The bytes of `prefetch` to bring into the L2 next to q's kernel: all of a contiguous CUDA tensor on q's
-    device (on sm_90+ for the bulk prefetch) whose size is a multiple of 16 bytes, else none."""
-    if not L2_PREFETCH or prefetch is None or not prefetch.is_cuda or prefetch.device != q.device:
-        return 0
-    if not prefetch.is_contiguous() or torch.cuda.get_device_capability(q.device) < (9, 0):
-        return 0
-    num_bytes = prefetch.numel() * prefetch.element_size()
-    return num_bytes if num_bytes % 16 == 0 else 0
 
 
 # Output shapes for torch.compile's tracing (the ops' fake implementations).

@@ -73,7 +73,7 @@ class Batch1DecoderLayer:
     itself in 0.26; same forward and attributes in both): the same forward in 3 fused custom ops and 2 projections.
 
     Per layer: input_layernorm + qkv_proj (`cosmos3_[add_]rms_norm_linear`); q_norm, k_norm and mRoPE
-    (`cosmos3_qk_norm_mrope`, any M; at M = 1 with o_proj's weight prefetched into the L2); attention and o_proj (vLLM's); post_attention_layernorm + gate_up_proj +
+    (`cosmos3_qk_norm_mrope`, any M); attention and o_proj (vLLM's); post_attention_layernorm + gate_up_proj +
     SiluAndMul (`cosmos3_add_rms_norm_linear` with `silu_mul`); down_proj (vLLM's, our GEMV). At M = 1 on CUDA
     that is 4 kernels besides attention and o_proj where vLLM's compiled forward has 9 (4 GEMVs, 2 add + RMSNorm,
     3 for q / k norm and mRoPE, SiLU-mul); at M > 1 the norms run one Triton add + RMSNorm kernel each (the first
@@ -90,7 +90,7 @@ class Batch1DecoderLayer:
         qk_norms = (attn.q_norm, attn.k_norm)
         return (
             all(type(proj.quant_method) is Batch1GemvLinearMethod and proj.bias is None
-                for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+                for proj in (attn.qkv_proj, mlp.gate_up_proj, mlp.down_proj))
             and all(_is_plain_rms_norm(norm) for norm in (layer.input_layernorm, layer.post_attention_layernorm))
             and (all(type(norm) is nn.Identity for norm in qk_norms)
                  or (all(_is_plain_rms_norm(norm) for norm in qk_norms)
@@ -116,8 +116,7 @@ class Batch1DecoderLayer:
                 hidden_states, residual, norm.weight, norm.variance_epsilon, attn.qkv_proj.weight, False
             )
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        # At M = 1 the kernel also starts bringing o_proj's weight into the L2, which attention leaves idle.
-        q, k = torch.ops.vllm.cosmos3_qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args(), attn.o_proj.weight)
+        q, k = torch.ops.vllm.cosmos3_qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args())
         hidden_states, _ = attn.o_proj(attn.attn(q, k, v))
         norm = self.post_attention_layernorm
         activation, residual = torch.ops.vllm.cosmos3_add_rms_norm_linear(
@@ -146,7 +145,7 @@ class Batch1DecoderLayer:
         decode_kernels.add_rms_norm_linear(x, x, post_norm.weight, eps, weight, True)
         q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         positions = torch.zeros(3, 1, dtype=torch.long, device=x.device)
-        decode_kernels.qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args(), attn.o_proj.weight)
+        decode_kernels.qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args())
 
 
 def _is_plain_rms_norm(norm: nn.Module) -> bool:
