@@ -236,6 +236,39 @@ def add_rms_norm_linear(
 
 
 @triton.jit
+def mrope_cos_sin(
+    positions_ptr, cos_sin_ptr, token, stride_positions, stride_cos_sin,
+    HEAD_DIM: tl.constexpr, SECTION_T: tl.constexpr, SECTION_H: tl.constexpr, SECTION_W: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):  # fmt: skip
+    """(cos, sin) [HEAD_DIM / 2] fp32 of `token`: each rotary frequency at the position of its section (T, H or W;
+    row `section * stride_positions` of positions, 0 for 1-D positions)."""
+    freq = tl.arange(0, HEAD_DIM // 2)
+    if INTERLEAVED:  # T H W T H W ... T T: frequency i is H if i % 3 == 1 and i < 3 * H, W likewise, else T
+        is_h = (freq % 3 == 1) & (freq < 3 * SECTION_H)
+        is_w = (freq % 3 == 2) & (freq < 3 * SECTION_W)
+        section = tl.where(is_h, 1, tl.where(is_w, 2, 0))
+    else:  # T ... T H ... H W ... W
+        section = tl.where(freq < SECTION_T, 0, tl.where(freq < SECTION_T + SECTION_H, 1, 2))
+    position = tl.load(positions_ptr + section.to(tl.int64) * stride_positions + token).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + position * stride_cos_sin + freq).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + position * stride_cos_sin + HEAD_DIM // 2 + freq).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def norm_rope(x1, x2, norm_weight_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr, RMS_NORM: tl.constexpr):
+    """Heads [H, HEAD_DIM] given as fp32 halves x1, x2 [H, HEAD_DIM / 2]: per-head RMSNorm times the norm weight
+    (RMS_NORM), then neox rotation by cos, sin [HEAD_DIM / 2]; the rotated halves, fp32."""
+    half = tl.arange(0, HEAD_DIM // 2)
+    if RMS_NORM:
+        inv_rms = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
+        x1 = x1 * inv_rms * tl.load(norm_weight_ptr + half).to(tl.float32)[None, :]
+        x2 = x2 * inv_rms * tl.load(norm_weight_ptr + HEAD_DIM // 2 + half).to(tl.float32)[None, :]
+    return x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :]
+
+
+@triton.jit
 def _norm_rope_heads(
     in_ptr, out_ptr, norm_weight_ptr, stride_in, token, cos, sin, eps,
     NUM_HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, RMS_NORM: tl.constexpr,
@@ -248,14 +281,11 @@ def _norm_rope_heads(
     row = in_ptr + token.to(tl.int64) * stride_in
     x1 = tl.load(row + offsets, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(row + HEAD_DIM // 2 + offsets, mask=mask, other=0.0).to(tl.float32)
-    if RMS_NORM:
-        inv_rms = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
-        x1 = x1 * inv_rms * tl.load(norm_weight_ptr + half).to(tl.float32)[None, :]
-        x2 = x2 * inv_rms * tl.load(norm_weight_ptr + HEAD_DIM // 2 + half).to(tl.float32)[None, :]
+    x1, x2 = norm_rope(x1, x2, norm_weight_ptr, cos, sin, eps, HEAD_DIM, RMS_NORM)
     out = out_ptr + token.to(tl.int64) * (NUM_HEADS * HEAD_DIM)
     dtype = out_ptr.dtype.element_ty
-    tl.store(out + offsets, (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype), mask=mask)
-    tl.store(out + HEAD_DIM // 2 + offsets, (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype), mask=mask)
+    tl.store(out + offsets, x1.to(dtype), mask=mask)
+    tl.store(out + HEAD_DIM // 2 + offsets, x2.to(dtype), mask=mask)
 
 
 @triton.jit(do_not_specialize=["stride_positions"])
@@ -266,19 +296,10 @@ def _qk_norm_mrope_kernel(
     HEAD_DIM: tl.constexpr, SECTION_T: tl.constexpr, SECTION_H: tl.constexpr, SECTION_W: tl.constexpr,
     INTERLEAVED: tl.constexpr, RMS_NORM: tl.constexpr,
 ):  # fmt: skip
-    """One token: cos / sin of each rotary frequency at the position of its section (T, H or W; row
-    `section * stride_positions` of positions, 0 for 1-D positions), then q's and k's heads."""
+    """One token per program: its mRoPE cos / sin, then q's and k's heads."""
     token = tl.program_id(0)
-    freq = tl.arange(0, HEAD_DIM // 2)
-    if INTERLEAVED:  # T H W T H W ... T T: frequency i is H if i % 3 == 1 and i < 3 * H, W likewise, else T
-        is_h = (freq % 3 == 1) & (freq < 3 * SECTION_H)
-        is_w = (freq % 3 == 2) & (freq < 3 * SECTION_W)
-        section = tl.where(is_h, 1, tl.where(is_w, 2, 0))
-    else:  # T ... T H ... H W ... W
-        section = tl.where(freq < SECTION_T, 0, tl.where(freq < SECTION_T + SECTION_H, 1, 2))
-    position = tl.load(positions_ptr + section.to(tl.int64) * stride_positions + token).to(tl.int64)
-    cos = tl.load(cos_sin_ptr + position * stride_cos_sin + freq).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + position * stride_cos_sin + HEAD_DIM // 2 + freq).to(tl.float32)
+    cos, sin = mrope_cos_sin(positions_ptr, cos_sin_ptr, token, stride_positions, stride_cos_sin, HEAD_DIM,
+                             SECTION_T, SECTION_H, SECTION_W, INTERLEAVED)  # fmt: skip
     _norm_rope_heads(q_ptr, q_out_ptr, q_norm_ptr, stride_q, token, cos, sin, eps,
                      NUM_Q_HEADS, BLOCK_Q_HEADS, HEAD_DIM, RMS_NORM)  # fmt: skip
     _norm_rope_heads(k_ptr, k_out_ptr, k_norm_ptr, stride_k, token, cos, sin, eps,

@@ -34,7 +34,7 @@ from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.platforms import current_platform
 
-from cosmos3_serve.model_executor import decode_kernels
+from cosmos3_serve.model_executor import decode_attention, decode_kernels
 from cosmos3_serve.model_executor.checkpoint.generator_config import (
     GENERATOR_ONLY_PREFIXES,
     GENERATOR_ONLY_SUBSTRINGS,
@@ -79,6 +79,8 @@ class Batch1DecoderLayer:
     3 for q / k norm and mRoPE, SiLU-mul); at M > 1 the norms run one Triton add + RMSNorm kernel each (the first
     layer's, vLLM's C `rms_norm`), SiLU-mul vLLM's C kernel, the projections cuBLAS."""
 
+    fused_attention: bool = False  # attention through `decode_attention` (set per layer when swapped in)
+
     @staticmethod
     def supports(layer: nn.Module) -> bool:
         """Whether `layer` is a Qwen3 decoder layer with unquantized batch-1 GEMV projections (no bias), plain
@@ -115,9 +117,14 @@ class Batch1DecoderLayer:
             qkv, residual = torch.ops.vllm.cosmos3_add_rms_norm_linear(
                 hidden_states, residual, norm.weight, norm.variance_epsilon, attn.qkv_proj.weight, False
             )
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = torch.ops.vllm.cosmos3_qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args())
-        hidden_states, _ = attn.o_proj(attn.attn(q, k, v))
+        if self.fused_attention:
+            attention = qkv.new_empty(qkv.shape[0], attn.q_size)
+            torch.ops.vllm.cosmos3_attention(positions, qkv, attention, *self._attention_args())
+        else:
+            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q, k = torch.ops.vllm.cosmos3_qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args())
+            attention = attn.attn(q, k, v)
+        hidden_states, _ = attn.o_proj(attention)
         norm = self.post_attention_layernorm
         activation, residual = torch.ops.vllm.cosmos3_add_rms_norm_linear(
             hidden_states, residual, norm.weight, norm.variance_epsilon, mlp.gate_up_proj.weight, True
@@ -134,6 +141,13 @@ class Batch1DecoderLayer:
                 attn.q_norm.variance_epsilon if has_norm else 0.0, rope.cos_sin_cache, attn.head_dim,
                 rope.mrope_section, rope.mrope_interleaved)  # fmt: skip
 
+    def _attention_args(self) -> tuple:
+        """`cosmos3_attention`'s arguments after (positions, qkv)."""
+        attn = self.self_attn
+        q_norm, k_norm, eps, cos_sin_cache, head_dim, section, interleaved = self._qk_norm_mrope_args()
+        return (q_norm, k_norm, eps, cos_sin_cache, head_dim, attn.num_heads, attn.num_kv_heads, section,
+                interleaved, attn.attn.layer_name)  # fmt: skip
+
     def compile_kernels(self) -> None:
         """Compile the fused kernels' variants for this layer's shapes now (M = 1, on its uninitialized weights)."""
         attn, mlp = self.self_attn, self.mlp
@@ -146,6 +160,15 @@ class Batch1DecoderLayer:
         q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         positions = torch.zeros(3, 1, dtype=torch.long, device=x.device)
         decode_kernels.qk_norm_mrope(positions, q, k, *self._qk_norm_mrope_args())
+        if self.fused_attention:  # on a zero cache of one block
+            q_norm, k_norm, eps, cos_sin_cache, head_dim, section, interleaved = self._qk_norm_mrope_args()
+            rope = decode_attention.RopeArgs(q_norm, k_norm, eps, cos_sin_cache, section, interleaved)
+            cache = x.new_zeros(1, attn.num_kv_heads, 16, 2 * head_dim)
+            decode_attention.decode_attention(
+                qkv, positions, rope, cache, torch.zeros(1, dtype=torch.long, device=x.device),
+                torch.zeros(1, 1, dtype=torch.int32, device=x.device), torch.ones(1, dtype=torch.int32, device=x.device),
+                attn.scaling, attn.num_heads, attn.num_kv_heads,
+            )  # fmt: skip
 
 
 def _is_plain_rms_norm(norm: nn.Module) -> bool:
@@ -157,7 +180,7 @@ def _batch1_layer_class(layer_class: type) -> type:
     return type(f"Batch1{layer_class.__name__}", (Batch1DecoderLayer, layer_class), {})
 
 
-def use_batch1_decoder_layers(language_model: nn.Module) -> None:
+def use_batch1_decoder_layers(language_model: nn.Module, attention: bool = True) -> None:
     """Give `language_model`'s decoder layers the fused forward of `Batch1DecoderLayer` if all of them support it
     (after `use_batch1_gemv`), and compile their kernels now."""
     layers = [layer for layer in language_model.model.layers if isinstance(layer, Qwen3DecoderLayer)]
@@ -165,6 +188,7 @@ def use_batch1_decoder_layers(language_model: nn.Module) -> None:
         return
     for layer in layers:
         layer.__class__ = _batch1_layer_class(type(layer))
+        layer.fused_attention = attention and decode_attention.supports(layer.self_attn.attn)
     if layers[0].self_attn.qkv_proj.weight.is_cuda:
         layers[0].compile_kernels()
 
@@ -203,7 +227,8 @@ class Cosmos3ReasonerForConditionalGeneration(Cosmos3ForConditionalGeneration):
         dtype = vllm_config.model_config.dtype
         if current_platform.is_cuda() and dtype in decode_kernels.HALF_DTYPES and not envs.VLLM_BATCH_INVARIANT:
             use_batch1_gemv(self.language_model)
-            use_batch1_decoder_layers(self.language_model)
+            attention = decode_attention.graph_splits_at_attention(vllm_config.compilation_config)
+            use_batch1_decoder_layers(self.language_model, attention)
 
     def recompute_mrope_positions(
         self,

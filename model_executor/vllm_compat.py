@@ -7,6 +7,12 @@
   runner does.
 - The OpenAI server's building blocks moved from `vllm.entrypoints.openai.{api_server,cli_args}` and
   `vllm.entrypoints.launcher` (0.26) to `vllm.entrypoints.launchers` (0.32); `openai_server_api()` finds them.
+- FlashAttention's metadata (`FlashAttentionMetadata`): 0.26 has cascade attention (`use_cascade`), the KV cache
+  group's window (`sliding_window`) and PrefixLM ranges per request (`mm_prefix_range_tensor`); 0.32 drops the
+  first two and has the ranges per query token (`mm_prefix_query_range_tensor`). `is_plain_causal_flash_attention`
+  reads either.
+- The ops vLLM splits its compiled graph at by default are `CompilationConfig._attention_ops` (0.26 and 0.32);
+  `register_splitting_op` adds one.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import importlib.util
 from types import SimpleNamespace
 from typing import Any
 
+import torch
 import vllm
 
 VLLM_VERSION: tuple[int, int] = tuple(int(p) for p in vllm.__version__.split(".")[:2])  # type: ignore[assignment]
@@ -84,3 +91,26 @@ def openai_server_api() -> SimpleNamespace:
         init_app_state=module["app_state"].init_app_state,
         serve_http=module["launcher"].serve_http,
     )
+
+
+def is_plain_causal_flash_attention(metadata: Any) -> bool:
+    """Whether vLLM's `FlashAttentionMetadata` asks for nothing but causal attention of each request's queries over
+    its paged K/V: no cascade, window, PrefixLM ranges, reference sliding window (R-SWA) or per-request causal
+    flags."""
+    return (
+        not getattr(metadata, "use_cascade", False)
+        and getattr(metadata, "sliding_window", None) in (None, (-1, -1))
+        and getattr(metadata, "mm_prefix_range_tensor", None) is None
+        and getattr(metadata, "mm_prefix_query_range_tensor", None) is None
+        and getattr(metadata, "rswa_prefix_lens", None) is None
+        and not isinstance(metadata.causal, torch.Tensor)
+    )
+
+
+def register_splitting_op(op_name: str) -> None:
+    """Make `op_name` one of the ops that vLLM configs created from now on split their compiled graph at by default
+    (with its attention ops; idempotent)."""
+    from vllm.config import CompilationConfig
+
+    if op_name not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(op_name)

@@ -160,7 +160,7 @@ def main() -> None:
 
     checkpoint, variant, out = sys.argv[1], sys.argv[2], sys.argv[3]
     if variant == "unfused":
-        reasoner.use_batch1_decoder_layers = lambda language_model: None
+        reasoner.use_batch1_decoder_layers = lambda language_model, attention=True: None
     llm = probe_engine(checkpoint)
 
     def count_layers(worker) -> tuple[int, int]:

@@ -21,16 +21,23 @@ BF16_REL_TOL = 2e-2  # ||vLLM bf16 - diffusers float32|| / ||diffusers float32||
 
 
 def test_runs_our_class_with_flash_attention_3_and_cuda_graphs(gpu_reasoner) -> None:
-    def describe(worker) -> tuple[str, str, int, str]:
+    """Also: the decoder layers' attention runs through our op (`decode_attention`), which the compiled graph is
+    split at like vLLM's attention ops."""
+    from cosmos3_serve.model_executor.plugin import ATTENTION_OP
+
+    def describe(worker) -> tuple[str, str, int, str, bool, bool]:
         model = worker.model_runner.get_model()
         attention = next(m for m in model.modules() if type(m).__name__ == "Attention")
         config = worker.vllm_config.compilation_config
+        layers = model.language_model.model.layers
         return (type(model).__name__, attention.attn_backend.get_name(),
-                getattr(attention.impl, "vllm_flash_attn_version", 0), str(config.cudagraph_mode))  # fmt: skip
+                getattr(attention.impl, "vllm_flash_attn_version", 0), str(config.cudagraph_mode),
+                ATTENTION_OP in config.splitting_ops, all(layer.fused_attention for layer in layers))  # fmt: skip
 
-    [(model_class, backend, fa_version, cudagraph_mode)] = gpu_reasoner.collective_rpc(describe)
+    [(model_class, backend, fa_version, cudagraph_mode, split, fused)] = gpu_reasoner.collective_rpc(describe)
     assert (model_class, backend, fa_version) == ("Cosmos3ReasonerForConditionalGeneration", "FLASH_ATTN", 3)
     assert "NONE" not in cudagraph_mode
+    assert split and fused
 
 
 def test_exported_kv_equals_diffusers(gpu_reasoner, tiny_checkpoint: Path) -> None:
