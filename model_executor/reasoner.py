@@ -11,8 +11,9 @@ state. The prompt K/V the generator needs is read from vLLM's paged cache by `kv
 On CUDA, the language model's unquantized projections and `lm_head` multiply a single token (batch-1 decode) with
 a Triton GEMV (`decode_kernels.batch1_linear`) instead of cuBLAS, whose M = 1 kernels read the weights more slowly
 (measurements in docs/benchmarks.md), and the decoder layers (`Batch1DecoderLayer`) fold RMSNorm, SiLU-mul and
-q / k norm + mRoPE into fewer kernels (`decode_kernels`). Every other batch size still goes to cuBLAS. Attention is
-vLLM's FA3 at every batch size (a single-kernel Triton decode attention measured slower: docs/benchmarks.md).
+q / k norm + mRoPE into fewer kernels (`decode_kernels`). Every other batch size still goes to cuBLAS. At M = 1
+their attention (q / k norm + mRoPE, the K/V-cache write and attention) is one Triton kernel (`decode_attention`)
+where vLLM runs four; any other batch keeps vLLM's FA3.
 """
 
 from __future__ import annotations
@@ -72,12 +73,14 @@ class Batch1DecoderLayer:
     """Mixin for vLLM's `Qwen3DecoderLayer` (qwen3_vl's text layers: its subclass `Qwen3VLDecoderLayer` in vLLM 0.32,
     itself in 0.26; same forward and attributes in both): the same forward in 3 fused custom ops and 2 projections.
 
-    Per layer: input_layernorm + qkv_proj (`cosmos3_[add_]rms_norm_linear`); q_norm, k_norm and mRoPE
-    (`cosmos3_qk_norm_mrope`, any M); attention and o_proj (vLLM's); post_attention_layernorm + gate_up_proj +
-    SiluAndMul (`cosmos3_add_rms_norm_linear` with `silu_mul`); down_proj (vLLM's, our GEMV). At M = 1 on CUDA
-    that is 4 kernels besides attention and o_proj where vLLM's compiled forward has 9 (4 GEMVs, 2 add + RMSNorm,
-    3 for q / k norm and mRoPE, SiLU-mul); at M > 1 the norms run one Triton add + RMSNorm kernel each (the first
-    layer's, vLLM's C `rms_norm`), SiLU-mul vLLM's C kernel, the projections cuBLAS."""
+    Per layer: input_layernorm + qkv_proj (`cosmos3_[add_]rms_norm_linear`); q_norm, k_norm, mRoPE, the K/V-cache
+    write and attention (`cosmos3_attention`, where `fused_attention`: at M = 1 one kernel, otherwise
+    `cosmos3_qk_norm_mrope` and vLLM's attention layer; without it those two in the traced forward); o_proj
+    (vLLM's, our GEMV); post_attention_layernorm + gate_up_proj + SiluAndMul (`cosmos3_add_rms_norm_linear` with
+    `silu_mul`); down_proj (vLLM's, our GEMV). At M = 1 on CUDA that is 5 kernels where vLLM's compiled forward has
+    14 (4 GEMVs, 2 add + RMSNorm, 3 for q / k norm and mRoPE, SiLU-mul, the K/V-cache write, FA3's two kernels);
+    at M > 1 the norms run one Triton add + RMSNorm kernel each (the first layer's, vLLM's C `rms_norm`), SiLU-mul
+    vLLM's C kernel, the projections cuBLAS."""
 
     fused_attention: bool = False  # attention through `decode_attention` (set per layer when swapped in)
 
@@ -182,7 +185,8 @@ def _batch1_layer_class(layer_class: type) -> type:
 
 def use_batch1_decoder_layers(language_model: nn.Module, attention: bool = True) -> None:
     """Give `language_model`'s decoder layers the fused forward of `Batch1DecoderLayer` if all of them support it
-    (after `use_batch1_gemv`), and compile their kernels now."""
+    (after `use_batch1_gemv`), with `attention` their attention through `cosmos3_attention` where
+    `decode_attention` supports it, and compile their kernels now."""
     layers = [layer for layer in language_model.model.layers if isinstance(layer, Qwen3DecoderLayer)]
     if not layers or not all(Batch1DecoderLayer.supports(layer) for layer in layers):
         return
