@@ -15,34 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from cosmos3_serve.model_executor import decode_attention, decode_kernels
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_gemv import graph_seconds  # noqa: E402
+
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, LAYERS = 32, 8, 128, 16, 36
 MROPE_SECTION = [24, 20, 20]
 EPS, SCALE = 1e-6, HEAD_DIM**-0.5
 CONFIGS = ((32, 32, 4), (16, 32, 4), (32, 32, 8), (32, 16, 4), (16, 64, 4))  # SPLITS, TILE, NUM_WARPS; the first is the default
-
-
-def graph_seconds(launches: Callable[[], None], replays: int = 20) -> float:
-    """Mean seconds of one replay of `launches` captured in a CUDA graph (after a warm-up run and replay)."""
-    launches()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launches()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays
 
 
 class Layers:
@@ -96,13 +81,13 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def measure(seq_len: int) -> dict:
     layers = Layers(seq_len)
     reference = layers.vllm_path(0)
-    row = {"seq_len": seq_len, "vllm_us": graph_seconds(lambda: [layers.vllm_path(i) for i in range(LAYERS)])
+    row = {"seq_len": seq_len, "vllm_us": graph_seconds(lambda: [layers.vllm_path(i) for i in range(LAYERS)], replays=20)
            * 1e6 / LAYERS, "ours": []}  # fmt: skip
     saved = decode_attention.SPLITS, decode_attention.TILE, decode_attention.NUM_WARPS
     for splits, tile, warps in CONFIGS:
         decode_attention.SPLITS, decode_attention.TILE, decode_attention.NUM_WARPS = splits, tile, warps
         error = relative_error(layers.ours(0), reference)
-        seconds = graph_seconds(lambda: [layers.ours(i) for i in range(LAYERS)])
+        seconds = graph_seconds(lambda: [layers.ours(i) for i in range(LAYERS)], replays=20)
         row["ours"].append({"config": [splits, tile, warps], "us": seconds * 1e6 / LAYERS, "rel_error": error})
     decode_attention.SPLITS, decode_attention.TILE, decode_attention.NUM_WARPS = saved
     return row
