@@ -27,7 +27,8 @@ from decode_gemv import graph_seconds  # noqa: E402
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, LAYERS = 32, 8, 128, 16, 36
 MROPE_SECTION = [24, 20, 20]
 EPS, SCALE = 1e-6, HEAD_DIM**-0.5
-CONFIGS = ((32, 32, 4), (16, 32, 4), (32, 32, 8), (32, 16, 4), (16, 64, 4))  # SPLITS, TILE, NUM_WARPS; the first is the default
+# (SPLITS, TILE, NUM_WARPS) of decode_attention to time; the first is its default.
+CONFIGS = ((32, 32, 4), (16, 32, 4), (32, 32, 8), (32, 16, 4), (16, 64, 4))
 
 
 class Layers:
@@ -71,7 +72,8 @@ class Layers:
 
     def ours(self, layer: int) -> torch.Tensor:
         return decode_attention.decode_attention(self.qkv, self.positions, self.rope, self.caches[layer], self.slot,
-                                                 self.block_table, self.seq_lens, SCALE, NUM_HEADS, NUM_KV_HEADS)  # fmt: skip
+                                                 self.block_table, self.seq_lens, SCALE, NUM_HEADS,
+                                                 NUM_KV_HEADS)  # fmt: skip
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -81,8 +83,8 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def measure(seq_len: int) -> dict:
     layers = Layers(seq_len)
     reference = layers.vllm_path(0)
-    row = {"seq_len": seq_len, "vllm_us": graph_seconds(lambda: [layers.vllm_path(i) for i in range(LAYERS)], replays=20)
-           * 1e6 / LAYERS, "ours": []}  # fmt: skip
+    vllm_seconds = graph_seconds(lambda: [layers.vllm_path(i) for i in range(LAYERS)], replays=20)
+    row = {"seq_len": seq_len, "vllm_us": vllm_seconds * 1e6 / LAYERS, "ours": []}
     saved = decode_attention.SPLITS, decode_attention.TILE, decode_attention.NUM_WARPS
     for splits, tile, warps in CONFIGS:
         decode_attention.SPLITS, decode_attention.TILE, decode_attention.NUM_WARPS = splits, tile, warps

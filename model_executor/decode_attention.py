@@ -79,7 +79,7 @@ def _attend_tile(m, l, acc, q1, q2, k1, k2, v, positions, key1, key2, value, end
     return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(value.dtype), value)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_positions"])  # compiled at load with other strides than vLLM's buffer
 def _decode_attention_kernel(
     qkv_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr, cache_ptr, slot_mapping_ptr, block_table_ptr,
     seq_lens_ptr, out_ptr, partial_out_ptr, partial_stats_ptr, counters_ptr,
@@ -229,9 +229,9 @@ def decode_attention(
         scratch.counters, positions.stride(0) if positions.dim() == 2 else 0, rope.cos_sin_cache.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_size, rope.eps, scale,
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
-        BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), BLOCK_PARTS=triton.next_power_of_2(group), HEAD_DIM=head_dim, SECTION_T=section_t, SECTION_H=section_h,
-        SECTION_W=section_w, INTERLEAVED=rope.mrope_interleaved, RMS_NORM=rms_norm, SPLITS=SPLITS, TILE=TILE,
-        num_warps=NUM_WARPS,
+        BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), BLOCK_PARTS=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim, SECTION_T=section_t, SECTION_H=section_h, SECTION_W=section_w,
+        INTERLEAVED=rope.mrope_interleaved, RMS_NORM=rms_norm, SPLITS=SPLITS, TILE=TILE, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 

@@ -4,7 +4,8 @@ Registers, under the architecture name the released checkpoints declare (`Cosmos
 our reasoner class in place of vLLM's built-in one, so `vllm serve CKPT` and our server both pick it up with no
 extra flag; registers the K/V export connector by name (`--kv-transfer-config
 '{"kv_connector": "Cosmos3KVExportConnector", "kv_role": "kv_producer"}'`); adds our attention op to the ops vLLM
-splits its compiled graph at; and applies the version fixes of `vllm_compat`. Classes are registered by import path, so loading the plugin imports no model code. Idempotent.
+splits its compiled graph at; and applies the version fixes of `vllm_compat`. Classes are registered by import
+path, so loading the plugin imports no model code. Idempotent.
 """
 
 from __future__ import annotations

@@ -167,11 +167,11 @@ class Batch1DecoderLayer:
             q_norm, k_norm, eps, cos_sin_cache, head_dim, section, interleaved = self._qk_norm_mrope_args()
             rope = decode_attention.RopeArgs(q_norm, k_norm, eps, cos_sin_cache, section, interleaved)
             cache = x.new_zeros(1, attn.num_kv_heads, 16, 2 * head_dim)
-            decode_attention.decode_attention(
-                qkv, positions, rope, cache, torch.zeros(1, dtype=torch.long, device=x.device),
-                torch.zeros(1, 1, dtype=torch.int32, device=x.device), torch.ones(1, dtype=torch.int32, device=x.device),
-                attn.scaling, attn.num_heads, attn.num_kv_heads,
-            )  # fmt: skip
+            slot = torch.zeros(1, dtype=torch.long, device=x.device)
+            block_table = torch.zeros(1, 1, dtype=torch.int32, device=x.device)
+            seq_lens = torch.ones(1, dtype=torch.int32, device=x.device)
+            decode_attention.decode_attention(qkv, positions, rope, cache, slot, block_table, seq_lens, attn.scaling,
+                                              attn.num_heads, attn.num_kv_heads)  # fmt: skip
 
 
 def _is_plain_rms_norm(norm: nn.Module) -> bool:
