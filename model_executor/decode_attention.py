@@ -260,7 +260,8 @@ def supports(attention: nn.Module) -> bool:
 
 
 def _runs_fused(qkv: torch.Tensor, attention: nn.Module, metadata: Any, kv_cache: torch.Tensor, slots: Any) -> bool:
-    """Whether this call is one token that `decode_attention` attends exactly as vLLM's layer would."""
+    """Whether this call is one token that `decode_attention` attends exactly as vLLM's layer would (the layer
+    passed `supports` when the op was given to it)."""
     head_dim = attention.impl.head_size
     return (
         qkv.shape[0] == 1
@@ -277,7 +278,6 @@ def _runs_fused(qkv: torch.Tensor, attention: nn.Module, metadata: Any, kv_cache
         and kv_cache.stride(3) == 1
         and vllm_compat.is_plain_causal_flash_attention(metadata)
         and _no_per_layer_kv_transfer()
-        and supports(attention)
     )
 
 
@@ -305,7 +305,8 @@ def attention(
     """Attention layer `layer_name` on qkv [M, (num_heads + 2 * num_kv_heads) * head_dim], written into output
     [M, num_heads * head_dim]: q / k RMSNorm (none when the weights are None) and neox mRoPE at positions [3, M]
     (or [M]), the K/V-cache write, causal attention over the paged cache. Like vLLM's attention ops it writes a
-    buffer the caller allocated: in piecewise CUDA graphs the next piece reads the address it was captured with."""
+    buffer the caller allocated: in piecewise CUDA graphs the next piece reads the address it was captured with
+    (at M > 1 that costs a copy of vLLM's attention output)."""
     metadata, layer, kv_cache, slots = get_attention_context(layer_name)
     rope = RopeArgs(q_norm_weight, k_norm_weight, eps, cos_sin_cache, mrope_section, mrope_interleaved)
     if _runs_fused(qkv, layer, metadata, kv_cache, slots):
