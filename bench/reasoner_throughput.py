@@ -35,10 +35,11 @@ import time
 
 STOCK_PLUGINS = "lora_filesystem_resolver"  # any allow-list without ours loads no cosmos3-serve code
 PROFILE_STEPS = 64
-# First match wins: FlashAttention 3's kernels are CUTLASS kernels too.
+# First match wins: FlashAttention 3's kernels are CUTLASS kernels too; ours (`decode_attention`) also writes the
+# K/V cache and normalizes q / k.
 KERNEL_CLASSES = (
     ("kv_cache_write", ("reshape_and_cache",)),
-    ("attention", ("flash", "fmha")),
+    ("attention", ("flash", "fmha", "_decode_attention_kernel")),
     ("gemv", ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitk")),
 )
 
