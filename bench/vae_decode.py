@@ -1,0 +1,107 @@
+"""The VAE decode of one clip shape in several precisions and memory formats, against its FLOP floor.
+
+    python bench/vae_decode.py CKPT [--latents 5,11,20] [--batches 1,8] [--tflops 800] [--device cuda] [--json OUT]
+
+The checkpoint's `vae/` (diffusers' `AutoencoderKLWan`, random weights as the server's dummy load) decodes a batch of
+random latents of shape `--latents` (frames, height, width; default the policy clip: 17 frames of 176 x 320) per
+variant: float32, bf16, bf16 with channels-last (3-D) weights and inputs, and that with cuDNN's autotuner
+(`torch.backends.cudnn.benchmark`). Printed per variant and batch: ms per clip (mean of `--repeats` after a
+warm-up), the TFLOP/s that is (FLOPs counted by `vae_flops.py`), its fraction of `--tflops`, and the relative L2
+error of the decoded clip against float32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vae_flops import decode_flops  # noqa: E402
+
+VARIANTS = ("float32", "bf16", "bf16 channels-last", "bf16 channels-last cudnn-autotune")
+
+
+def prepare(vae: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, torch.dtype, bool]:
+    """A copy of `vae` for `variant`: (module, latent dtype, channels-last)."""
+    dtype = torch.float32 if variant == "float32" else torch.bfloat16
+    channels_last = "channels-last" in variant
+    module = copy.deepcopy(vae).to(dtype)
+    if channels_last:  # the 3-D convolutions' weights (Module.to would try every parameter, 1-D ones included)
+        for conv in (m for m in module.modules() if isinstance(m, torch.nn.Conv3d)):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    torch.backends.cudnn.benchmark = "autotune" in variant
+    return module, dtype, channels_last
+
+
+def seconds_per_decode(vae: torch.nn.Module, latents: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
+    """Mean seconds of `vae.decode(latents)` after one warm-up, and the decoded sample."""
+    synchronize = torch.cuda.synchronize if latents.is_cuda else (lambda: None)
+    with torch.no_grad():
+        sample = vae.decode(latents).sample
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            vae.decode(latents)
+        synchronize()
+    return (time.perf_counter() - start) / repeats, sample
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--latents", default="5,11,20", help="latent frames,height,width")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tflops", type=float, default=800.0)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    from diffusers import AutoencoderKLWan
+
+    frames, height, width = (int(n) for n in args.latents.split(","))
+    config = AutoencoderKLWan.load_config(args.checkpoint / "vae")
+    with torch.device("meta"):
+        flops_per_clip, _ = decode_flops(AutoencoderKLWan.from_config(config).eval(), config["z_dim"], frames, height,
+                                         width)  # fmt: skip
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan.from_config(config).eval().to(args.device)
+    rows = []
+    for batch in (int(n) for n in args.batches.split(",")):
+        latents = torch.randn(batch, config["z_dim"], frames, height, width, device=args.device)
+        reference = None
+        for variant in VARIANTS:
+            module, dtype, channels_last = prepare(vae, variant)
+            inputs = latents.to(dtype)
+            if channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
+            seconds, sample = seconds_per_decode(module, inputs, args.repeats)
+            sample = sample.float()
+            reference = sample if reference is None else reference
+            error = float((sample - reference).norm() / reference.norm())
+            tflops = flops_per_clip * batch / seconds / 1e12
+            rows.append({"variant": variant, "batch": batch, "ms_per_clip": seconds / batch * 1e3, "tflops": tflops,
+                         "fraction": tflops / args.tflops, "rel_error_vs_float32": error})  # fmt: skip
+            del module
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+              "latents": [frames, height, width], "flops_per_clip": flops_per_clip, "tflops_ref": args.tflops,
+              "rows": rows}  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"\nVAE decode, {report['device']}, latents {frames} x {height} x {width}, "
+          f"{flops_per_clip / 1e12:.2f} TFLOP per clip (floor {flops_per_clip / args.tflops / 1e9:.1f} ms at "
+          f"{args.tflops:.0f} TFLOP/s)")  # fmt: skip
+    print(f"{'variant':36}{'batch':>6}{'ms/clip':>9}{'TFLOP/s':>9}{'of ref':>8}{'rel err':>9}")
+    for row in rows:
+        print(f"{row['variant']:36}{row['batch']:6d}{row['ms_per_clip']:9.1f}{row['tflops']:9.1f}"
+              f"{row['fraction']:8.2f}{row['rel_error_vs_float32']:9.1e}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
