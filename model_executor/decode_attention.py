@@ -34,9 +34,9 @@ from vllm.utils.torch_utils import direct_register_custom_op, is_quantized_kv_ca
 from vllm.v1.attention.backend import AttentionType
 
 from cosmos3_serve.model_executor import vllm_compat
+from cosmos3_serve.model_executor.decode_kernels import HALF_DTYPES, mrope_cos_sin, norm_rope, qk_norm_mrope
 from cosmos3_serve.model_executor.kv_export import Cosmos3KVExportConnector
 from cosmos3_serve.model_executor.plugin import ATTENTION_OP, DECODE_ATTENTION
-from cosmos3_serve.model_executor.decode_kernels import HALF_DTYPES, mrope_cos_sin, norm_rope, qk_norm_mrope
 
 # Launch configuration, read at each launch (bench/decode_attention.py times others).
 SPLITS = 32  # programs per kv head
@@ -113,8 +113,8 @@ def _decode_attention_kernel(
     q_mask = (g < GROUP)[:, None]
     q1 = tl.load(qkv_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(qkv_ptr + HEAD_DIM // 2 + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
-    q1, q2 = norm_rope(q1, q2, q_norm_ptr, cos, sin, eps, HEAD_DIM, RMS_NORM)
-    q1, q2 = tl.where(q_mask, q1, 0.0).to(dtype), tl.where(q_mask, q2, 0.0).to(dtype)
+    q1, q2 = norm_rope(q1, q2, q_norm_ptr, cos, sin, eps, HEAD_DIM, RMS_NORM)  # the padding rows stay zero
+    q1, q2 = q1.to(dtype), q2.to(dtype)
     k_row = qkv_ptr + (NUM_Q_HEADS + kv_head) * HEAD_DIM
     k1 = tl.load(k_row + half[None, :]).to(tl.float32)  # [1, HEAD_DIM / 2]
     k2 = tl.load(k_row + HEAD_DIM // 2 + half[None, :]).to(tl.float32)

@@ -78,7 +78,7 @@ class Batch1DecoderLayer:
     `cosmos3_qk_norm_mrope` and vLLM's attention layer; without it those two in the traced forward); o_proj
     (vLLM's, our GEMV); post_attention_layernorm + gate_up_proj + SiluAndMul (`cosmos3_add_rms_norm_linear` with
     `silu_mul`); down_proj (vLLM's, our GEMV). At M = 1 on CUDA that is 5 kernels where vLLM's compiled forward has
-    14 (4 GEMVs, 2 add + RMSNorm, 3 for q / k norm and mRoPE, SiLU-mul, the K/V-cache write, FA3's two kernels);
+    13 (4 GEMVs, 2 add + RMSNorm, 3 for q / k norm and mRoPE, SiLU-mul, the K/V-cache write, FA3's two kernels);
     at M > 1 the norms run one Triton add + RMSNorm kernel each (the first layer's, vLLM's C `rms_norm`), SiLU-mul
     vLLM's C kernel, the projections cuBLAS."""
 
