@@ -34,7 +34,13 @@ from vllm.utils.torch_utils import direct_register_custom_op, is_quantized_kv_ca
 from vllm.v1.attention.backend import AttentionType
 
 from cosmos3_serve.model_executor import vllm_compat
-from cosmos3_serve.model_executor.decode_kernels import HALF_DTYPES, mrope_cos_sin, norm_rope, qk_norm_mrope
+from cosmos3_serve.model_executor.decode_kernels import (
+    HALF_DTYPES,
+    mrope_cos_sin,
+    norm_rope,
+    programmatic_launch,
+    qk_norm_mrope,
+)
 from cosmos3_serve.model_executor.kv_export import Cosmos3KVExportConnector
 from cosmos3_serve.model_executor.plugin import ATTENTION_OP, DECODE_ATTENTION
 
@@ -87,13 +93,18 @@ def _decode_attention_kernel(
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_PARTS: tl.constexpr, HEAD_DIM: tl.constexpr, SECTION_T: tl.constexpr, SECTION_H: tl.constexpr,
     SECTION_W: tl.constexpr, INTERLEAVED: tl.constexpr, RMS_NORM: tl.constexpr, SPLITS: tl.constexpr,
-    TILE: tl.constexpr,
+    TILE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (kv_head, split). qkv row [NUM_Q_HEADS + 2 * NUM_KV_HEADS heads of HEAD_DIM]; the token is at
     position seq_len - 1 of request 0 (seq_len = seq_lens[0]) and goes to cache slot slot_mapping[0] (< 0: none).
     Scores are in log2 units (scaled by scale * log2(e)). Query rows g < GROUP of the [BLOCK_G, .] tiles are heads
     kv_head * GROUP + g, the rest zero. The first tile's cache loads are issued before the token's norms and
-    rotation, so that the two chains of dependent loads (block table -> cache; positions -> cos / sin) overlap."""
+    rotation, so that the two chains of dependent loads (block table -> cache; positions -> cos / sin) overlap.
+    PDL (a programmatic dependent launch): the next kernel may launch once every program here has started, and
+    all that does not depend on the kernel before (the qkv GEMV) is loaded before waiting for it: lengths, block
+    table, the first tile of cached keys and values (written by earlier steps), positions and cos / sin."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     kv_head, split = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr)
     last = seq_len - 1  # the token's own position
@@ -111,6 +122,8 @@ def _decode_attention_kernel(
                              SECTION_T, SECTION_H, SECTION_W, INTERLEAVED)  # fmt: skip
     q_offsets = (kv_head * GROUP + g)[:, None] * HEAD_DIM + half[None, :]  # [BLOCK_G, HEAD_DIM / 2]
     q_mask = (g < GROUP)[:, None]
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the qkv row is complete; the workspace and counters are free
     q1 = tl.load(qkv_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(qkv_ptr + HEAD_DIM // 2 + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
     q1, q2 = norm_rope(q1, q2, q_norm_ptr, cos, sin, eps, HEAD_DIM, RMS_NORM)  # the padding rows stay zero
@@ -222,6 +235,7 @@ def decode_attention(
     scratch = workspace(qkv.device, num_kv_heads, SPLITS, group, head_dim)
     out = qkv.new_empty(1, num_heads * head_dim) if out is None else out
     rms_norm = rope.q_norm_weight is not None
+    pdl = programmatic_launch(qkv.device)
     section_t, section_h, section_w = rope.mrope_section
     _decode_attention_kernel[(num_kv_heads, SPLITS)](
         qkv, rope.q_norm_weight if rms_norm else qkv, rope.k_norm_weight if rms_norm else qkv, rope.cos_sin_cache,
@@ -231,7 +245,8 @@ def decode_attention(
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group,
         BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), BLOCK_PARTS=triton.next_power_of_2(group),
         HEAD_DIM=head_dim, SECTION_T=section_t, SECTION_H=section_h, SECTION_W=section_w,
-        INTERLEAVED=rope.mrope_interleaved, RMS_NORM=rms_norm, SPLITS=SPLITS, TILE=TILE, num_warps=NUM_WARPS,
+        INTERLEAVED=rope.mrope_interleaved, RMS_NORM=rms_norm, SPLITS=SPLITS, TILE=TILE, PDL=pdl,
+        num_warps=NUM_WARPS, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out
 

@@ -5,6 +5,8 @@ Skipped without CUDA; run on the GPU machine with `COSMOS3_TEST_CHECKPOINT` set.
   (our q / k norm + mRoPE kernel, vLLM's `reshape_and_cache_flash`, FA3) within `BF16_REL_TOL`, and the token's
   K / V land in its slot as vLLM's cache write puts them.
 - A CUDA graph captured once and replayed with new lengths, block tables, slots and qkv rows equals eager launches.
+- Decoder layers of programmatic dependent launches (the GEMVs and this kernel, each waiting for the one before
+  only where it reads its output) replayed in a CUDA graph equal the same kernels launched plainly and eagerly.
 - The tiny checkpoint's greedy tokens with the kernel equal those with vLLM's path (fused decoder layers in both;
   one request at a time: M = 1 decode in CUDA graphs; and all at once), each engine in its own process:
 
@@ -125,6 +127,44 @@ def test_cuda_graph_replays_with_new_lengths_slots_and_rows() -> None:
         eager = token.ours(eager_cache)
         assert torch.equal(captured, eager), seq_len
         assert _relative_error(captured, token.vllm_path(token.cache.clone())) <= BF16_REL_TOL, seq_len
+
+
+def test_programmatic_launches_in_a_graph_equal_plain_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cosmos3_serve.model_executor import decode_attention, decode_kernels
+
+    if not decode_kernels.programmatic_launch(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or later")
+    torch.manual_seed(0)
+    token, hidden, intermediate, num_layers = Token(1000), NUM_HEADS * HEAD_DIM, 12288, 4
+    qkv_rows = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
+    layers = [[torch.randn(rows, columns, device="cuda").bfloat16() * columns**-0.5 for rows, columns in
+               ((qkv_rows, hidden), (hidden, hidden), (2 * intermediate, hidden), (hidden, intermediate))]
+              for _ in range(num_layers)]  # fmt: skip
+    x, residual = torch.randn(1, hidden, device="cuda").bfloat16(), torch.randn(1, hidden, device="cuda").bfloat16()
+    norm_weight = token.norm.repeat(hidden // HEAD_DIM)
+
+    def forward(cache: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual_states = x, residual
+        for qkv_weight, o_weight, gate_up_weight, down_weight in layers:
+            token.qkv, residual_states = decode_kernels.gemv(hidden_states, qkv_weight, residual_states, norm_weight,
+                                                             EPS)  # fmt: skip
+            attention = decode_kernels.gemv(token.ours(cache), o_weight)[0]
+            activation, residual_states = decode_kernels.gemv(attention, gate_up_weight, residual_states, norm_weight,
+                                                              EPS, True)  # fmt: skip
+            hidden_states = decode_kernels.gemv(activation, down_weight)[0]
+        return torch.cat([hidden_states, residual_states])
+
+    graph_cache, plain_cache = token.cache.clone(), token.cache.clone()
+    forward(token.cache)  # compiles, allocates the workspace
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = forward(graph_cache)
+    graph.replay()
+    monkeypatch.setattr(decode_kernels, "programmatic_launch", lambda device: False)
+    monkeypatch.setattr(decode_attention, "programmatic_launch", lambda device: False)
+    plain = forward(plain_cache)
+    assert captured.isfinite().all() and captured.abs().max() > 0
+    assert torch.equal(captured, plain) and torch.equal(graph_cache, plain_cache)
 
 
 def test_greedy_tokens_with_our_attention_and_with_vllms(tiny_checkpoint: Path, tmp_path: Path) -> None:
