@@ -1,11 +1,12 @@
 """The VAE decode of one clip shape in several precisions and memory formats, against its FLOP floor.
 
-    python bench/vae_decode.py CKPT [--latents 5,11,20] [--batches 1,8] [--tflops 800] [--device cuda] [--json OUT]
+    python bench/vae_decode.py CKPT [--latents 5,11,20] [--batches 1,4,8] [--tflops 800] [--device cuda] [--json OUT]
 
 The checkpoint's `vae/` (diffusers' `AutoencoderKLWan`, random weights as the server's dummy load) decodes a batch of
 random latents of shape `--latents` (frames, height, width; default the policy clip: 17 frames of 176 x 320) per
 variant: float32, bf16, bf16 with channels-last (3-D) weights and inputs, and that with cuDNN's autotuner
-(`torch.backends.cudnn.benchmark`). Printed per variant and batch: ms per clip (mean of `--repeats` after a
+(`torch.backends.cudnn.benchmark`); "cuda-graph" variants replay the decode captured in a CUDA graph (no host
+launches). Printed per variant and batch: ms per clip (mean of `--repeats` after a
 warm-up), the TFLOP/s that is (FLOPs counted by `vae_flops.py`), its fraction of `--tflops`, and the relative L2
 error of the decoded clip against float32's.
 """
@@ -24,12 +25,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vae_flops import decode_flops  # noqa: E402
 
-VARIANTS = ("float32", "bf16", "bf16 channels-last", "bf16 channels-last cudnn-autotune")
+VARIANTS = ("float32", "float32 cuda-graph", "float32 channels-last", "float32 channels-last cuda-graph",
+            "float32 channels-last cudnn-autotune cuda-graph", "bf16", "bf16 channels-last cuda-graph",
+            "bf16 channels-last", "bf16 channels-last cudnn-autotune", "bf16 cudnn-autotune cuda-graph",
+            "bf16 channels-last cudnn-autotune cuda-graph")
 
 
 def prepare(vae: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, torch.dtype, bool]:
     """A copy of `vae` for `variant`: (module, latent dtype, channels-last)."""
-    dtype = torch.float32 if variant == "float32" else torch.bfloat16
+    dtype = torch.float32 if variant.startswith("float32") else torch.bfloat16
     channels_last = "channels-last" in variant
     module = copy.deepcopy(vae).to(dtype)
     if channels_last:  # the 3-D convolutions' weights (Module.to would try every parameter, 1-D ones included)
@@ -39,15 +43,25 @@ def prepare(vae: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, torch.
     return module, dtype, channels_last
 
 
-def seconds_per_decode(vae: torch.nn.Module, latents: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
-    """Mean seconds of `vae.decode(latents)` after one warm-up, and the decoded sample."""
+def seconds_per_decode(
+    vae: torch.nn.Module, latents: torch.Tensor, repeats: int, cuda_graph: bool = False
+) -> tuple[float, torch.Tensor]:
+    """Mean seconds of `vae.decode(latents)` (or of replaying it captured in a CUDA graph) after one warm-up, and
+    the decoded sample."""
     synchronize = torch.cuda.synchronize if latents.is_cuda else (lambda: None)
     with torch.no_grad():
         sample = vae.decode(latents).sample
+        decode = lambda: vae.decode(latents)  # noqa: E731
+        if cuda_graph:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                sample = vae.decode(latents).sample
+            decode = graph.replay
+            decode()
         synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
-            vae.decode(latents)
+            decode()
         synchronize()
     return (time.perf_counter() - start) / repeats, sample
 
@@ -56,7 +70,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--latents", default="5,11,20", help="latent frames,height,width")
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--batches", default="1,4,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tflops", type=float, default=800.0)
     parser.add_argument("--device", default="cuda")
@@ -76,11 +90,13 @@ def main() -> int:
         latents = torch.randn(batch, config["z_dim"], frames, height, width, device=args.device)
         reference = None
         for variant in VARIANTS:
+            if "cuda-graph" in variant and args.device != "cuda":
+                continue
             module, dtype, channels_last = prepare(vae, variant)
             inputs = latents.to(dtype)
             if channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
-            seconds, sample = seconds_per_decode(module, inputs, args.repeats)
+            seconds, sample = seconds_per_decode(module, inputs, args.repeats, "cuda-graph" in variant)
             sample = sample.float()
             reference = sample if reference is None else reference
             error = float((sample - reference).norm() / reference.norm())

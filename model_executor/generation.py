@@ -41,6 +41,7 @@ from cosmos3_serve.model_executor.generator import (
     PackedBatch,
     iter_transformer_weights,
 )
+from cosmos3_serve.model_executor.vae_graphs import VaeDecoder
 from cosmos3_serve.sampling.actions import (
     ACTION_MODES,
     EMBODIMENT_ACTION_DIMS,
@@ -443,6 +444,7 @@ class DiffusionExecutor:
         process_weights_after_loading(tower, vllm_config.model_config, self.device)  # quantization, CPU packing
         self.tower = tower.eval()
         self.vae = vae.to(self.device, vae_dtype).eval()  # float32 by default, whatever the towers' precision
+        self.vae_decoder = VaeDecoder(self.vae)
         self.scheduler = load_scheduler(checkpoint)
         self.active: list[DenoisingState] = []
         self.finished: dict[str, GenerationOutput] = {}  # request id -> result, until taken
@@ -734,7 +736,7 @@ class DiffusionExecutor:
         frames = {}
         for ids, batch in _batches_by_shape(latents):
             with record_function(PROFILE_RANGES["decode"]):
-                video = self.vae.decode(batch.to(self.vae.dtype) / inv_std + mean).sample  # [B, 3, T, H, W] in [-1, 1]
+                video = self.vae_decoder(batch.to(self.vae.dtype) / inv_std + mean)  # [B, 3, T, H, W] in [-1, 1]
             pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             frames.update(zip(ids, pixels.permute(0, 2, 3, 4, 1).unbind(0)))
         return frames

@@ -11,6 +11,7 @@ import torch
 
 from cosmos3_serve.model_executor.generation import DiffusionExecutor, GenerationRequest
 from cosmos3_serve.model_executor.generation_client import Cosmos3Generator
+from cosmos3_serve.model_executor.vae_graphs import VaeDecoder
 from cosmos3_serve.sampling.prompts import PromptSpec, cfg_token_ids
 
 LATENT_ATOL = 1e-4
@@ -107,12 +108,14 @@ def test_a_half_precision_vae_encodes_and_decodes_like_the_reference_in_that_pre
         return pipeline(PROMPT, **common, generator=torch.Generator().manual_seed(4), output_type=output_type).video
 
     reference_latents = reference("latent")
-    float32_vae, executor.vae = executor.vae, copy.deepcopy(executor.vae).to(torch.bfloat16)
+    float32_vae, float32_decoder = executor.vae, executor.vae_decoder
+    executor.vae = copy.deepcopy(executor.vae).to(torch.bfloat16)
+    executor.vae_decoder = VaeDecoder(executor.vae)  # what the executor builds for `--vae-precision bf16`
     try:
         latents = generator.generate_latents(GenerationRequest(PROMPT, seed=4, **common))
         frames = executor._decode_by_shape({"reference": reference_latents.to(executor.device)})["reference"]
     finally:
-        executor.vae = float32_vae
+        executor.vae, executor.vae_decoder = float32_vae, float32_decoder
     assert (latents - reference_latents).abs().max() <= LATENT_ATOL
     reference_frames = torch.from_numpy(reference("np")) * 255  # [T, H, W, 3]
     assert (frames.float() - reference_frames).abs().max() <= 1.0  # rounding to 8 bits

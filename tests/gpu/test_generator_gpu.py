@@ -85,3 +85,21 @@ def test_cuda_graph_steps_equal_eager_steps(gpu_generator, gpu_reasoner, monkeyp
         error = _relative_error(getattr(graphed, name), getattr(eager, name))
         print(f"{mode} {name}: eager runs 1 and 2 differ by {runs:.1e}, graphed and eager run 2 by {error:.1e}")
         assert error <= 1e-3, name  # the same kernels: bf16 rounding at most
+
+
+def test_vae_decode_graphs_equal_diffusers_eager_decode(tiny_checkpoint: Path) -> None:
+    """`VaeDecoder` (channels-last convolutions, a CUDA graph from a shape's second decode on)
+    against diffusers' VAE as loaded, decoding eagerly: each of three decodes of one shape, new latents each time."""
+    from diffusers import AutoencoderKLWan
+
+    from cosmos3_serve.model_executor.vae_graphs import VaeDecoder
+
+    reference = AutoencoderKLWan.from_pretrained(tiny_checkpoint, subfolder="vae").to("cuda").eval()
+    decoder = VaeDecoder(AutoencoderKLWan.from_pretrained(tiny_checkpoint, subfolder="vae").to("cuda").eval())
+    torch.manual_seed(0)
+    for _ in range(3):
+        latents = torch.randn(2, reference.config.z_dim, 3, 8, 12, device="cuda")
+        with torch.no_grad():
+            expected = reference.decode(latents).sample
+        assert _relative_error(decoder(latents), expected) <= 1e-2  # TF32 convolutions; cuDNN picks other algorithms
+    assert len(decoder.graphs) == 1

@@ -1,0 +1,80 @@
+"""The executor's VAE decode, replayed from CUDA graphs per latent batch shape.
+
+Diffusers' `AutoencoderKLWan.decode` runs its causal decoder one latent frame at a time, a few hundred small
+kernels per frame: for the short clips of action modes its host launches take longer than its kernels (the
+serving profile in docs/benchmarks.md: 1.81 s of host for 1.49 s of GPU over 16 policy clips). `VaeDecoder`
+decodes a batch shape eagerly the first time it is seen, captures it in a CUDA graph the second time, and replays
+that graph from then on (short clips only: `MAX_GRAPH_LATENT_ELEMENTS`). Graphs share one memory pool: a replay's
+output is valid until the next decode, which the executor's own use (pixels computed right after each decode)
+respects. On the CPU, or with `COSMOS3_DISABLE_VAE_GRAPHS=1`, every decode is eager.
+
+On CUDA the decoder's 3-D convolutions take channels-last weights and inputs (`bench/vae_decode.py` times the
+variants). cuDNN's autotuner is left off: it tunes every new batch shape again, and a server sees many.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import AutoencoderKLWan
+
+CAPTURE_AT_SIGHTING = 2  # the first decode of a shape is eager (lazy initialisation), the second captures
+MAX_GRAPHS = 16  # batch shapes kept as graphs; decodes of further shapes stay eager
+# Batches of at most this many latent elements are graphed (the policy clip: 48 x 5 x 11 x 20 = 52,800 per clip):
+# their host launches cost as much as their kernels. Longer videos are GPU-bound, and a graph would keep its
+# static output (over 50 pixel values per latent element) for good.
+MAX_GRAPH_LATENT_ELEMENTS = 1 << 20
+
+
+class CapturedDecode:
+    """`vae.decode` of one latent batch shape as a CUDA graph over a static input buffer."""
+
+    def __init__(self, vae: AutoencoderKLWan, latents: torch.Tensor, pool: tuple[int, int]) -> None:
+        self.latents = latents.clone()
+        side = torch.cuda.Stream()  # capture off the default stream, as the executor's forward graphs do
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                self.video = vae.decode(self.latents).sample
+            finally:
+                self.graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        self.latents.copy_(latents)
+        self.graph.replay()
+        return self.video
+
+
+class VaeDecoder:
+    """Decodes latents `[B, C, T', H', W']` (the VAE's dtype) to video `[B, 3, T, H, W]` in [-1, 1]."""
+
+    def __init__(self, vae: AutoencoderKLWan) -> None:
+        self.vae = vae
+        self.device = next(vae.parameters()).device
+        self.use_graphs = self.device.type == "cuda" and os.environ.get("COSMOS3_DISABLE_VAE_GRAPHS", "0") != "1"
+        self.sightings: dict[tuple[int, ...], int] = {}
+        self.graphs: dict[tuple[int, ...], CapturedDecode] = {}
+        if self.device.type == "cuda":
+            for conv in (m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)):
+                conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            latents = latents.contiguous(memory_format=torch.channels_last_3d)
+        shape = tuple(latents.shape)
+        if not self.use_graphs:
+            return self.vae.decode(latents).sample
+        if shape in self.graphs:
+            return self.graphs[shape](latents)
+        self.sightings[shape] = self.sightings.get(shape, 0) + 1
+        if (self.sightings[shape] < CAPTURE_AT_SIGHTING or len(self.graphs) >= MAX_GRAPHS
+                or latents.numel() > MAX_GRAPH_LATENT_ELEMENTS):  # fmt: skip
+            return self.vae.decode(latents).sample
+        self.graphs[shape] = CapturedDecode(self.vae, latents, self.pool)
+        return self.graphs[shape](latents)
