@@ -4,11 +4,11 @@
 
 The checkpoint's `vae/` (diffusers' `AutoencoderKLWan`, random weights as the server's dummy load) decodes a batch of
 random latents of shape `--latents` (frames, height, width; default the policy clip: 17 frames of 176 x 320) per
-variant: float32, bf16, bf16 with channels-last (3-D) weights and inputs, and that with cuDNN's autotuner
-(`torch.backends.cudnn.benchmark`); "cuda-graph" variants replay the decode captured in a CUDA graph (no host
-launches). Printed per variant and batch: ms per clip (mean of `--repeats` after a
-warm-up), the TFLOP/s that is (FLOPs counted by `vae_flops.py`), its fraction of `--tflops`, and the relative L2
-error of the decoded clip against float32's.
+variant (`VARIANTS`): float32 or bf16; channels-last (3-D) weights and inputs; "cuda-graph": the decode replayed
+from a CUDA graph (no host launches); "VaeDecoder": the executor's own decode (`model_executor/vae_graphs.py`).
+Printed per variant and batch: ms per clip (mean of `--repeats` after two warm-ups), the TFLOP/s that is (FLOPs
+counted by `vae_flops.py`), its fraction of `--tflops`, and the relative L2 error of the decoded clip against
+float32's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,43 +26,47 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vae_flops import decode_flops  # noqa: E402
 
-VARIANTS = ("float32", "float32 cuda-graph", "float32 channels-last", "float32 channels-last cuda-graph",
-            "float32 channels-last cudnn-autotune cuda-graph", "bf16", "bf16 channels-last cuda-graph",
-            "bf16 channels-last", "bf16 channels-last cudnn-autotune", "bf16 cudnn-autotune cuda-graph",
-            "bf16 channels-last cudnn-autotune cuda-graph")
+from cosmos3_serve.model_executor.vae_graphs import VaeDecoder  # noqa: E402
+
+# "VaeDecoder": the executor's decode (model_executor/vae_graphs.py) on a copy of the VAE in that dtype.
+VARIANTS = ("float32", "float32 channels-last cuda-graph", "float32 VaeDecoder", "bf16", "bf16 channels-last",
+            "bf16 channels-last cuda-graph", "bf16 VaeDecoder")
 
 
-def prepare(vae: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, torch.dtype, bool]:
-    """A copy of `vae` for `variant`: (module, latent dtype, channels-last)."""
+def prepare(vae: torch.nn.Module, variant: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype, bool]:
+    """A decode function of latents for `variant`, on a copy of `vae`: (decode, latent dtype, channels-last)."""
     dtype = torch.float32 if variant.startswith("float32") else torch.bfloat16
-    channels_last = "channels-last" in variant
     module = copy.deepcopy(vae).to(dtype)
+    torch.backends.cudnn.benchmark = "autotune" in variant
+    if "VaeDecoder" in variant:
+        return VaeDecoder(module), dtype, module.device.type == "cuda"
+    channels_last = "channels-last" in variant
     if channels_last:  # the 3-D convolutions' weights (Module.to would try every parameter, 1-D ones included)
         for conv in (m for m in module.modules() if isinstance(m, torch.nn.Conv3d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    torch.backends.cudnn.benchmark = "autotune" in variant
-    return module, dtype, channels_last
+    return lambda latents: module.decode(latents).sample, dtype, channels_last
 
 
 def seconds_per_decode(
-    vae: torch.nn.Module, latents: torch.Tensor, repeats: int, cuda_graph: bool = False
+    decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, repeats: int, cuda_graph: bool = False
 ) -> tuple[float, torch.Tensor]:
-    """Mean seconds of `vae.decode(latents)` (or of replaying it captured in a CUDA graph) after one warm-up, and
-    the decoded sample."""
+    """Mean seconds of `decode(latents)` (or of replaying it captured in a CUDA graph) after two warm-ups (the
+    second is where `VaeDecoder` captures its graph), and the decoded sample."""
     synchronize = torch.cuda.synchronize if latents.is_cuda else (lambda: None)
     with torch.no_grad():
-        sample = vae.decode(latents).sample
-        decode = lambda: vae.decode(latents)  # noqa: E731
+        decode(latents)
+        sample = decode(latents)
+        run = lambda: decode(latents)  # noqa: E731
         if cuda_graph:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                sample = vae.decode(latents).sample
-            decode = graph.replay
-            decode()
+                sample = decode(latents)
+            run = graph.replay
+            run()
         synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
-            decode()
+            run()
         synchronize()
     return (time.perf_counter() - start) / repeats, sample
 
@@ -92,18 +97,18 @@ def main() -> int:
         for variant in VARIANTS:
             if "cuda-graph" in variant and args.device != "cuda":
                 continue
-            module, dtype, channels_last = prepare(vae, variant)
+            decode, dtype, channels_last = prepare(vae, variant)
             inputs = latents.to(dtype)
             if channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
-            seconds, sample = seconds_per_decode(module, inputs, args.repeats, "cuda-graph" in variant)
+            seconds, sample = seconds_per_decode(decode, inputs, args.repeats, "cuda-graph" in variant)
             sample = sample.float()
             reference = sample if reference is None else reference
             error = float((sample - reference).norm() / reference.norm())
             tflops = flops_per_clip * batch / seconds / 1e12
             rows.append({"variant": variant, "batch": batch, "ms_per_clip": seconds / batch * 1e3, "tflops": tflops,
                          "fraction": tflops / args.tflops, "rel_error_vs_float32": error})  # fmt: skip
-            del module
+            del decode
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
               "latents": [frames, height, width], "flops_per_clip": flops_per_clip, "tflops_ref": args.tflops,
               "rows": rows}  # fmt: skip
