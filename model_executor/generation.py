@@ -385,10 +385,11 @@ class DenoisingState:
 # (`cosmos3-serve serve --profile-dir`) shows each denoising step and each VAE batch as one range, on the host and,
 # on CUDA, over the GPU kernels it launched.
 PROFILE_RANGES = {"denoise": "cosmos3::denoise_step", "encode": "cosmos3::vae_encode", "decode": "cosmos3::vae_decode"}
-# A batch runs as a CUDA graph (`CapturedForward`) only if it will take at least this many steps together: capturing
-# costs about two eager forwards, a replay saves the host's launches of one (at most a third of a small forward's
-# time: docs/benchmarks.md), so a 4-step policy request stays eager and a 10- or 35-step image is captured.
-GRAPH_MIN_STEPS = 8
+# A batch runs its first step eagerly; at its second it is captured in a CUDA graph (`CapturedForward`: recorded, not
+# run) and replayed from then on, if it has at least GRAPH_MIN_REPLAYS steps left, that one included. A capture costs
+# about one eager forward of host time and no GPU time, a replay saves the host's launches of one (up to half of a
+# small batch's step: docs/benchmarks.md): a 4-step policy batch is one eager step, a capture and three replays.
+GRAPH_MIN_REPLAYS = 3
 
 
 @dataclass
@@ -399,6 +400,7 @@ class BatchPlan:
     states: list[DenoisingState]
     layout: PackedBatch
     graph: CapturedForward | None = None
+    eager_steps: int = 0
 
     def serves(self, batch: list[DenoisingState]) -> bool:
         """Whether `batch` is the same requests, in the same order."""
@@ -679,13 +681,13 @@ class DiffusionExecutor:
         noisy_n: torch.Tensor,
         actions_na: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The tower's forward of the batch: a replay of its CUDA graph, captured at its first step if its members
-        will step together at least GRAPH_MIN_STEPS times and it has at most GRAPH_MAX_TOKENS tokens; else eager.
-        The outputs of a replay are the graph's buffers: consumed before the next step."""
+        """The tower's forward of the batch: eager at its first step, then a replay of its CUDA graph, captured at its
+        second step if it has GRAPH_MIN_REPLAYS steps left and at most GRAPH_MAX_TOKENS tokens; else eager. The
+        outputs of a replay are the graph's buffers: consumed before the next step."""
         plan = self._batch_plan(active)
-        if plan.graph is None and self.use_cuda_graphs and noisy_n.shape[0] <= GRAPH_MAX_TOKENS and min(
-            len(state.timesteps) - state.step for state in active
-        ) >= GRAPH_MIN_STEPS:
+        steps_left = min(len(state.timesteps) - state.step for state in active)
+        if (plan.graph is None and plan.eager_steps > 0 and self.use_cuda_graphs
+                and noisy_n.shape[0] <= GRAPH_MAX_TOKENS and steps_left >= GRAPH_MIN_REPLAYS):  # fmt: skip
             try:
                 plan.graph = CapturedForward(self.tower, plan.layout, patches_vp, timesteps_n, noisy_n, actions_na)
             except RuntimeError as error:  # an op that cannot be captured: stay eager from now on
@@ -693,6 +695,7 @@ class DiffusionExecutor:
                 self.use_cuda_graphs = False
         if plan.graph is not None:
             return plan.graph(patches_vp, timesteps_n, noisy_n, actions_na)
+        plan.eager_steps += 1
         return self.tower(patches_vp, timesteps_n, noisy_n, plan.layout, actions_na)
 
     def _step(self, active: list[DenoisingState]) -> None:

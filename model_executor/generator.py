@@ -507,13 +507,13 @@ class CapturedForward:
         self.tower, self.batch = tower, batch
         self.inputs = [t.clone() for t in (patches_vp, timesteps_n, noisy_n)]
         self.actions = None if actions_na is None else actions_na.clone()
-        # One eager call first (lazy initialisation stays out of the graph), then the capture, both on a side stream.
-        # Not `torch.cuda.graph(...)`: it synchronises the device, collects garbage and empties the allocator's
-        # cache before each capture, which would cost more than the capture in a serving process.
+        # The caller has run this forward eagerly before (lazy initialisation stays out of the graph); the capture
+        # records on a side stream without running. Not `torch.cuda.graph(...)`: it synchronises the device, collects
+        # garbage and empties the allocator's cache before each capture, which would cost more than the capture in a
+        # serving process.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._forward()
             self.graph = torch.cuda.CUDAGraph()
             self.graph.capture_begin(capture_error_mode="thread_local")  # other threads' CUDA calls are theirs
             try:

@@ -51,8 +51,8 @@ def test_mixed_batch_on_gpu(gpu_generator) -> None:
 
 @pytest.mark.parametrize("mode", [None, "policy"])
 def test_cuda_graph_steps_equal_eager_steps(gpu_generator, gpu_reasoner, monkeypatch, mode: str | None) -> None:
-    """A request of GRAPH_MIN_STEPS steps runs as one CUDA graph, captured at its first step and replayed after, and
-    gives the latents (and actions) of the same request run eagerly."""
+    """A request of GRAPH_MIN_REPLAYS + 1 steps runs its first step eagerly and the rest as one CUDA graph, captured
+    at its second step and replayed, and gives the latents (and actions) of the same request run eagerly."""
     from cosmos3_serve.model_executor import generation
     from tests.test_actions import action_request
 
@@ -65,7 +65,7 @@ def test_cuda_graph_steps_equal_eager_steps(gpu_generator, gpu_reasoner, monkeyp
 
     monkeypatch.setattr(generation, "CapturedForward", CountedCapture)  # the engine runs in this process
     [executor] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)
-    steps = generation.GRAPH_MIN_STEPS
+    steps = generation.GRAPH_MIN_REPLAYS + 1
     if mode is None:
         request = GenerationRequest(PROMPT, NEGATIVE, num_frames=9, height=32, width=64, num_inference_steps=steps,
                                     seed=3)  # fmt: skip
