@@ -446,7 +446,7 @@ class DiffusionExecutor:
         process_weights_after_loading(tower, vllm_config.model_config, self.device)  # quantization, CPU packing
         self.tower = tower.eval()
         self.vae = vae.to(self.device, vae_dtype).eval()  # float32 by default, whatever the towers' precision
-        self.vae_decoder = VaeDecoder(self.vae)
+        self.vae_decoder = VaeDecoder(self.vae, use_graphs=not vllm_config.model_config.enforce_eager)
         self.scheduler = load_scheduler(checkpoint)
         self.active: list[DenoisingState] = []
         self.finished: dict[str, GenerationOutput] = {}  # request id -> result, until taken

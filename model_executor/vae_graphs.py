@@ -6,7 +6,7 @@ serving profile in docs/benchmarks.md: 1.81 s of host for 1.49 s of GPU over 16 
 decodes a batch shape eagerly the first time it is seen, captures it in a CUDA graph the second time, and replays
 that graph from then on (short clips only: `MAX_GRAPH_LATENT_ELEMENTS`). Graphs share one memory pool: a replay's
 output is valid until the next decode, which the executor's own use (pixels computed right after each decode)
-respects. On the CPU, or with `COSMOS3_DISABLE_VAE_GRAPHS=1`, every decode is eager.
+respects. On the CPU, with `--enforce-eager` or with `COSMOS3_DISABLE_VAE_GRAPHS=1`, every decode is eager.
 
 The decoder's causal 3-D convolutions pad in space inside the convolution (`ImplicitPaddingCausalConv3d`) rather
 than copying a zero-padded input first: in a profile of the bf16 decode of 8 policy clips the convolutions took
@@ -70,12 +70,14 @@ class CapturedDecode:
 
 
 class VaeDecoder:
-    """Decodes latents `[B, C, T', H', W']` (the VAE's dtype) to video `[B, 3, T, H, W]` in [-1, 1]."""
+    """Decodes latents `[B, C, T', H', W']` (the VAE's dtype) to video `[B, 3, T, H, W]` in [-1, 1]; with CUDA graphs
+    unless `use_graphs` is off (the server's `--enforce-eager`)."""
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
+    def __init__(self, vae: AutoencoderKLWan, use_graphs: bool = True) -> None:
         self.vae = vae
         self.device = next(vae.parameters()).device
-        self.use_graphs = self.device.type == "cuda" and os.environ.get("COSMOS3_DISABLE_VAE_GRAPHS", "0") != "1"
+        self.use_graphs = (use_graphs and self.device.type == "cuda"
+                           and os.environ.get("COSMOS3_DISABLE_VAE_GRAPHS", "0") != "1")  # fmt: skip
         self.sightings: dict[tuple[int, ...], int] = {}
         self.graphs: dict[tuple[int, ...], CapturedDecode] = {}
         for conv in (m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)):
