@@ -17,9 +17,10 @@ The prompt K/V of a rank are its own heads, as the reasoner's rank exported them
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -486,7 +487,26 @@ class Cosmos3GeneratorTower(nn.Module):
         return loaded
 
 
+T = TypeVar("T")
 GRAPH_MAX_TOKENS = 16_384  # larger forwards are bound by their kernels, not by launching them: no CUDA graph
+
+
+def capture_graph(fn: Callable[[], T], pool: tuple[int, int] | None = None) -> tuple[torch.CUDAGraph, T]:
+    """`fn()` recorded (not run) into a CUDA graph on a side stream, in memory pool `pool` (the graph's own if None):
+    (graph, fn's outputs, which each replay rewrites). Not `torch.cuda.graph(...)`: it synchronises the device,
+    collects garbage and empties the allocator's cache before each capture, which would cost more than the capture
+    in a serving process."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")  # other threads' CUDA calls are theirs
+        try:
+            outputs = fn()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph, outputs
 
 
 class CapturedForward:
@@ -507,20 +527,8 @@ class CapturedForward:
         self.tower, self.batch = tower, batch
         self.inputs = [t.clone() for t in (patches_vp, timesteps_n, noisy_n)]
         self.actions = None if actions_na is None else actions_na.clone()
-        # The caller has run this forward eagerly before (lazy initialisation stays out of the graph); the capture
-        # records on a side stream without running. Not `torch.cuda.graph(...)`: it synchronises the device, collects
-        # garbage and empties the allocator's cache before each capture, which would cost more than the capture in a
-        # serving process.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.graph = torch.cuda.CUDAGraph()
-            self.graph.capture_begin(capture_error_mode="thread_local")  # other threads' CUDA calls are theirs
-            try:
-                self.outputs = self._forward()
-            finally:
-                self.graph.capture_end()
-        torch.cuda.current_stream().wait_stream(side)
+        # The caller has run this forward eagerly before: lazy initialisation stays out of the graph.
+        self.graph, self.outputs = capture_graph(self._forward)
 
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.tower(*self.inputs, self.batch, self.actions)

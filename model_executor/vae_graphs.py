@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from cosmos3_serve.model_executor.generator import capture_graph
+
 CAPTURE_AT_SIGHTING = 2  # the first decode of a shape is eager (lazy initialisation), the second captures
 MAX_GRAPHS = 16  # batch shapes kept as graphs; decodes of further shapes stay eager
 # Batches of at most this many latent elements are graphed (the policy clip: 48 x 5 x 11 x 20 = 52,800 per clip):
@@ -52,16 +54,7 @@ class CapturedDecode:
 
     def __init__(self, vae: AutoencoderKLWan, latents: torch.Tensor, pool: tuple[int, int]) -> None:
         self.latents = latents.clone()
-        side = torch.cuda.Stream()  # capture off the default stream, as the executor's forward graphs do
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.graph = torch.cuda.CUDAGraph()
-            self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-            try:
-                self.video = vae.decode(self.latents).sample
-            finally:
-                self.graph.capture_end()
-        torch.cuda.current_stream().wait_stream(side)
+        self.graph, self.video = capture_graph(lambda: vae.decode(self.latents).sample, pool)
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         self.latents.copy_(latents)
