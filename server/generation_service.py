@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from cosmos3_serve.model_executor.worker_extension import request_to_payload
 from cosmos3_serve.server import metrics
 from cosmos3_serve.server.encoding import mp4_bytes, png_bytes
 
+logger = logging.getLogger(__name__)
 
 class JobStatus(str, enum.Enum):
     QUEUED = "queued"  # prompts being prefilled, not yet in the batch
@@ -335,6 +337,9 @@ class GenerationService:
             metrics.LATENCY.labels(mode=job.mode).observe(job.finished_at - job.created)
             for phase, seconds in job.phases.items():
                 metrics.PHASE_SECONDS.labels(mode=job.mode, phase=phase).observe(seconds)
+        phases = ", ".join(f"{phase} {seconds:.3f}" for phase, seconds in job.phases.items())
+        logger.info("%s %s %s: %.3f s from %.3f (%s)%s", job.mode, job.id, status.value, job.finished_at - job.created,
+                    job.created, phases or "no phases", f": {error}" if error else "")  # fmt: skip
         job.publish()
 
     async def _rpc(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shlex
 import sys
 from dataclasses import dataclass
@@ -96,6 +97,19 @@ def example_requests(options: ServeOptions) -> str:
     ])  # fmt: skip
 
 
+def log_like_vllm() -> None:
+    """cosmos3_serve's log records go where vLLM's go, formatted as vLLM's, at `VLLM_LOGGING_LEVEL` (without it
+    Python drops everything below a warning: no job lines, no readiness)."""
+    import vllm.logger  # noqa: F401 - configures the "vllm" logger
+
+    source, ours = logging.getLogger("vllm"), logging.getLogger("cosmos3_serve")
+    ours.setLevel(source.level)
+    ours.propagate = False
+    for handler in source.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+
+
 async def _serve(options: ServeOptions, vllm_args) -> None:
     from cosmos3_serve.server.app import ServerSettings, build_cosmos3_app
 
@@ -144,5 +158,6 @@ def serve(options: ServeOptions) -> int:
     api = vllm_compat.openai_server_api()
     vllm_args = api.make_arg_parser(FlexibleArgumentParser(prog="cosmos3-serve serve")).parse_args(argv)
     api.validate_parsed_serve_args(vllm_args)
+    log_like_vllm()
     uvloop.run(_serve(options, vllm_args))
     return 0
