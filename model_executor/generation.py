@@ -36,6 +36,7 @@ from cosmos3_serve.model_executor.generator import (
     GRAPH_MAX_TOKENS,
     CapturedForward,
     Cosmos3GeneratorTower,
+    ForwardGraphs,
     GeneratorConfig,
     GeneratorSequence,
     PackedBatch,
@@ -384,18 +385,22 @@ class DenoisingState:
 # Names of the profiler ranges around the executor's work (`torch.profiler.record_function`): a trace of the worker
 # (`cosmos3-serve serve --profile-dir`) shows each denoising step and each VAE batch as one range, on the host and,
 # on CUDA, over the GPU kernels it launched.
-PROFILE_RANGES = {"denoise": "cosmos3::denoise_step", "encode": "cosmos3::vae_encode", "decode": "cosmos3::vae_decode"}
-# A batch runs its first step eagerly; at its second it is captured in a CUDA graph (`CapturedForward`: recorded, not
-# run) and replayed from then on, if it has at least GRAPH_MIN_REPLAYS steps left, that one included. A capture costs
-# about one eager forward of host time and no GPU time, a replay saves the host's launches of one (up to half of a
-# small batch's step: docs/benchmarks.md): a 4-step policy batch is one eager step, a capture and three replays.
+PROFILE_RANGES = {"denoise": "cosmos3::denoise_step", "encode": "cosmos3::vae_encode", "decode": "cosmos3::vae_decode",
+                  "admit": "cosmos3::admit", "capture": "cosmos3::graph_capture"}  # admit holds the VAE encode
+# A batch whose signature (its sequences' token counts) was captured before replays that CUDA graph from its first
+# step (`ForwardGraphs`). Else it runs its first step eagerly; at its second it is captured (`CapturedForward`:
+# recorded, not run) and replayed from then on, if it has at least GRAPH_MIN_REPLAYS steps left, that one included.
+# A capture costs about one eager forward of host time and no GPU time, a replay saves the host's launches of one (up
+# to half of a small batch's step: docs/benchmarks.md): a 4-step policy batch of a new signature is one eager step, a
+# capture and three replays, and four replays from then on.
 GRAPH_MIN_REPLAYS = 3
 
 
 @dataclass
 class BatchPlan:
     """What the executor keeps of the batch it stepped last, for as long as the same requests step together: their
-    packed layout (rotary tables, attention over their prompt K/V) and, once captured, their forward's CUDA graph."""
+    packed layout (rotary tables, attention over their prompt K/V) and their forward's CUDA graph, if it has one
+    (then the layout is the graph's)."""
 
     states: list[DenoisingState]
     layout: PackedBatch
@@ -453,6 +458,7 @@ class DiffusionExecutor:
         self.max_batch_tokens = max_batch_tokens
         self._plan: BatchPlan | None = None  # of the batch stepped last
         self.use_cuda_graphs = self.device.type == "cuda" and not vllm_config.model_config.enforce_eager
+        self.forward_graphs = ForwardGraphs()
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
         vae = self.vae.config
@@ -465,6 +471,10 @@ class DiffusionExecutor:
         """Add requests whose prompts (conditional, then unconditional with CFG) were prefilled as their prompt K/V.
         Conditioning clips of the same shape go through the VAE encoder in one batch. Returns an error message per
         request that could not be admitted (the others are admitted)."""
+        with record_function(PROFILE_RANGES["admit"]):
+            return self._admit(entries)
+
+    def _admit(self, entries: list[tuple[str, GenerationRequest, list[kv_export.PromptKV]]]) -> dict[str, str]:
         errors, admissible = {}, []
         for request_id, request, prompt_kvs in entries:
             try:
@@ -513,7 +523,7 @@ class DiffusionExecutor:
             if state.finished:
                 self.active.remove(state)
                 self.finished[state.request_id] = state.output()
-        if not self.active:  # idle: release the last batch's layout and graph (their prompt K/V, the graph's memory)
+        if not self.active:  # idle: release the last batch's layout (its prompt K/V; a graph's stays for reuse)
             self._plan = None
         return progress
 
@@ -665,12 +675,14 @@ class DiffusionExecutor:
 
     def _batch_plan(self, active: list[DenoisingState]) -> BatchPlan:
         """The plan of `active`: the last one if the same requests step together again, else a new layout (the last
-        plan, its graph's memory pool and prompt K/V, released first)."""
+        plan's released first), in the graph of its signature if one was captured."""
         if self._plan is None or not self._plan.serves(active):
             self._plan = None
             positions = torch.cat([state.positions_3n for state in active], dim=1)
             sequences = [seq for state in active for seq in state.sequences]
-            self._plan = BatchPlan(list(active), self.tower.pack(positions, sequences))
+            layout = self.tower.pack(positions, sequences)
+            graph = self.forward_graphs.bind(layout) if self.use_cuda_graphs else None
+            self._plan = BatchPlan(list(active), layout if graph is None else graph.batch, graph)
         return self._plan
 
     def _forward(
@@ -681,15 +693,18 @@ class DiffusionExecutor:
         noisy_n: torch.Tensor,
         actions_na: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The tower's forward of the batch: eager at its first step, then a replay of its CUDA graph, captured at its
-        second step if it has GRAPH_MIN_REPLAYS steps left and at most GRAPH_MAX_TOKENS tokens; else eager. The
-        outputs of a replay are the graph's buffers: consumed before the next step."""
+        """The tower's forward of the batch: a replay of the graph of its signature; without one, eager at its first
+        step, then a replay of its CUDA graph, captured at its second step if it has GRAPH_MIN_REPLAYS steps left and
+        at most GRAPH_MAX_TOKENS tokens; else eager. The outputs of a replay are the graph's buffers: consumed before
+        the next step."""
         plan = self._batch_plan(active)
         steps_left = min(len(state.timesteps) - state.step for state in active)
         if (plan.graph is None and plan.eager_steps > 0 and self.use_cuda_graphs
                 and noisy_n.shape[0] <= GRAPH_MAX_TOKENS and steps_left >= GRAPH_MIN_REPLAYS):  # fmt: skip
             try:
-                plan.graph = CapturedForward(self.tower, plan.layout, patches_vp, timesteps_n, noisy_n, actions_na)
+                with record_function(PROFILE_RANGES["capture"]):
+                    plan.graph = self.forward_graphs.capture(self.tower, plan.layout, patches_vp, timesteps_n, noisy_n,
+                                                             actions_na)  # fmt: skip
             except RuntimeError as error:  # an op that cannot be captured: stay eager from now on
                 logger.warning("generator CUDA graph capture failed, running eagerly: %s", error)
                 self.use_cuda_graphs = False

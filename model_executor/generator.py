@@ -17,6 +17,7 @@ The prompt K/V of a rank are its own heads, as the reasoner's rank exported them
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,12 +142,11 @@ class TokenRows:
 class PackedAttention:
     """Per-step layout of a packed batch: each sequence's queries see [its prompt K/V ; its own K/V].
 
-    Built once per batch membership (not per step, not per layer): `key_order` interleaves the packed prompt keys of all sequences with
-    the packed generator keys, so a layer's keys are `cat([prompt_keys[layer], gen_keys])[key_order]`.
+    Built once per batch membership (not per step, not per layer): `key_order` interleaves the packed prompt keys
+    of all sequences with the packed generator keys, so a layer's keys are `cat([prompt keys, gen keys])[key_order]`.
     """
 
-    prompt_keys: list[torch.Tensor]  # per layer [sum prompt tokens, kv heads, head_dim]
-    prompt_values: list[torch.Tensor]
+    prompt_kv: torch.Tensor  # [layers, 2 (K, V), sum prompt tokens, kv heads, head_dim], sequence after sequence
     key_order: torch.Tensor  # [sum(prompt + gen tokens)]
     cu_seqlens_q: torch.Tensor  # int32 [sequences + 1]
     cu_seqlens_k: torch.Tensor  # int32 [sequences + 1]
@@ -162,12 +162,10 @@ class PackedAttention:
         for p, g in zip(prompt_lens, gen_lens):
             order += [torch.arange(prompt_start, prompt_start + p), torch.arange(gen_start, gen_start + g)]
             prompt_start, gen_start = prompt_start + p, gen_start + g
-        packed = torch.cat([seq.prompt_kv.kv for seq in sequences], dim=2)  # [layers, 2, sum prompt tokens, H, D]
         lens_q = torch.tensor([0, *gen_lens])
         lens_k = torch.tensor([0, *(p + g for p, g in zip(prompt_lens, gen_lens))])
         return cls(
-            prompt_keys=list(packed[:, 0].unbind(0)),
-            prompt_values=list(packed[:, 1].unbind(0)),
+            prompt_kv=torch.cat([seq.prompt_kv.kv for seq in sequences], dim=2),
             key_order=torch.cat(order).to(device),
             cu_seqlens_q=lens_q.cumsum(0).to(device=device, dtype=torch.int32),
             cu_seqlens_k=lens_k.cumsum(0).to(device=device, dtype=torch.int32),
@@ -176,8 +174,8 @@ class PackedAttention:
         )
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = torch.cat([self.prompt_keys[layer].to(k.dtype), k])[self.key_order]
-        values = torch.cat([self.prompt_values[layer].to(v.dtype), v])[self.key_order]
+        keys = torch.cat([self.prompt_kv[layer, 0].to(k.dtype), k])[self.key_order]
+        values = torch.cat([self.prompt_kv[layer, 1].to(v.dtype), v])[self.key_order]
         return keys, values
 
 
@@ -200,15 +198,32 @@ def varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out
 
 
+BatchSignature = tuple[tuple[int, int, int], ...]  # per sequence: (prompt tokens, latent patches, action tokens)
+
+
 @dataclass
 class PackedBatch:
-    """Per-batch constants of the tower's forward, rebuilt only when requests join or leave."""
+    """Per-batch constants of the tower's forward, rebuilt only when requests join or leave.
 
+    Batches of one `signature` have equal index tensors (key order, sequence lengths, token rows); they differ only
+    in their data: rotary tables, prompt K/V and action domains, which `copy_` moves from one to the other."""
+
+    signature: BatchSignature
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, head_dim]
     attention: PackedAttention
     rows: TokenRows | None  # None when no sequence has action tokens: all rows are latent patches
     first_tokens: torch.Tensor  # [sequences] row of each sequence's first token
     token_sequences: torch.Tensor  # [N] sequence of each token
+
+    def copy_(self, other: PackedBatch) -> None:
+        """Take the data of `other`, a batch of the same signature, into these tensors (in place)."""
+        if other.signature != self.signature:
+            raise ValueError(f"batch signatures differ: {other.signature} vs {self.signature}")
+        for mine, theirs in zip(self.rope, other.rope):
+            mine.copy_(theirs)
+        self.attention.prompt_kv.copy_(other.attention.prompt_kv)
+        if self.rows is not None:
+            self.rows.action_domains.copy_(other.rows.action_domains)
 
 
 class GeneratorRMSNorm(nn.Module):
@@ -408,7 +423,9 @@ class Cosmos3GeneratorTower(nn.Module):
         dtype = self.proj_in.weight.dtype
         rows = TokenRows.build(sequences, cos.device) if any(seq.num_action_tokens for seq in sequences) else None
         lengths = torch.tensor([seq.num_tokens for seq in sequences])
-        return PackedBatch(rope=(cos.to(dtype), sin.to(dtype)), attention=PackedAttention.build(sequences, cos.device),
+        signature = tuple((seq.prompt_kv.num_tokens, seq.num_vision_tokens, seq.num_action_tokens) for seq in sequences)
+        return PackedBatch(signature=signature, rope=(cos.to(dtype), sin.to(dtype)),
+                           attention=PackedAttention.build(sequences, cos.device),
                            rows=rows, first_tokens=(lengths.cumsum(0) - lengths).to(cos.device),
                            token_sequences=torch.arange(len(sequences)).repeat_interleave(lengths).to(cos.device))  # fmt: skip
 
@@ -510,10 +527,10 @@ def capture_graph(fn: Callable[[], T], pool: tuple[int, int] | None = None) -> t
 
 
 class CapturedForward:
-    """The tower's forward over one packed batch as a CUDA graph: captured once per batch membership, then replayed
-    every step on new inputs copied into its static buffers. An eager forward of a small batch (a few thousand
-    tokens) is bound by launching its ~20 kernels per layer; a replay launches them all at once. The returned
-    velocities are the graph's own buffers, overwritten by the next call."""
+    """The tower's forward over one packed batch as a CUDA graph, replayed every step on new inputs copied into its
+    static buffers, and for any later batch of the same signature once its layout is copied into `batch`. An eager
+    forward of a small batch (a few thousand tokens) is bound by launching its ~20 kernels per layer; a replay
+    launches them all at once. The returned velocities are the graph's own buffers, overwritten by the next call."""
 
     def __init__(
         self,
@@ -523,12 +540,13 @@ class CapturedForward:
         timesteps_n: torch.Tensor,
         noisy_n: torch.Tensor,
         actions_na: torch.Tensor | None = None,
+        pool: tuple[int, int] | None = None,
     ) -> None:
         self.tower, self.batch = tower, batch
         self.inputs = [t.clone() for t in (patches_vp, timesteps_n, noisy_n)]
         self.actions = None if actions_na is None else actions_na.clone()
         # The caller has run this forward eagerly before: lazy initialisation stays out of the graph.
-        self.graph, self.outputs = capture_graph(self._forward)
+        self.graph, self.outputs = capture_graph(self._forward, pool)
 
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.tower(*self.inputs, self.batch, self.actions)
@@ -546,6 +564,43 @@ class CapturedForward:
             self.actions.copy_(actions_na)
         self.graph.replay()
         return self.outputs
+
+
+MAX_FORWARD_GRAPHS = 8  # captured forwards kept for reuse (each holds its batch's prompt K/V; one memory pool)
+
+
+class ForwardGraphs:
+    """Captured forwards by batch signature, least recently used first, in one memory pool (one replays at a time,
+    and its outputs are consumed before the next). A new batch whose signature was captured before, e.g. the next
+    policy requests of a robot fleet, replays from its first step: no eager step, no capture."""
+
+    def __init__(self, capacity: int = MAX_FORWARD_GRAPHS) -> None:
+        self.capacity = capacity
+        self.graphs: OrderedDict[BatchSignature, CapturedForward] = OrderedDict()
+        self.pool: tuple[int, int] | None = None
+
+    def bind(self, batch: PackedBatch) -> CapturedForward | None:
+        """The graph captured for `batch`'s signature, its layout now holding `batch`'s data; None if there is none."""
+        graph = self.graphs.get(batch.signature)
+        if graph is not None:
+            self.graphs.move_to_end(batch.signature)
+            graph.batch.copy_(batch)
+        return graph
+
+    def capture(
+        self, tower: Cosmos3GeneratorTower, batch: PackedBatch, *inputs: torch.Tensor | None
+    ) -> CapturedForward:
+        """Capture the forward of `batch` (already run eagerly once) on `inputs`, and keep it (the oldest dropped)."""
+        if not self.graphs:  # a pool whose graphs are all gone cannot take another capture
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = CapturedForward(tower, batch, *inputs, pool=self.pool)
+        self.graphs[batch.signature] = graph
+        while len(self.graphs) > self.capacity:
+            self.graphs.popitem(last=False)
+        return graph
+
+    def clear(self) -> None:
+        self.graphs.clear()
 
 
 def _default_loader(param: torch.Tensor, tensor: torch.Tensor) -> None:

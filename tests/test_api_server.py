@@ -365,7 +365,8 @@ def test_metadata_version_and_unknown_job(http: httpx.Client, tiny_checkpoint: P
 
 def test_profiler_traces_each_denoising_step_and_vae_batch(http: httpx.Client, profile_dir: Path) -> None:
     """`--profile-dir`: vLLM's /start_profile and /stop_profile around one text->image request of 3 steps leave a
-    trace of the engine's worker with one range per denoising step, one VAE decode and no VAE encode."""
+    trace of the engine's worker with one admission, one range per denoising step, one VAE decode and no VAE encode
+    (no CUDA graph capture on the CPU)."""
     assert http.post("/start_profile").status_code == 200
     response = http.post("/v1/images/generations", json={"prompt": "A red cube.", "size": "64x32",
                                                          "num_inference_steps": 3, "response_format": "b64_json"})
@@ -376,7 +377,7 @@ def test_profiler_traces_each_denoising_step_and_vae_batch(http: httpx.Client, p
     with opener(trace, "rt") as fh:
         events = json.load(fh)["traceEvents"]
     ranges = [e["name"] for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("cosmos3::")]
-    assert sorted(ranges) == ["cosmos3::denoise_step"] * 3 + ["cosmos3::vae_decode"], ranges
+    assert sorted(ranges) == ["cosmos3::admit"] + ["cosmos3::denoise_step"] * 3 + ["cosmos3::vae_decode"], ranges
 
 
 def test_openapi_lists_every_route_with_its_schema(http: httpx.Client) -> None:

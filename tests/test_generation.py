@@ -153,6 +153,36 @@ def test_a_batch_token_budget_steps_requests_in_arrival_order(generator, vllm_re
         assert (together[request_id].video - generator.generate_latents(request)).abs().max() <= 1e-5, request_id
 
 
+def test_a_layout_refilled_from_another_batch_of_its_signature_gives_that_batchs_forward(generator, vllm_reasoner) -> None:
+    """What a CUDA graph replays for a later batch of the same signature (`ForwardGraphs.bind`): the earlier batch's
+    layout tensors, refilled by `PackedBatch.copy_`, give the tower exactly the later batch's own forward (rotary
+    tables, prompt K/V and action domains all taken over)."""
+    from cosmos3_serve.model_executor.generator import GeneratorSequence
+    from cosmos3_serve.model_executor.kv_export import PromptKV
+
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
+    tower, config = executor.tower, executor.config
+    shape = lambda prompt: (config.num_hidden_layers, 2, prompt, config.num_key_value_heads, config.head_dim)  # noqa: E731
+    torch.manual_seed(0)
+
+    def batch(domains: tuple[int, int]):
+        sequences = [GeneratorSequence(6, PromptKV(torch.randn(shape(prompt))), num_action_tokens=3, action_domain=d)
+                     for prompt, d in zip((5, 7), domains)]  # fmt: skip
+        return tower.pack(torch.randint(0, 40, (3, 18)).float(), sequences)
+
+    earlier, later = batch((0, 1)), batch((1, 0))
+    inputs = (torch.randn(12, config.patch_latent_dim), torch.full((18,), 500.0), torch.ones(18, dtype=torch.bool))
+    actions = torch.randn(6, config.action_dim)
+    expected = tower(*inputs, later, actions)
+    assert not torch.allclose(tower(*inputs, earlier, actions)[1], expected[1])  # the layout's data matters
+    earlier.copy_(later)
+    for ours, theirs in zip(tower(*inputs, earlier, actions), expected):
+        assert torch.equal(ours, theirs)
+    other = tower.pack(torch.zeros(3, 18), [GeneratorSequence(6, PromptKV(torch.randn(shape(p))), 3) for p in (7, 5)])
+    with pytest.raises(ValueError, match="signatures differ"):
+        earlier.copy_(other)
+
+
 def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_reasoner) -> None:
     import gc
     import weakref

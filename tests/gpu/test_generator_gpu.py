@@ -52,39 +52,47 @@ def test_mixed_batch_on_gpu(gpu_generator) -> None:
 @pytest.mark.parametrize("mode", [None, "policy"])
 def test_cuda_graph_steps_equal_eager_steps(gpu_generator, gpu_reasoner, monkeypatch, mode: str | None) -> None:
     """A request of GRAPH_MIN_REPLAYS + 1 steps runs its first step eagerly and the rest as one CUDA graph, captured
-    at its second step and replayed, and gives the latents (and actions) of the same request run eagerly."""
+    at its second step and replayed, and gives the latents (and actions) of the same request run eagerly. A later
+    request of the same shapes (another seed) replays that graph from its first step, its layout copied in, and
+    gives its own eager results too."""
+    import dataclasses
+
     from cosmos3_serve.model_executor import generation
     from tests.test_actions import action_request
 
-    captures = []
-
-    class CountedCapture(generation.CapturedForward):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            captures.append(self)
-
-    monkeypatch.setattr(generation, "CapturedForward", CountedCapture)  # the engine runs in this process
-    [executor] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)
+    [executor] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # the engine runs in this process
+    executor.forward_graphs.clear()  # earlier tests' batches
+    graphs = executor.forward_graphs.graphs
     steps = generation.GRAPH_MIN_REPLAYS + 1
     if mode is None:
         request = GenerationRequest(PROMPT, NEGATIVE, num_frames=9, height=32, width=64, num_inference_steps=steps,
                                     seed=3)  # fmt: skip
     else:
         request = action_request(mode, steps=steps)
+    later = dataclasses.replace(request, seed=request.seed + 10)
     assert executor.use_cuda_graphs  # on by default
+
+    def run(graphed: bool, req: GenerationRequest):
+        monkeypatch.setattr(executor, "use_cuda_graphs", graphed)
+        return gpu_generator.generate({"one": req}, decode=False)["one"]
+
     # Eager twice, then graphed: the first run fills the reasoner's prefix cache, so the two compared runs read the
     # same prompt K/V (a prompt's uncached tail is recomputed at another batch size: other bf16 roundings).
-    monkeypatch.setattr(executor, "use_cuda_graphs", False)
-    first, eager = (gpu_generator.generate({"one": request}, decode=False)["one"] for _ in range(2))
-    assert not captures
-    monkeypatch.setattr(executor, "use_cuda_graphs", True)
-    graphed = gpu_generator.generate({"one": request}, decode=False)["one"]
-    assert len(captures) == 1
+    first, eager = run(False, request), run(False, request)
+    assert not graphs
+    graphed = run(True, request)
+    [captured] = graphs.values()
+    eager_later, graphed_later = run(False, later), run(True, later)
+    assert list(graphs.values()) == [captured]  # replayed, not captured again
     for name in ("video",) if mode is None else ("video", "actions"):
         runs = _relative_error(getattr(first, name), getattr(eager, name))
         error = _relative_error(getattr(graphed, name), getattr(eager, name))
-        print(f"{mode} {name}: eager runs 1 and 2 differ by {runs:.1e}, graphed and eager run 2 by {error:.1e}")
+        error_later = _relative_error(getattr(graphed_later, name), getattr(eager_later, name))
+        print(f"{mode} {name}: eager runs 1 and 2 differ by {runs:.1e}, graphed and eager run 2 by {error:.1e}, "
+              f"the later request's graphed and eager runs by {error_later:.1e}")  # fmt: skip
         assert error <= 1e-3, name  # the same kernels: bf16 rounding at most
+        assert error_later <= 1e-3, name
+        assert _relative_error(getattr(graphed_later, name), getattr(graphed, name)) > 1e-2, name  # its own noise
 
 
 def test_vae_decode_graphs_equal_diffusers_eager_decode(tiny_checkpoint: Path) -> None:
