@@ -42,6 +42,7 @@ from cosmos3_serve.model_executor.generator import (
     PackedBatch,
     iter_transformer_weights,
 )
+from cosmos3_serve.model_executor.results import GenerationOutput, PendingResults
 from cosmos3_serve.model_executor.vae_graphs import VaeDecoder
 from cosmos3_serve.sampling.actions import (
     ACTION_MODES,
@@ -323,14 +324,6 @@ class ConditioningClip:
 
 
 @dataclass
-class GenerationOutput:
-    """A finished request's result, as the reference pipeline returns it."""
-
-    video: torch.Tensor | None  # normalised latents [1, z_dim, T, H/16, W/16]; None in inverse dynamics
-    actions: torch.Tensor | None  # [chunk, raw_action_dim] generated actions (policy, inverse dynamics)
-
-
-@dataclass
 class ActionChunk:
     """The action tokens of an action-mode request and their own copy of the request's scheduler (its multistep
     history is per modality, as in the reference)."""
@@ -455,6 +448,8 @@ class DiffusionExecutor:
         self.scheduler = load_scheduler(checkpoint)
         self.active: list[DenoisingState] = []
         self.finished: dict[str, GenerationOutput] = {}  # request id -> result, until taken
+        self.pending: list[PendingResults] = []  # taken results on their way to the host (`collect`), oldest first
+        self._normalization: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # `_latent_normalization`
         self.max_batch_tokens = max_batch_tokens
         self._plan: BatchPlan | None = None  # of the batch stepped last
         self.use_cuda_graphs = self.device.type == "cuda" and not vllm_config.model_config.enforce_eager
@@ -499,15 +494,12 @@ class DiffusionExecutor:
         found = [state for state in self.active if state.request_id == request_id]
         for state in found:
             self.active.remove(state)
-        return bool(found) or self.finished.pop(request_id, None) is not None
-
-    def synchronize(self) -> None:
-        """Wait for the work queued on the executor's device."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        in_transit = [pending for pending in self.pending if pending.outputs.pop(request_id, None) is not None]
+        return bool(found or in_transit) or self.finished.pop(request_id, None) is not None
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self.finished or any(state.request_id == request_id for state in self.active)
+        return (request_id in self.finished or any(state.request_id == request_id for state in self.active)
+                or any(request_id in pending.outputs for pending in self.pending))  # fmt: skip
 
     @torch.no_grad()
     def step(self) -> list[tuple[str, int, int]]:
@@ -516,8 +508,11 @@ class DiffusionExecutor:
         batch = self.next_batch()
         progress = []
         if batch:
+            queued = self._mark_stream()
             with record_function(PROFILE_RANGES["denoise"]):
                 self._step(batch)
+            if queued is not None:  # one step in flight: the work before it is done when this returns
+                queued.synchronize()
         for state in batch:
             progress.append((state.request_id, state.step, len(state.timesteps)))
             if state.finished:
@@ -526,6 +521,14 @@ class DiffusionExecutor:
         if not self.active:  # idle: release the last batch's layout (its prompt K/V; a graph's stays for reuse)
             self._plan = None
         return progress
+
+    def _mark_stream(self) -> torch.cuda.Event | None:
+        """An event after the work queued so far on the device (None on the CPU, where nothing is queued)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def next_batch(self) -> list[DenoisingState]:
         """The requests in flight, in arrival order, up to `max_batch_tokens` generator tokens (at least one).
@@ -550,6 +553,22 @@ class DiffusionExecutor:
             frames = self._decode_by_shape({i: o.video for i, o in outputs.items() if o.video is not None})
             outputs = {i: dataclasses.replace(o, video=frames.get(i)) for i, o in outputs.items()}
         return outputs
+
+    def collect(self, request_ids: list[str], decode: bool) -> None:
+        """`take` the results of finished requests without waiting for the device: their decode and their copies to
+        the host are queued behind the step that finished them, and `ready_results` hands them out once done."""
+        self.pending.append(PendingResults.launch(lambda: self.take(request_ids, decode), self.device))
+
+    def ready_results(self, wait: bool) -> tuple[dict[str, GenerationOutput], dict[str, float]]:
+        """The collected results that have reached the host, all of them with `wait`: (request id -> output on the
+        host, request id -> seconds of its VAE decode batch on the device)."""
+        outputs, decode_s = {}, {}
+        while self.pending and (wait or self.pending[0].ready):
+            pending = self.pending.pop(0)
+            pending.wait()
+            outputs.update(pending.outputs)
+            decode_s.update(dict.fromkeys(pending.outputs, pending.decode_s))
+        return outputs, decode_s
 
     def _initial_state(self, request_id: str, request: GenerationRequest, kvs: list[kv_export.PromptKV],
                        clean: torch.Tensor | None) -> DenoisingState:  # fmt: skip
@@ -661,17 +680,20 @@ class DiffusionExecutor:
         latents = {}
         for ids, batch in _batches_by_shape(clips):
             with record_function(PROFILE_RANGES["encode"]):
-                raw = self.vae.encode(batch.to(self.device, self.vae.dtype)).latent_dist.mode()
+                raw = self.vae.encode(batch.to(self.device, self.vae.dtype, non_blocking=True)).latent_dist.mode()
             latents.update(zip(ids, ((raw - mean) * inv_std).float().split(1)))
         return latents
 
     def _latent_normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1 / std) of the VAE's latent channels, `[1, C, 1, 1, 1]` in the VAE's dtype, computed as the
-        reference pipeline computes them for its VAE."""
-        vae, dtype = self.vae.config, self.vae.dtype
-        mean = torch.tensor(vae.latents_mean, dtype=dtype, device=self.device).view(1, -1, 1, 1, 1)
-        inv_std = 1.0 / torch.tensor(vae.latents_std, dtype=dtype, device=self.device).view(1, -1, 1, 1, 1)
-        return mean, inv_std
+        reference pipeline computes them for its VAE; once per dtype (a copy to the device waits for queued work)."""
+        dtype = self.vae.dtype
+        if dtype not in self._normalization:
+            vae = self.vae.config
+            mean = torch.tensor(vae.latents_mean, dtype=dtype, device=self.device).view(1, -1, 1, 1, 1)
+            inv_std = 1.0 / torch.tensor(vae.latents_std, dtype=dtype, device=self.device).view(1, -1, 1, 1, 1)
+            self._normalization[dtype] = (mean, inv_std)
+        return self._normalization[dtype]
 
     def _batch_plan(self, active: list[DenoisingState]) -> BatchPlan:
         """The plan of `active`: the last one if the same requests step together again, else a new layout (the last

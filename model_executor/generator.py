@@ -135,7 +135,7 @@ class TokenRows:
             actions.append(torch.arange(start + seq.num_vision_tokens, start + seq.num_tokens))
             domains.append(torch.full((seq.num_action_tokens,), seq.action_domain))
             start += seq.num_tokens
-        return cls(*(torch.cat(rows).to(device) for rows in (vision, actions, domains)))
+        return cls(*(torch.cat(rows).to(device, non_blocking=True) for rows in (vision, actions, domains)))
 
 
 @dataclass
@@ -166,9 +166,9 @@ class PackedAttention:
         lens_k = torch.tensor([0, *(p + g for p, g in zip(prompt_lens, gen_lens))])
         return cls(
             prompt_kv=torch.cat([seq.prompt_kv.kv for seq in sequences], dim=2),
-            key_order=torch.cat(order).to(device),
-            cu_seqlens_q=lens_q.cumsum(0).to(device=device, dtype=torch.int32),
-            cu_seqlens_k=lens_k.cumsum(0).to(device=device, dtype=torch.int32),
+            key_order=torch.cat(order).to(device, non_blocking=True),
+            cu_seqlens_q=lens_q.cumsum(0).to(device=device, dtype=torch.int32, non_blocking=True),
+            cu_seqlens_k=lens_k.cumsum(0).to(device=device, dtype=torch.int32, non_blocking=True),
             max_seqlen_q=max(gen_lens),
             max_seqlen_k=int(lens_k.max()),
         )
@@ -418,7 +418,8 @@ class Cosmos3GeneratorTower(nn.Module):
         return self.time_linear_2(F.silu(self.time_linear_1(proj.float())))
 
     def pack(self, positions_3n: torch.Tensor, sequences: list[GeneratorSequence]) -> PackedBatch:
-        """What stays the same while the batch's membership does: rotary tables, attention layout, token rows."""
+        """What stays the same while the batch's membership does: rotary tables, attention layout, token rows. Its
+        index tensors cross to the device without a host sync (the work queued before keeps the device busy)."""
         cos, sin = self.rope(positions_3n)
         dtype = self.proj_in.weight.dtype
         rows = TokenRows.build(sequences, cos.device) if any(seq.num_action_tokens for seq in sequences) else None
@@ -426,8 +427,9 @@ class Cosmos3GeneratorTower(nn.Module):
         signature = tuple((seq.prompt_kv.num_tokens, seq.num_vision_tokens, seq.num_action_tokens) for seq in sequences)
         return PackedBatch(signature=signature, rope=(cos.to(dtype), sin.to(dtype)),
                            attention=PackedAttention.build(sequences, cos.device),
-                           rows=rows, first_tokens=(lengths.cumsum(0) - lengths).to(cos.device),
-                           token_sequences=torch.arange(len(sequences)).repeat_interleave(lengths).to(cos.device))  # fmt: skip
+                           rows=rows, first_tokens=(lengths.cumsum(0) - lengths).to(cos.device, non_blocking=True),
+                           token_sequences=torch.arange(len(sequences)).repeat_interleave(lengths).to(
+                               cos.device, non_blocking=True))  # fmt: skip
 
     def forward(
         self,

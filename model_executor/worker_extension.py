@@ -16,7 +16,6 @@ travel as `request_to_payload` dicts, tensors and arrays as `tensor_to_payload` 
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import numpy as np
@@ -107,13 +106,15 @@ class Cosmos3WorkerExtension:
         - `cancel`: requests that leave (in flight or finished); their K/V and latents are released;
         - `admit`: requests `(request id, request payload, export keys of its prompts)`, admitted together (their
           conditioning clips share VAE batches);
-        - one denoising step of the next batch (`DiffusionExecutor.next_batch`);
-        - the results of the requests that finished in it, forgotten here.
+        - one denoising step of the next batch (`DiffusionExecutor.next_batch`), returning once the device has
+          finished the work before it (one step in flight: the device never waits for the driver's next call);
+        - the requests that finished in it are collected: their decode and copies to the host queued behind it;
+        - the collected results that have reached the host (all of them when nothing is left to step).
 
         Returns {"errors": {request id: why it was not admitted}, "progress": [(request id, steps done, total)],
         "results": {request id: {"video": uint8 frames `[T, H, W, 3]` if `decode` (one VAE batch per shape), else
         latents; "actions": `[chunk, raw_action_dim]`}, each a tensor payload or None where its mode makes none},
-        "decode_s": seconds the results took in the worker (VAE decode), GPU synchronised}.
+        "decode_s": {request id: seconds of its VAE decode batch on the device}}.
         """
         executor, store = self.cosmos3_executor, kv_export.PROMPT_KV_STORE
         for key in forget:
@@ -124,15 +125,9 @@ class Cosmos3WorkerExtension:
                                  for request_id, payload, keys in admit]) if admit else {}  # fmt: skip
         progress = executor.step()
         finished = [request_id for request_id, done, total in progress if done == total]
-        decode_s = 0.0
         if finished:
-            executor.synchronize()  # the step's GPU work, so that the decode is timed alone
-            started = time.perf_counter()
-            outputs = executor.take(finished, decode)
-            executor.synchronize()
-            decode_s = time.perf_counter() - started
-        else:
-            outputs = {}
+            executor.collect(finished, decode)
+        outputs, decode_s = executor.ready_results(wait=not executor.active)
         if self.rank != 0:
             return None
         results = {request_id: {"video": None if out.video is None else tensor_to_payload(out.video),

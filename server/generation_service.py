@@ -276,7 +276,7 @@ class GenerationService:
             self._progress(tick["progress"])
             finished = [self._admitted.pop(job_id) for job_id in tick["results"] if job_id in self._admitted]
             for job in finished:
-                job.phases["decode"] = tick["decode_s"]
+                job.phases["decode"] = tick["decode_s"][job.id]
             if finished:
                 self._spawn(self._encode(finished, tick["results"]))
 

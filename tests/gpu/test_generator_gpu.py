@@ -111,3 +111,24 @@ def test_vae_decode_graphs_equal_diffusers_eager_decode(tiny_checkpoint: Path) -
             expected = reference.decode(latents).sample
         assert _relative_error(decoder(latents), expected) <= 1e-2  # TF32 convolutions; cuDNN picks other algorithms
     assert len(decoder.graphs) == 1
+
+
+def test_decoded_frames_reach_the_driver_intact(gpu_generator, gpu_reasoner) -> None:
+    """Frames decoded behind a request's last step and copied to pinned host memory without a host sync
+    (`PendingResults`), handed out a tick later: those of a request decoded alone, and of three decoded in one batch
+    while another request keeps stepping, equal the VAE decode of the same requests' latents."""
+    [executor] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # the engine runs in this process
+    short = {f"s{i}": GenerationRequest(PROMPT, NEGATIVE, num_frames=9, height=32, width=64, num_inference_steps=2,
+                                        seed=i) for i in range(3)}  # fmt: skip
+    long = GenerationRequest(PROMPT, NEGATIVE, num_frames=9, height=32, width=64, num_inference_steps=6, seed=9)
+    requests = {**short, "long": long}
+    gpu_generator.generate(requests, decode=False)  # the prompts into the prefix cache: the same K/V from now on
+    latents = gpu_generator.generate(requests, decode=False)
+    frames = gpu_generator.generate(requests, decode=True)
+    for request_id in requests:
+        video = latents[request_id].video.to("cuda")
+        [expected] = executor._decode_by_shape({request_id: video}).values()
+        ours = frames[request_id].video
+        assert ours.dtype == torch.uint8 and ours.shape == expected.shape
+        difference = (ours.int() - expected.cpu().int()).abs()
+        assert difference.max() <= 2 and difference.float().mean() < 0.5, request_id  # other convolution roundings
