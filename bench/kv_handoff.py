@@ -21,8 +21,9 @@ handoff = export + K/V into the batch. Also timed in the worker, and not part of
 request: its initial noise, drawn on the CPU from its seed as diffusers does, its schedulers and positions).
 
 One denoising step: a `cosmos3_tick` with that request alone, wall time from the driver (the engine's RPC round
-trip included), median of the ticks after the first (the first also builds the batch's rotary tables and
-attention layout: reported as `first_step_s`). Also reported: an empty tick's round trip (`rpc_s`), the
+trip included), median of the ticks after the first. A tick returns once the work queued before its own step is
+done (one step in flight), so in a run of ticks each one's wall time is one step's; the first returns before its
+step has run (it also builds the batch's rotary tables and attention layout: reported as `first_step_s`). Also reported: an empty tick's round trip (`rpc_s`), the
 control-plane cost every step pays once, whatever the batch.
 """
 
