@@ -9,8 +9,9 @@ output is valid until the next decode, which the executor's own use (pixels comp
 respects. On the CPU, with `--enforce-eager` or with `COSMOS3_DISABLE_VAE_GRAPHS=1`, every decode is eager.
 
 The decoder's causal 3-D convolutions pad in space inside the convolution (`ImplicitPaddingCausalConv3d`) rather
-than copying a zero-padded input first: in a profile of the bf16 decode of 8 policy clips the convolutions took
-47 % of the GPU time, copies, concatenations and pads 38 %. On CUDA they take channels-last weights and inputs
+than copying a zero-padded input first, and each RMSNorm + SiLU is one kernel (`vae_kernels.RMSNormSiLU`): in a
+profile of the bf16 decode of 8 policy clips the convolutions took 47 % of the GPU time, copies, concatenations,
+pads and elementwise passes 38 %. On CUDA the convolutions take channels-last weights and inputs
 (`bench/vae_decode.py` times the variants). cuDNN's autotuner is left off: it tunes every new batch shape again,
 and a server sees many.
 """
@@ -22,9 +23,10 @@ import os
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResidualBlock
 
 from cosmos3_serve.model_executor.generator import capture_graph
+from cosmos3_serve.model_executor.vae_kernels import RMSNormSiLU
 
 CAPTURE_AT_SIGHTING = 2  # the first decode of a shape is eager (lazy initialisation), the second captures
 MAX_GRAPHS = 16  # batch shapes kept as graphs; decodes of further shapes stay eager
@@ -47,6 +49,16 @@ class ImplicitPaddingCausalConv3d(WanCausalConv3d):
         if pad_t > 0:
             x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
         return F.conv3d(x, self.weight, self.bias, self.stride, (0, pad_h, pad_w), self.dilation, self.groups)
+
+
+def fuse_norms_and_silu(decoder: torch.nn.Module) -> None:
+    """Each RMSNorm that a SiLU follows (twice per residual block, once in the head) becomes `RMSNormSiLU`, and
+    those SiLUs identities: the modules' only uses of their `nonlinearity`."""
+    for block in [decoder, *(m for m in decoder.modules() if isinstance(m, WanResidualBlock))]:
+        for name in ("norm1", "norm2", "norm_out"):
+            if hasattr(block, name):
+                setattr(block, name, RMSNormSiLU(getattr(block, name)))
+        block.nonlinearity = torch.nn.Identity()
 
 
 class CapturedDecode:
@@ -78,6 +90,7 @@ class VaeDecoder:
                 conv.__class__ = ImplicitPaddingCausalConv3d
             if self.device.type == "cuda":
                 conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        fuse_norms_and_silu(vae.decoder)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @torch.no_grad()

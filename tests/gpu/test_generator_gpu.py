@@ -132,3 +132,10 @@ def test_decoded_frames_reach_the_driver_intact(gpu_generator, gpu_reasoner) -> 
         assert ours.dtype == torch.uint8 and ours.shape == expected.shape
         difference = (ours.int() - expected.cpu().int()).abs()
         assert difference.max() <= 2 and difference.float().mean() < 0.5, request_id  # other convolution roundings
+
+
+def test_vae_rms_norm_silu_kernel_equals_diffusers() -> None:
+    """The VAE decoder's fused RMSNorm + SiLU on the GPU, float32 and bf16 (`tests/test_vae_graphs.py`)."""
+    from tests.test_vae_graphs import check_rms_norm_silu_kernel
+
+    check_rms_norm_silu_kernel("cuda")
