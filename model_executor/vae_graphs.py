@@ -53,11 +53,13 @@ class ImplicitPaddingCausalConv3d(WanCausalConv3d):
 
 def fuse_norms_and_silu(decoder: torch.nn.Module) -> None:
     """Each RMSNorm that a SiLU follows (twice per residual block, once in the head) becomes `RMSNormSiLU`, and
-    those SiLUs identities: the modules' only uses of their `nonlinearity`."""
+    those SiLUs identities: the modules' only uses of their `nonlinearity`. A decoder fused before (a copy of the
+    executor's VAE) stays as it is."""
     for block in [decoder, *(m for m in decoder.modules() if isinstance(m, WanResidualBlock))]:
         for name in ("norm1", "norm2", "norm_out"):
-            if hasattr(block, name):
-                setattr(block, name, RMSNormSiLU(getattr(block, name)))
+            norm = getattr(block, name, None)
+            if norm is not None and not isinstance(norm, RMSNormSiLU):
+                setattr(block, name, RMSNormSiLU(norm))
         block.nonlinearity = torch.nn.Identity()
 
 
