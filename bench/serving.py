@@ -15,7 +15,9 @@ the server runs it with random weights (`--load-format dummy`, bf16).
    With `--profile`, the largest N of each kind runs once more under the worker's PyTorch profiler (`serve
    --profile-dir`, vLLM's /start_profile and /stop_profile): where that run's GPU time went, from its trace: kernels
    inside the executor's ranges (denoising steps, VAE encode, VAE decode), outside them (the reasoner's prefills,
-   sampling), and the GPU's idle time. The profiler slows the host, so that run's latencies are not reported.
+   sampling), and the GPU's idle time: in all, and from the first denoising step on by what it followed (idle
+   stretches over 3 ms, by the executor's host range last begun before each: a denoising step, a VAE batch, an
+   admission, a graph capture). The profiler slows the host, so that run's latencies are not reported.
 3. After the server has stopped (GPU memory): diffusers' `Cosmos3OmniPipeline` with random weights of the same
    shapes (bf16 transformer, the VAE in the server's `--vae-precision`, float32 by default), the same requests one
    at a time, up to the decoded frames (`output_type="np"`; no PNG / MP4 encoding, no HTTP).
@@ -211,7 +213,11 @@ async def measure_server(base_url: str, works: dict[str, Workload], args: argpar
 
 EXECUTOR_RANGES = {"cosmos3::denoise_step": "denoise", "cosmos3::vae_encode": "vae_encode",
                    "cosmos3::vae_decode": "vae_decode"}  # model_executor.generation.PROFILE_RANGES  # fmt: skip
+# Host ranges an idle stretch of the GPU is attributed to (the last one begun before it): the above, and the admission
+# (its VAE encode inside) and CUDA graph captures.
+HOST_RANGES = {**EXECUTOR_RANGES, "cosmos3::admit": "admit", "cosmos3::graph_capture": "capture"}
 GPU_ACTIVITY = ("kernel", "gpu_memcpy", "gpu_memset")
+IDLE_GAP_US = 3000  # idle stretches counted: far longer than a launch's latency
 
 
 def profile_dir(args: argparse.Namespace) -> Path:
@@ -257,7 +263,24 @@ def gpu_time_split(trace: Path) -> dict:
         by_range[spans[i][2] if inside else "outside"] += (end - begin) / 1e6
     span_s = (activity[-1][1] - activity[0][0]) / 1e6 if activity else 0.0
     return {"gpu_busy_s": busy_us / 1e6, "gpu_span_s": span_s, "gpu_by_range_s": by_range, "host_by_range_s": host_s,
-            "ranges": host_count}  # fmt: skip
+            "ranges": host_count, **idle_after_first_step(events, activity)}  # fmt: skip
+
+
+def idle_after_first_step(events: list[dict], activity: list[tuple[float, float]]) -> dict:
+    """The GPU's idle stretches over IDLE_GAP_US from the first denoising step on: their seconds in all
+    (`idle_s`), and by the host range last begun before each (`idle_after_s`: what the GPU was waiting behind)."""
+    host = sorted((e["ts"], HOST_RANGES[e["name"]]) for e in events
+                  if e.get("cat") == "user_annotation" and e.get("name") in HOST_RANGES)  # fmt: skip
+    steps = [ts for ts, name in host if name == "denoise"]
+    if not steps:
+        return {"idle_s": 0.0, "idle_after_s": {}}
+    starts, idle_after, covered_until = [ts for ts, _ in host], {}, float("-inf")
+    for begin, end in activity:
+        if covered_until >= steps[0] and begin - covered_until > IDLE_GAP_US:
+            name = host[bisect.bisect_right(starts, covered_until) - 1][1]
+            idle_after[name] = idle_after.get(name, 0.0) + (begin - covered_until) / 1e6
+        covered_until = max(covered_until, end)
+    return {"idle_s": sum(idle_after.values()), "idle_after_s": idle_after}
 
 
 # ---- diffusers ----------------------------------------------------------------------------------------------
@@ -364,6 +387,9 @@ def print_report(report: dict) -> None:
                 count, host_s = profiled["ranges"].get(name), profiled["host_by_range_s"].get(name)
                 host = f"{'':18}" if count is None else f"{count:9d}{host_s:9.3f}"
                 print(f"{'  ' + name:28}{host}{gpu_s:9.3f}")
+            after = ", ".join(f"{name} {seconds:.3f}" for name, seconds in profiled["idle_after_s"].items())
+            print(f"  GPU idle from the first denoising step on (stretches over {IDLE_GAP_US / 1e3:.0f} ms): "
+                  f"{profiled['idle_s']:.3f} s, after: {after or 'none'}")  # fmt: skip
 
 
 def main() -> int:
