@@ -40,6 +40,7 @@ from cosmos3_serve.model_executor.generator import (
     GeneratorConfig,
     GeneratorSequence,
     PackedBatch,
+    batch_signature,
     iter_transformer_weights,
 )
 from cosmos3_serve.model_executor.results import GenerationOutput, PendingResults
@@ -702,9 +703,9 @@ class DiffusionExecutor:
             self._plan = None
             positions = torch.cat([state.positions_3n for state in active], dim=1)
             sequences = [seq for state in active for seq in state.sequences]
-            layout = self.tower.pack(positions, sequences)
-            graph = self.forward_graphs.bind(layout) if self.use_cuda_graphs else None
-            self._plan = BatchPlan(list(active), layout if graph is None else graph.batch, graph)
+            graph = self.forward_graphs.get(batch_signature(sequences)) if self.use_cuda_graphs else None
+            layout = self.tower.pack(positions, sequences, into=None if graph is None else graph.batch)
+            self._plan = BatchPlan(list(active), layout, graph)
         return self._plan
 
     def _forward(

@@ -129,13 +129,18 @@ class TokenRows:
 
     @classmethod
     def build(cls, sequences: list[GeneratorSequence], device: torch.device) -> TokenRows:
-        vision, actions, domains, start = [], [], [], 0
+        vision, actions, start = [], [], 0
         for seq in sequences:
             vision.append(torch.arange(start, start + seq.num_vision_tokens))
             actions.append(torch.arange(start + seq.num_vision_tokens, start + seq.num_tokens))
-            domains.append(torch.full((seq.num_action_tokens,), seq.action_domain))
             start += seq.num_tokens
-        return cls(*(torch.cat(rows).to(device, non_blocking=True) for rows in (vision, actions, domains)))
+        rows = (torch.cat(vision), torch.cat(actions), action_domains(sequences))
+        return cls(*(t.to(device, non_blocking=True) for t in rows))
+
+
+def action_domains(sequences: list[GeneratorSequence]) -> torch.Tensor:
+    """`[Na]` embodiment domain of each action token, sequence after sequence (on the host)."""
+    return torch.cat([torch.full((seq.num_action_tokens,), seq.action_domain) for seq in sequences])
 
 
 @dataclass
@@ -201,12 +206,16 @@ def varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 BatchSignature = tuple[tuple[int, int, int], ...]  # per sequence: (prompt tokens, latent patches, action tokens)
 
 
+def batch_signature(sequences: list[GeneratorSequence]) -> BatchSignature:
+    return tuple((seq.prompt_kv.num_tokens, seq.num_vision_tokens, seq.num_action_tokens) for seq in sequences)
+
+
 @dataclass
 class PackedBatch:
     """Per-batch constants of the tower's forward, rebuilt only when requests join or leave.
 
     Batches of one `signature` have equal index tensors (key order, sequence lengths, token rows); they differ only
-    in their data: rotary tables, prompt K/V and action domains, which `copy_` moves from one to the other."""
+    in their data: rotary tables, prompt K/V and action domains, which `refill` replaces in place."""
 
     signature: BatchSignature
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, head_dim]
@@ -215,15 +224,17 @@ class PackedBatch:
     first_tokens: torch.Tensor  # [sequences] row of each sequence's first token
     token_sequences: torch.Tensor  # [N] sequence of each token
 
-    def copy_(self, other: PackedBatch) -> None:
-        """Take the data of `other`, a batch of the same signature, into these tensors (in place)."""
-        if other.signature != self.signature:
-            raise ValueError(f"batch signatures differ: {other.signature} vs {self.signature}")
-        for mine, theirs in zip(self.rope, other.rope):
+    def refill(self, rope: tuple[torch.Tensor, torch.Tensor], sequences: list[GeneratorSequence]) -> None:
+        """Take the data of `sequences` (a batch of the same signature) and their rotary tables into these tensors,
+        in place: the index tensors stay, the prompt K/V are packed straight into this batch's."""
+        signature = batch_signature(sequences)
+        if signature != self.signature:
+            raise ValueError(f"batch signatures differ: {signature} vs {self.signature}")
+        for mine, theirs in zip(self.rope, rope):
             mine.copy_(theirs)
-        self.attention.prompt_kv.copy_(other.attention.prompt_kv)
+        torch.cat([seq.prompt_kv.kv for seq in sequences], dim=2, out=self.attention.prompt_kv)
         if self.rows is not None:
-            self.rows.action_domains.copy_(other.rows.action_domains)
+            self.rows.action_domains.copy_(action_domains(sequences), non_blocking=True)
 
 
 class GeneratorRMSNorm(nn.Module):
@@ -417,15 +428,19 @@ class Cosmos3GeneratorTower(nn.Module):
                                       flip_sin_to_cos=True, downscale_freq_shift=0)  # fmt: skip
         return self.time_linear_2(F.silu(self.time_linear_1(proj.float())))
 
-    def pack(self, positions_3n: torch.Tensor, sequences: list[GeneratorSequence]) -> PackedBatch:
+    def pack(self, positions_3n: torch.Tensor, sequences: list[GeneratorSequence],
+             into: PackedBatch | None = None) -> PackedBatch:  # fmt: skip
         """What stays the same while the batch's membership does: rotary tables, attention layout, token rows. Its
-        index tensors cross to the device without a host sync (the work queued before keeps the device busy)."""
+        index tensors cross to the device without a host sync (the work queued before keeps the device busy). With
+        `into`, a batch of the same signature (a captured graph's), only its data are replaced, in place."""
         cos, sin = self.rope(positions_3n)
+        if into is not None:
+            into.refill((cos, sin), sequences)
+            return into
         dtype = self.proj_in.weight.dtype
         rows = TokenRows.build(sequences, cos.device) if any(seq.num_action_tokens for seq in sequences) else None
         lengths = torch.tensor([seq.num_tokens for seq in sequences])
-        signature = tuple((seq.prompt_kv.num_tokens, seq.num_vision_tokens, seq.num_action_tokens) for seq in sequences)
-        return PackedBatch(signature=signature, rope=(cos.to(dtype), sin.to(dtype)),
+        return PackedBatch(signature=batch_signature(sequences), rope=(cos.to(dtype), sin.to(dtype)),
                            attention=PackedAttention.build(sequences, cos.device),
                            rows=rows, first_tokens=(lengths.cumsum(0) - lengths).to(cos.device, non_blocking=True),
                            token_sequences=torch.arange(len(sequences)).repeat_interleave(lengths).to(
@@ -530,7 +545,7 @@ def capture_graph(fn: Callable[[], T], pool: tuple[int, int] | None = None) -> t
 
 class CapturedForward:
     """The tower's forward over one packed batch as a CUDA graph, replayed every step on new inputs copied into its
-    static buffers, and for any later batch of the same signature once its layout is copied into `batch`. An eager
+    static buffers, and for any later batch of the same signature once its data are packed into `batch`. An eager
     forward of a small batch (a few thousand tokens) is bound by launching its ~20 kernels per layer; a replay
     launches them all at once. The returned velocities are the graph's own buffers, overwritten by the next call."""
 
@@ -581,12 +596,11 @@ class ForwardGraphs:
         self.graphs: OrderedDict[BatchSignature, CapturedForward] = OrderedDict()
         self.pool: tuple[int, int] | None = None
 
-    def bind(self, batch: PackedBatch) -> CapturedForward | None:
-        """The graph captured for `batch`'s signature, its layout now holding `batch`'s data; None if there is none."""
-        graph = self.graphs.get(batch.signature)
+    def get(self, signature: BatchSignature) -> CapturedForward | None:
+        """The graph captured for a batch of `signature` (now the most recently used), or None."""
+        graph = self.graphs.get(signature)
         if graph is not None:
-            self.graphs.move_to_end(batch.signature)
-            graph.batch.copy_(batch)
+            self.graphs.move_to_end(signature)
         return graph
 
     def capture(

@@ -30,6 +30,7 @@ from cosmos3_serve.server.encoding import mp4_bytes, png_bytes
 
 logger = logging.getLogger(__name__)
 
+
 class JobStatus(str, enum.Enum):
     QUEUED = "queued"  # prompts being prefilled, not yet in the batch
     RUNNING = "running"

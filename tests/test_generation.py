@@ -154,9 +154,9 @@ def test_a_batch_token_budget_steps_requests_in_arrival_order(generator, vllm_re
 
 
 def test_a_layout_refilled_from_another_batch_of_its_signature_gives_that_batchs_forward(generator, vllm_reasoner) -> None:
-    """What a CUDA graph replays for a later batch of the same signature (`ForwardGraphs.bind`): the earlier batch's
-    layout tensors, refilled by `PackedBatch.copy_`, give the tower exactly the later batch's own forward (rotary
-    tables, prompt K/V and action domains all taken over)."""
+    """What a CUDA graph replays for a later batch of the same signature (`ForwardGraphs`): the earlier batch's
+    layout, refilled with the later batch's data (`pack(..., into=earlier)`: rotary tables, prompt K/V, action
+    domains), gives the tower exactly the forward of the later batch packed on its own."""
     from cosmos3_serve.model_executor.generator import GeneratorSequence
     from cosmos3_serve.model_executor.kv_export import PromptKV
 
@@ -168,19 +168,19 @@ def test_a_layout_refilled_from_another_batch_of_its_signature_gives_that_batchs
     def batch(domains: tuple[int, int]):
         sequences = [GeneratorSequence(6, PromptKV(torch.randn(shape(prompt))), num_action_tokens=3, action_domain=d)
                      for prompt, d in zip((5, 7), domains)]  # fmt: skip
-        return tower.pack(torch.randint(0, 40, (3, 18)).float(), sequences)
+        return torch.randint(0, 40, (3, 18)).float(), sequences
 
-    earlier, later = batch((0, 1)), batch((1, 0))
+    earlier, (positions, sequences) = tower.pack(*batch((0, 1))), batch((1, 0))
     inputs = (torch.randn(12, config.patch_latent_dim), torch.full((18,), 500.0), torch.ones(18, dtype=torch.bool))
     actions = torch.randn(6, config.action_dim)
-    expected = tower(*inputs, later, actions)
+    expected = tower(*inputs, tower.pack(positions, sequences), actions)
     assert not torch.allclose(tower(*inputs, earlier, actions)[1], expected[1])  # the layout's data matters
-    earlier.copy_(later)
+    assert tower.pack(positions, sequences, into=earlier) is earlier
     for ours, theirs in zip(tower(*inputs, earlier, actions), expected):
         assert torch.equal(ours, theirs)
-    other = tower.pack(torch.zeros(3, 18), [GeneratorSequence(6, PromptKV(torch.randn(shape(p))), 3) for p in (7, 5)])
+    other = [GeneratorSequence(6, PromptKV(torch.randn(shape(p))), 3) for p in (7, 5)]
     with pytest.raises(ValueError, match="signatures differ"):
-        earlier.copy_(other)
+        tower.pack(torch.zeros(3, 18), other, into=earlier)
 
 
 def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_reasoner) -> None:
