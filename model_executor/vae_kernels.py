@@ -32,8 +32,8 @@ def _rms_norm_silu_kernel(
     offsets = rows * channels + cols
     dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    norm = tl.sqrt(tl.sum(x * x, axis=1))[:, None]
-    y = (x / tl.maximum(norm, eps)).to(dtype).to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1))[:, None], eps).to(dtype).to(tl.float32)
+    y = (x / norm).to(dtype).to(tl.float32)
     y = (y * scale).to(dtype).to(tl.float32)
     y = (y * tl.load(gamma_ptr + cols, mask=cols < channels, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
     if HAS_BIAS:

@@ -256,6 +256,25 @@ def test_the_vae_encodes_only_the_frames_clean_latents_see(generator, vllm_reaso
     assert encoded_frames == [1, 5]
 
 
+def test_clips_of_one_shape_encode_in_a_power_of_two_batch_each_as_alone(generator, vllm_reasoner, monkeypatch) -> None:
+    """Three image -> video requests admitted together: one encoder call of four clips (the last repeated: cuDNN
+    plans a new batch size anew), and each request's latents as when it runs alone."""
+    from tests import media
+
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
+    requests = {f"i2v-{seed}": GenerationRequest(PROMPT, image=media.smooth_image(seed=seed, height=32, width=64),
+                                                 num_frames=9, height=32, width=64, num_inference_steps=2,
+                                                 guidance_scale=1.0, seed=seed)
+                for seed in (21, 22, 23)}  # fmt: skip
+    batch_sizes, encode = [], executor.vae.encode
+    monkeypatch.setattr(executor.vae, "encode", lambda pixels: batch_sizes.append(pixels.shape[0]) or encode(pixels))
+    together = generator.generate(requests)
+    assert batch_sizes == [4]
+    for request_id, request in requests.items():
+        assert (together[request_id].video - generator.generate_latents(request)).abs().max() <= LATENT_ATOL
+    assert batch_sizes == [4, 1, 1, 1]
+
+
 def test_odd_latent_sizes_are_padded_like_the_reference(generator, diffusers_pipeline) -> None:
     # 48x80 px -> 3x5 latents: an odd grid for 2x2 patches (like 720p: 45x80 latents).
     common = dict(negative_prompt=NEGATIVE, num_frames=1, height=48, width=80, num_inference_steps=2)
