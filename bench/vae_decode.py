@@ -1,6 +1,7 @@
 """The VAE decode of one clip shape in several precisions and memory formats, against its FLOP floor.
 
-    python bench/vae_decode.py CKPT [--latents 5,11,20] [--batches 1,4,8] [--tflops 800] [--device cuda] [--json OUT]
+    python bench/vae_decode.py CKPT [--latents 5,11,20] [--batches 1,4,8] [--tflops 800] [--device cuda]
+                               [--variants float32,bf16,...] [--json OUT]
 
 The checkpoint's `vae/` (diffusers' `AutoencoderKLWan`, random weights as the server's dummy load) decodes a batch of
 random latents of shape `--latents` (frames, height, width; default the policy clip: 17 frames of 176 x 320) per
@@ -8,7 +9,7 @@ variant (`VARIANTS`): float32 or bf16; channels-last (3-D) weights and inputs; "
 from a CUDA graph (no host launches); "VaeDecoder": the executor's own decode (`model_executor/vae_graphs.py`).
 Printed per variant and batch: ms per clip (mean of `--repeats` after two warm-ups), the TFLOP/s that is (FLOPs
 counted by `vae_flops.py`), its fraction of `--tflops`, and the relative L2 error of the decoded clip against
-float32's.
+the first variant's (float32's; `--variants` picks a subset).
 """
 
 from __future__ import annotations
@@ -79,8 +80,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tflops", type=float, default=800.0)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of VARIANTS, in order (errors are against the first's decode)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     from diffusers import AutoencoderKLWan
 
     frames, height, width = (int(n) for n in args.latents.split(","))
@@ -94,7 +100,7 @@ def main() -> int:
     for batch in (int(n) for n in args.batches.split(",")):
         latents = torch.randn(batch, config["z_dim"], frames, height, width, device=args.device)
         reference = None
-        for variant in VARIANTS:
+        for variant in variants:
             if "cuda-graph" in variant and args.device != "cuda":
                 continue
             decode, dtype, channels_last = prepare(vae, variant)

@@ -1,0 +1,186 @@
+"""The Wan VAE decoder's forward with fewer passes over its activations, on diffusers' modules and weights.
+
+Diffusers' `AutoencoderKLWan.decode` runs the causal decoder one latent frame at a time. Every causal 3-D convolution
+concatenates the two frames cached from the previous chunk with its input, zero-pads that in space, clones the
+input's last frames as the next chunk's cache, and adds its bias in a pass of its own; between convolutions,
+RMSNorm + SiLU, residual adds and an up block's shortcut (a channel repeat and a permuted copy) each take more.
+`prepare_decoder` switches the decoder's modules to classes here, which compute the same sums with fewer passes:
+
+- `ImplicitPaddingCausalConv3d`: the spatial zero padding is the convolution's own.
+- `BufferedResidualBlock`: RMSNorm + SiLU writes straight into the next convolution's input buffer, after the two
+  frames of history (the previous chunk's last, or zeros), and the next chunk's history is a view of that buffer's
+  last two frames: no concatenation, pad or clone. The convolutions run without bias; conv1's is added inside
+  conv2's RMSNorm, conv2's and the shortcut's inside the residual add (`vae_kernels.py`).
+- `FusedResidualUpBlock`: the shortcut is added by one kernel that reads the block's input where `DupUp3D` would
+  have copied it twice.
+- `NativeDtypeUpsample`: nearest-neighbour upsampling in the activations' dtype (diffusers goes through float32
+  and back; copying values, both give the same result).
+- `BufferedDecoder3d`: the head (RMSNorm + SiLU, then the output convolution) and the input convolution buffered
+  the same way.
+
+`decode` runs the first latent frame alone (diffusers' first chunk: its frame is not upsampled in time), then the
+rest in chunks of several latent frames (`MAX_CHUNK_LATENT_VOXELS`): a causal convolution over a chunk with two
+frames of history computes what frame-by-frame chunks compute, in bigger convolutions and fewer launches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    WanCausalConv3d,
+    WanDecoder3d,
+    WanResidualBlock,
+    WanResidualUpBlock,
+    WanUpsample,
+    unpatchify,
+)
+from torch import nn
+
+from cosmos3_serve.model_executor.vae_kernels import add_bias_and_residual, add_dup_up, rms_norm_silu
+
+# Latent voxels (batch x frames x height x width) per chunk after the first frame: a policy clip batch of 8 (8 x 4
+# x 11 x 20) in one chunk; one 720p latent frame (45 x 80) with a second. The decoder's widest activation holds
+# 16 x 256 channels per latent voxel at the output's last levels (about 4 GiB in float32 at this budget).
+MAX_CHUNK_LATENT_VOXELS = 1 << 13
+
+History = list[torch.Tensor | str | None]  # per cached convolution: its last input frames (diffusers' feat_cache)
+
+
+class ImplicitPaddingCausalConv3d(WanCausalConv3d):
+    """Diffusers' causal 3-D convolution (zero padding: width and height on both sides, time before the input, where
+    the cached frames of the previous chunk go first), with the spatial zero padding left to the convolution: the
+    same sums without a padded copy of every input. `_padding` is diffusers' (W, W, H, H, T before, T after)."""
+
+    @property
+    def history_frames(self) -> int:
+        """The frames of history (cached or zero) that go before a chunk."""
+        return self._padding[4]
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        pad_t = self.history_frames
+        if cache_x is not None and pad_t > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            pad_t -= cache_x.shape[2]
+        if pad_t > 0:
+            x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+        return self.over_history(x, with_bias=True)
+
+    def over_history(self, x: torch.Tensor, with_bias: bool = False) -> torch.Tensor:
+        """The convolution of an input whose first `history_frames` frames are its history (no time padding left),
+        without its bias unless `with_bias` (the caller's fused pass adds it)."""
+        pad_w, _, pad_h = self._padding[:3]
+        bias = self.bias if with_bias else None
+        return F.conv3d(x, self.weight, bias, self.stride, (0, pad_h, pad_w), self.dilation, self.groups)
+
+
+def _history_buffer(x: torch.Tensor, conv: ImplicitPaddingCausalConv3d, history: History, idx: int) -> torch.Tensor:
+    """An empty input buffer `[B, C, history + T, H, W]` for `conv` over chunk `x`, in the layout of conv's weight
+    (channels innermost or not), its history frames filled from `history[idx]` (zeros before the first chunk);
+    `history[idx]` becomes a view of its last frames."""
+    batch, channels, frames, height, width = x.shape
+    before = conv.history_frames
+    layout = torch.channels_last_3d if conv.weight.stride(1) == 1 else torch.contiguous_format
+    buffer = torch.empty((batch, channels, before + frames, height, width), dtype=x.dtype, device=x.device,
+                         memory_format=layout)  # fmt: skip
+    if history[idx] is None:
+        buffer[:, :, :before].zero_()
+    else:
+        buffer[:, :, :before].copy_(history[idx])
+    history[idx] = buffer[:, :, frames:]
+    return buffer
+
+
+class BufferedResidualBlock(WanResidualBlock):
+    """`WanResidualBlock` whose causal convolutions read time-padded buffers that RMSNorm + SiLU write into, with
+    their biases added inside the next fused pass."""
+
+    def forward(self, x: torch.Tensor, feat_cache: History, feat_idx: list[int]) -> torch.Tensor:
+        shortcut = self.conv_shortcut
+        residual = x if isinstance(shortcut, nn.Identity) else shortcut.over_history(x)  # 1 x 1 x 1: no history
+        hidden = self._norm_silu_conv(x, self.norm1, None, self.conv1, feat_cache, feat_idx)
+        hidden = self._norm_silu_conv(hidden, self.norm2, self.conv1.bias, self.conv2, feat_cache, feat_idx)
+        residual_bias = None if isinstance(shortcut, nn.Identity) else shortcut.bias
+        return add_bias_and_residual(hidden, self.conv2.bias, residual, residual_bias)
+
+    @staticmethod
+    def _norm_silu_conv(x, norm, in_bias, conv, feat_cache: History, feat_idx: list[int]) -> torch.Tensor:
+        """conv(silu(norm(x + in_bias))) without conv's bias, over the cached history."""
+        buffer = _history_buffer(x, conv, feat_cache, feat_idx[0])
+        feat_idx[0] += 1
+        rms_norm_silu(x, norm, buffer[:, :, conv.history_frames :], in_bias)
+        return conv.over_history(buffer)
+
+
+class FusedResidualUpBlock(WanResidualUpBlock):
+    """`WanResidualUpBlock` with its `DupUp3D` shortcut added by one kernel, from the block's input."""
+
+    def forward(self, x: torch.Tensor, feat_cache: History, feat_idx: list[int], first_chunk: bool = False):
+        block_input = x
+        for resnet in self.resnets:
+            x = resnet(x, feat_cache=feat_cache, feat_idx=feat_idx)
+        if self.upsampler is not None:
+            x = self.upsampler(x, feat_cache=feat_cache, feat_idx=feat_idx)
+        if self.avg_shortcut is not None:
+            x = add_dup_up(x, block_input, self.avg_shortcut, first_chunk)
+        return x
+
+
+class NativeDtypeUpsample(WanUpsample):
+    """Nearest-neighbour upsampling in the input's dtype: values are copied, so float32 gives nothing more."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Upsample.forward(self, x)
+
+
+class BufferedDecoder3d(WanDecoder3d):
+    """`WanDecoder3d` with its input convolution and its head (RMSNorm + SiLU, output convolution) buffered as the
+    residual blocks are."""
+
+    def forward(self, x: torch.Tensor, feat_cache: History, feat_idx: list[int], first_chunk: bool = False):
+        buffer = _history_buffer(x, self.conv_in, feat_cache, feat_idx[0])
+        feat_idx[0] += 1
+        buffer[:, :, self.conv_in.history_frames :].copy_(x)
+        x = self.conv_in.over_history(buffer, with_bias=True)
+        x = self.mid_block(x, feat_cache=feat_cache, feat_idx=feat_idx)
+        for up_block in self.up_blocks:
+            x = up_block(x, feat_cache=feat_cache, feat_idx=feat_idx, first_chunk=first_chunk)
+        buffer = _history_buffer(x, self.conv_out, feat_cache, feat_idx[0])
+        feat_idx[0] += 1
+        rms_norm_silu(x, self.norm_out, buffer[:, :, self.conv_out.history_frames :])
+        return self.conv_out.over_history(buffer, with_bias=True)
+
+
+SWAPS = {WanCausalConv3d: ImplicitPaddingCausalConv3d, WanResidualBlock: BufferedResidualBlock,
+         WanResidualUpBlock: FusedResidualUpBlock, WanUpsample: NativeDtypeUpsample,
+         WanDecoder3d: BufferedDecoder3d}  # fmt: skip
+
+
+def prepare_decoder(vae: AutoencoderKLWan, memory_format: torch.memory_format) -> None:
+    """Switches the decoder's modules to the classes above (weights unchanged; a prepared decoder stays as it is) and
+    its convolution weights to `memory_format`. The encoder keeps diffusers' modules."""
+    if not vae.config.is_residual:
+        raise ValueError("the fused decode takes the Wan 2.2 VAE's residual up blocks (is_residual)")
+    for module in vae.decoder.modules():
+        module.__class__ = SWAPS.get(type(module), type(module))
+        if isinstance(module, (nn.Conv3d, nn.Conv2d)):
+            layout = memory_format
+            if module.weight.dim() == 4 and memory_format == torch.channels_last_3d:
+                layout = torch.channels_last
+            module.weight.data = module.weight.data.contiguous(memory_format=layout)
+
+
+def decode(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """Video `[B, 3, T, H, W]` in [-1, 1] of latents `[B, C, T', H', W']` in the VAE's dtype (diffusers'
+    `vae.decode(latents).sample`), by a decoder `prepare_decoder` switched."""
+    batch, _, latent_frames, height, width = latents.shape
+    x = vae.post_quant_conv(latents)
+    frames_per_chunk = max(1, MAX_CHUNK_LATENT_VOXELS // (batch * height * width))
+    chunks = [x[:, :, :1], *x[:, :, 1:].split(frames_per_chunk, dim=2)] if latent_frames > 1 else [x]
+    history: History = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+    video = torch.cat([vae.decoder(chunk, feat_cache=history, feat_idx=[0], first_chunk=i == 0)
+                       for i, chunk in enumerate(chunks)], dim=2)  # fmt: skip
+    if vae.config.patch_size is not None:
+        video = unpatchify(video, patch_size=vae.config.patch_size)
+    return video.clamp(-1.0, 1.0)
