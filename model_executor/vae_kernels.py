@@ -63,7 +63,7 @@ def _rms_norm_silu_kernel(
     x = tl.load(x_ptr + item * x_item_stride + row * channels + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_IN_BIAS:  # a convolution's bias, added to its output as PyTorch does: rounded
         x = (x + tl.load(in_bias_ptr + cols, mask=cols < channels, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-    norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1))[:, None], eps).to(dtype).to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1))[:, None], eps)  # float32, as diffusers normalises
     y = (x / norm).to(dtype).to(tl.float32)
     y = (y * scale).to(dtype).to(tl.float32)
     y = (y * tl.load(gamma_ptr + cols, mask=cols < channels, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
