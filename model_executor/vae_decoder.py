@@ -33,6 +33,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanDecoder3d,
     WanResidualBlock,
     WanResidualUpBlock,
+    WanRMS_norm,
     WanUpsample,
     unpatchify,
 )
@@ -105,7 +106,8 @@ class BufferedResidualBlock(WanResidualBlock):
         return add_bias_and_residual(hidden, self.conv2.bias, residual, residual_bias)
 
     @staticmethod
-    def _norm_silu_conv(x, norm, in_bias, conv, feat_cache: History, feat_idx: list[int]) -> torch.Tensor:
+    def _norm_silu_conv(x: torch.Tensor, norm: WanRMS_norm, in_bias: torch.Tensor | None,
+                        conv: ImplicitPaddingCausalConv3d, feat_cache: History, feat_idx: list[int]) -> torch.Tensor:
         """conv(silu(norm(x + in_bias))) without conv's bias, over the cached history."""
         buffer = _history_buffer(x, conv, feat_cache, feat_idx[0])
         feat_idx[0] += 1
@@ -116,7 +118,9 @@ class BufferedResidualBlock(WanResidualBlock):
 class FusedResidualUpBlock(WanResidualUpBlock):
     """`WanResidualUpBlock` with its `DupUp3D` shortcut added by one kernel, from the block's input."""
 
-    def forward(self, x: torch.Tensor, feat_cache: History, feat_idx: list[int], first_chunk: bool = False):
+    def forward(
+        self, x: torch.Tensor, feat_cache: History, feat_idx: list[int], first_chunk: bool = False
+    ) -> torch.Tensor:
         block_input = x
         for resnet in self.resnets:
             x = resnet(x, feat_cache=feat_cache, feat_idx=feat_idx)
@@ -138,7 +142,9 @@ class BufferedDecoder3d(WanDecoder3d):
     """`WanDecoder3d` with its input convolution and its head (RMSNorm + SiLU, output convolution) buffered as the
     residual blocks are."""
 
-    def forward(self, x: torch.Tensor, feat_cache: History, feat_idx: list[int], first_chunk: bool = False):
+    def forward(
+        self, x: torch.Tensor, feat_cache: History, feat_idx: list[int], first_chunk: bool = False
+    ) -> torch.Tensor:
         buffer = _history_buffer(x, self.conv_in, feat_cache, feat_idx[0])
         feat_idx[0] += 1
         buffer[:, :, self.conv_in.history_frames :].copy_(x)
