@@ -17,7 +17,8 @@ the server runs it with random weights (`--load-format dummy`, bf16).
    inside the executor's ranges (denoising steps, VAE encode, VAE decode), outside them (the reasoner's prefills,
    sampling), and the GPU's idle time: in all, and from the first denoising step on by what it followed (idle
    stretches over 3 ms, by the executor's host range last begun before each: a denoising step, a VAE batch, an
-   admission, a graph capture). The profiler slows the host, so that run's latencies are not reported.
+   admission, a graph capture), and the bound that GPU work puts on the median latency (`median_bound`). The
+   profiler slows the host, so that run's latencies are not reported.
 3. After the server has stopped (GPU memory): diffusers' `Cosmos3OmniPipeline` with random weights of the same
    shapes (bf16 transformer, the VAE in the server's `--vae-precision`, float32 by default), the same requests one
    at a time, up to the decoded frames (`output_type="np"`; no PNG / MP4 encoding, no HTTP).
@@ -390,6 +391,20 @@ def print_report(report: dict) -> None:
             after = ", ".join(f"{name} {seconds:.3f}" for name, seconds in profiled["idle_after_s"].items())
             print(f"  GPU idle from the first denoising step on (stretches over {IDLE_GAP_US / 1e3:.0f} ms): "
                   f"{profiled['idle_s']:.3f} s, after: {after or 'none'}")  # fmt: skip
+            rank, work_s, encode_s = median_bound(profiled, rows["one_at_a_time"])
+            print(f"  the median's bound at this GPU work per request (denoising and VAE, {work_s * 1e3:.1f} ms): "
+                  f"{rank:g} x {work_s:.4f} + its encoding {encode_s:.3f} = {rank * work_s + encode_s:.3f} s, "
+                  f"2 x single {2 * single:.3f} s")  # fmt: skip
+
+
+def median_bound(profiled: dict, single: dict) -> tuple[float, float, float]:
+    """The median request of N sent together cannot finish before (N + 1) / 2 requests' GPU work is done, N requests
+    of distinct seeds sharing none of it but their prompts' (prefix-cached) prefill: (that rank, the profiled run's
+    GPU seconds per request inside the executor's ranges, the one-at-a-time requests' mean encoding phase, which
+    follows the request's own GPU work)."""
+    n = profiled["requests"]
+    work_s = sum(profiled["gpu_by_range_s"][name] for name in EXECUTOR_RANGES.values()) / n
+    return (n + 1) / 2, work_s, single.get("phases", {}).get("encode", 0.0)
 
 
 def main() -> int:

@@ -42,8 +42,9 @@ from torch import nn
 from cosmos3_serve.model_executor.vae_kernels import add_bias_and_residual, add_dup_up, rms_norm_silu
 
 # Latent voxels (batch x frames x height x width) per chunk after the first frame: a policy clip batch of 8 (8 x 4
-# x 11 x 20) in one chunk; one 720p latent frame (45 x 80) with a second. The decoder's widest activation holds
-# 16 x 256 channels per latent voxel at the output's last levels (about 4 GiB in float32 at this budget).
+# x 11 x 20) in one chunk; 720p latent frames (45 x 80) two at a time. At the decoder's last level one activation
+# holds 4 frames x 8 x 8 positions x 256 channels per latent voxel: 2 GiB in float32 at this budget, and a residual
+# block holds about three at once (diffusers' one frame at a time: a quarter of that at 720p).
 MAX_CHUNK_LATENT_VOXELS = 1 << 13
 
 History = list[torch.Tensor | str | None]  # per cached convolution: its last input frames (diffusers' feat_cache)
