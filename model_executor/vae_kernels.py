@@ -1,11 +1,12 @@
 """Fused elementwise kernels of the VAE decoder, for channels-last-3d activations.
 
-In a profile of diffusers' bf16 decode of 8 policy clips (docs/benchmarks.md) the convolutions took 60 % of the GPU
-time and the passes between them the rest: copies (the causal convolutions' concatenations of cached frames, their
-clones, the shortcut's channel repeat and permutation) 19 %, the convolutions' bias adds and the residual adds
-11 %, RMSNorm + SiLU (eight passes in bf16 before it became one kernel) 8 %. Each function here is one read and one
-write of the activations, rounding to their dtype after each step as those passes do: in float32 they equal diffusers
-up to float32 rounding, in bf16 up to a rounding flipped here and there by another summation order.
+In a profile of diffusers' bf16 decode of 8 policy clips (`bench/vae_decode.py --profile`, docs/benchmarks.md) the
+convolutions took 49 % of the GPU time and the passes between them most of the rest: copies (the causal
+convolutions' concatenations of cached frames, their clones and pads, the shortcut's channel repeat and
+permutation) 26 %, RMSNorm + SiLU (eight passes) 15 %, the convolutions' bias adds and the residual adds 9 %. Each
+function here is one read and one write of the activations, rounding to their dtype after each step as those passes
+do: in float32 they equal diffusers up to float32 rounding, in bf16 up to a rounding flipped here and there by
+another summation order.
 
 - `rms_norm_silu`: silu(RMSNorm(x + bias)) written into a caller's tensor (the time-padded input buffer of the next
   causal convolution, `vae_decoder.py`), where diffusers adds the bias, normalises, activates and concatenates.
