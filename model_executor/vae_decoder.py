@@ -25,6 +25,8 @@ frames of history computes what frame-by-frame chunks compute, in bigger convolu
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
@@ -47,7 +49,9 @@ from cosmos3_serve.model_executor.vae_kernels import add_bias_and_residual, add_
 # block holds about three at once (diffusers' one frame at a time: a quarter of that at 720p).
 MAX_CHUNK_LATENT_VOXELS = 1 << 13
 
-History = list[torch.Tensor | str | None]  # per cached convolution: its last input frames (diffusers' feat_cache)
+# Diffusers' feat_cache, indexed as a list: per causal convolution (by its place in the decoder's order), its last
+# input frames, or None before the first chunk ("Rep" for a temporal upsampler's first).
+History = defaultdict[int, torch.Tensor | str | None]
 
 
 class ImplicitPaddingCausalConv3d(WanCausalConv3d):
@@ -185,7 +189,7 @@ def decode(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
     x = vae.post_quant_conv(latents)
     frames_per_chunk = max(1, MAX_CHUNK_LATENT_VOXELS // (batch * height * width))
     chunks = [x[:, :, :1], *x[:, :, 1:].split(frames_per_chunk, dim=2)] if latent_frames > 1 else [x]
-    history: History = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+    history: History = defaultdict(lambda: None)
     video = torch.cat([vae.decoder(chunk, feat_cache=history, feat_idx=[0], first_chunk=i == 0)
                        for i, chunk in enumerate(chunks)], dim=2)  # fmt: skip
     if vae.config.patch_size is not None:

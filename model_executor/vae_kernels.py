@@ -21,6 +21,7 @@ PyTorch ops.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,25 @@ def _uses_kernels(*tensors: torch.Tensor, any_item_stride: bool = False) -> bool
         return t.is_contiguous(memory_format=torch.channels_last_3d)
 
     return all(kernels_run_on(t.device) and t.dim() == 5 and laid_out(t) for t in tensors)
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """How a row kernel covers `[B, C, T, H, W]` activations: rows of C values (one per voxel), BLOCK_R rows of
+    BLOCK_C (C padded to a power of two) per program, about BLOCK_ELEMENTS values each."""
+
+    num_rows: int
+    block_r: int
+    block_c: int
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> RowBlocks:
+        block_c = triton.next_power_of_2(x.shape[1])
+        return cls(x.numel() // x.shape[1], max(1, BLOCK_ELEMENTS // block_c), block_c)
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (triton.cdiv(self.num_rows, self.block_r),)
 
 
 @triton.jit
@@ -84,14 +104,12 @@ def rms_norm_silu(x: torch.Tensor, norm: WanRMS_norm, out: torch.Tensor, in_bias
         out.copy_(F.silu(norm(y)))
         return
     _, channels, frames, height, width = x.shape
-    has_norm_bias = isinstance(norm.bias, torch.Tensor)
-    block_c = triton.next_power_of_2(channels)
-    block_r = max(1, BLOCK_ELEMENTS // block_c)
-    num_rows = x.numel() // channels
-    _rms_norm_silu_kernel[(triton.cdiv(num_rows, block_r),)](
+    has_norm_bias, blocks = isinstance(norm.bias, torch.Tensor), RowBlocks.of(x)
+    _rms_norm_silu_kernel[blocks.grid](
         x, out, norm.gamma, norm.bias if has_norm_bias else norm.gamma, norm.gamma if in_bias is None else in_bias,
-        num_rows, frames * height * width, x.stride(0), out.stride(0), channels, float(norm.scale), NORMALIZE_EPS,
-        HAS_NORM_BIAS=has_norm_bias, HAS_IN_BIAS=in_bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        blocks.num_rows, frames * height * width, x.stride(0), out.stride(0), channels, float(norm.scale),
+        NORMALIZE_EPS, HAS_NORM_BIAS=has_norm_bias, HAS_IN_BIAS=in_bias is not None, BLOCK_R=blocks.block_r,
+        BLOCK_C=blocks.block_c,
     )  # fmt: skip
 
 
@@ -123,14 +141,10 @@ def add_bias_and_residual(
         shortcut = residual if residual_bias is None else residual + residual_bias.view(1, -1, 1, 1, 1)
         return (x + bias.view(1, -1, 1, 1, 1)) + shortcut
     residual = residual.contiguous(memory_format=torch.channels_last_3d)  # a copy only if in the other layout
-    out = torch.empty_like(x)
-    channels = x.shape[1]
-    block_c = triton.next_power_of_2(channels)
-    block_r = max(1, BLOCK_ELEMENTS // block_c)
-    num_rows = x.numel() // channels
-    _add_bias_and_residual_kernel[(triton.cdiv(num_rows, block_r),)](
-        x, bias, residual, bias if residual_bias is None else residual_bias, out, num_rows, channels,
-        HAS_RESIDUAL_BIAS=residual_bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+    out, blocks = torch.empty_like(x), RowBlocks.of(x)
+    _add_bias_and_residual_kernel[blocks.grid](
+        x, bias, residual, bias if residual_bias is None else residual_bias, out, blocks.num_rows, x.shape[1],
+        HAS_RESIDUAL_BIAS=residual_bias is not None, BLOCK_R=blocks.block_r, BLOCK_C=blocks.block_c,
     )  # fmt: skip
     return out
 
@@ -166,12 +180,10 @@ def add_dup_up(x: torch.Tensor, source: torch.Tensor, shortcut: DupUp3D, first_c
         return x + shortcut(source, first_chunk=first_chunk)
     source = source.contiguous(memory_format=torch.channels_last_3d)  # a copy only if in the other layout
     _, channels, frames, height, width = x.shape
-    block_c = triton.next_power_of_2(channels)
-    block_r = max(1, BLOCK_ELEMENTS // block_c)
-    num_rows = x.numel() // channels
-    _add_dup_up_kernel[(triton.cdiv(num_rows, block_r),)](
-        x, source, num_rows, frames, height, width, channels, *source.shape[2:], source.shape[1], shortcut.repeats,
-        shortcut.factor_t - 1 if first_chunk else 0, FACTOR_T=shortcut.factor_t, FACTOR_S=shortcut.factor_s,
-        BLOCK_R=block_r, BLOCK_C=block_c,
+    blocks = RowBlocks.of(x)
+    _add_dup_up_kernel[blocks.grid](
+        x, source, blocks.num_rows, frames, height, width, channels, *source.shape[2:], source.shape[1],
+        shortcut.repeats, shortcut.factor_t - 1 if first_chunk else 0, FACTOR_T=shortcut.factor_t,
+        FACTOR_S=shortcut.factor_s, BLOCK_R=blocks.block_r, BLOCK_C=blocks.block_c,
     )  # fmt: skip
     return x
