@@ -7,9 +7,6 @@ BIN := $(VENV)/bin
 TINY := build/tiny-checkpoint
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# vLLM on CPU: a small KV cache is plenty for the tiny checkpoint.
-export VLLM_CPU_KVCACHE_SPACE ?= 2
-
 .PHONY: install serve test clean
 
 install: $(VENV)/.installed
@@ -25,7 +22,7 @@ $(TINY)/model_index.json: $(VENV)/.installed
 	$(BIN)/cosmos3-serve make-tiny $(TINY) --seed 0 --vocab compact --action
 
 serve: $(VENV)/.installed $(TINY)/model_index.json
-	$(BIN)/cosmos3-serve serve $(TINY) --host $(HOST) --port $(PORT) --precision fp32 --max-model-len 4096 --gpu-memory-utilization 0.2
+	$(BIN)/cosmos3-serve serve $(TINY) --host $(HOST) --port $(PORT) --precision fp32
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

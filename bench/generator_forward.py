@@ -154,7 +154,7 @@ def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: flo
     the kernel floor, throughput, our GPU time split and the velocities' difference."""
     from diffusers.models.transformers import transformer_cosmos3
 
-    from cosmos3_serve.model_executor.generation import patchify, unpatchify, vision_positions
+    from cosmos3_serve.model_executor.positions import patchify, unpatchify, vision_positions
     from cosmos3_serve.model_executor.generator import GRAPH_MAX_TOKENS, CapturedForward, GeneratorSequence
     from cosmos3_serve.model_executor.kv_export import PromptKV
 

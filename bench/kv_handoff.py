@@ -20,11 +20,12 @@ handoff = export + K/V into the batch. Also timed in the worker, and not part of
 `DiffusionExecutor.admit` of the request (`admit_s`: K/V out of the store, then what any pipeline does for a new
 request: its initial noise, drawn on the CPU from its seed as diffusers does, its schedulers and positions).
 
-One denoising step: a `cosmos3_tick` with that request alone, wall time from the driver (the engine's RPC round
-trip included), median of the ticks after the first. A tick returns once the work queued before its own step is
-done (one step in flight), so in a run of ticks each one's wall time is one step's; the first returns before its
-step has run (it also builds the batch's rotary tables and attention layout: reported as `first_step_s`). Also reported: an empty tick's round trip (`rpc_s`), the
-control-plane cost every step pays once, whatever the batch.
+One denoising step: `DiffusionExecutor.step` with that request alone, called through the engine's RPC (the
+generator loop is not started: the bench steps the executor itself), wall time from the driver, median of the
+steps after the first. A step returns once the work queued before it is done (one step in flight), so in a run of
+steps each one's wall time is one step's; the first returns before its step has run (it also builds the batch's
+rotary tables and attention layout: reported as `first_step_s`). Also reported: an empty RPC's round trip
+(`rpc_s`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def time_kv_into_batch(worker, request_id: str) -> float:
     """Seconds to build the attention layout of admitted `request_id`'s sequences over their prompt K/V."""
     from cosmos3_serve.model_executor.generator import PackedAttention
 
-    executor = worker.cosmos3_executor
+    executor = worker.cosmos3_loop.executor
     [state] = [state for state in executor.active if state.request_id == request_id]
     return _median_seconds(lambda: PackedAttention.build(state.sequences, executor.device))
 
@@ -86,15 +87,34 @@ def time_kv_into_batch(worker, request_id: str) -> float:
 def time_admit(worker, request_id: str, payload: dict, keys: list[str]) -> float:
     """Seconds the executor takes to admit a request whose prompts were exported under `keys` (GPU synchronised)."""
     from cosmos3_serve.model_executor import kv_export
-    from cosmos3_serve.model_executor.worker_extension import request_from_payload
+    from cosmos3_serve.model_executor.wire import request_from_payload
 
     _synchronize()
     start = time.perf_counter()
     request = request_from_payload(payload)
-    errors = worker.cosmos3_executor.admit([(request_id, request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys])])
+    prompt_kvs = [kv_export.PROMPT_KV_STORE.take(k) for k in keys]
+    errors = worker.cosmos3_loop.executor.admit([(request_id, request, prompt_kvs, False)])
     _synchronize()
     assert not errors, errors
     return time.perf_counter() - start
+
+
+def step(worker) -> None:
+    """One denoising step of the executor (the finished requests' results dropped)."""
+    executor = worker.cosmos3_loop.executor
+    for request_id, done, total in executor.step():
+        if done == total:
+            executor.cancel(request_id)
+
+
+def forget(worker, key: str) -> None:
+    from cosmos3_serve.model_executor import kv_export
+
+    kv_export.PROMPT_KV_STORE.discard(key)
+
+
+def nothing(worker) -> None:
+    pass
 
 
 def prefill_seconds(llm, prompts: list[list[int]], export: bool) -> float:
@@ -111,7 +131,7 @@ def prefill_seconds(llm, prompts: list[list[int]], export: bool) -> float:
         llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, extra_args=extra), use_tqdm=False)
         total += time.perf_counter() - start
         if export:
-            llm.collective_rpc("cosmos3_tick", args=([], [], [key]))
+            llm.collective_rpc(forget, args=(key,))
     return total
 
 
@@ -120,7 +140,6 @@ def main() -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT of the text->image request")
     parser.add_argument("--requests", type=int, default=5)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.35)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -128,18 +147,21 @@ def main() -> int:
     import torch
     from vllm import LLM, SamplingParams
 
-    from cosmos3_serve.model_executor import kv_export
-    from cosmos3_serve.model_executor.generation import GenerationRequest
-    from cosmos3_serve.model_executor.generation_client import Cosmos3Generator, new_export_keys
-    from cosmos3_serve.model_executor.worker_extension import generation_engine_args, request_to_payload
+    from transformers import AutoTokenizer
 
-    llm = LLM(args.checkpoint, load_format="dummy", dtype="bfloat16", enforce_eager=True, max_model_len=4096,
-              gpu_memory_utilization=args.gpu_memory_utilization, limit_mm_per_prompt={"image": 0, "video": 0},
-              seed=0, **generation_engine_args())  # fmt: skip
-    generator = Cosmos3Generator(args.checkpoint, llm)
+    from cosmos3_serve.model_executor import kv_export
+    from cosmos3_serve.model_executor.engine_args import generation_engine_args
+    from cosmos3_serve.model_executor.generation_client import GenerationPrompts, new_export_keys
+    from cosmos3_serve.model_executor.request import GenerationRequest
+    from cosmos3_serve.model_executor.wire import request_to_payload
+    from cosmos3_serve.server.deployment import generator_settings
+
     width, height = (int(side) for side in args.size.split("x"))
+    llm = LLM(args.checkpoint, load_format="dummy", dtype="bfloat16", enforce_eager=True, max_model_len=4096,
+              limit_mm_per_prompt={"image": 0, "video": 0}, seed=0,
+              **generation_engine_args(generator_settings((width, height, 1))))  # fmt: skip
     request = GenerationRequest(PROMPT, num_frames=1, height=height, width=width, num_inference_steps=STEPS)
-    prompts = generator.prompts.context(request)
+    prompts = GenerationPrompts(AutoTokenizer.from_pretrained(Path(args.checkpoint) / "text_tokenizer")).context(request)
     lengths = [len(ids) for ids in prompts]
 
     admits, kv_into_batch, first_steps, steps, rpcs = [], [], [], [], []
@@ -152,10 +174,10 @@ def main() -> int:
         step_times = []
         for _ in range(STEPS):
             begin = time.perf_counter()
-            llm.collective_rpc("cosmos3_tick", args=([], [], [], False))
+            llm.collective_rpc(step)
             step_times.append(time.perf_counter() - begin)
         begin = time.perf_counter()
-        llm.collective_rpc("cosmos3_tick")  # nothing in flight: the round trip alone
+        llm.collective_rpc(nothing)  # the round trip alone
         rpc_s = time.perf_counter() - begin
         if i:
             admits.append(admit_s)

@@ -213,7 +213,7 @@ async def measure_server(base_url: str, works: dict[str, Workload], args: argpar
 # ---- profile ------------------------------------------------------------------------------------------------
 
 EXECUTOR_RANGES = {"cosmos3::denoise_step": "denoise", "cosmos3::vae_encode": "vae_encode",
-                   "cosmos3::vae_decode": "vae_decode"}  # model_executor.generation.PROFILE_RANGES  # fmt: skip
+                   "cosmos3::vae_decode": "vae_decode"}  # model_executor.profile_ranges.PROFILE_RANGES  # fmt: skip
 # Host ranges an idle stretch of the GPU is attributed to (the last one begun before it): the above, and the admission
 # (its VAE encode inside) and CUDA graph captures.
 HOST_RANGES = {**EXECUTOR_RANGES, "cosmos3::admit": "admit", "cosmos3::graph_capture": "capture"}
@@ -292,7 +292,7 @@ def diffusers_pipeline(checkpoint: Path, device: str, vae_dtype):
     from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer
     from transformers import AutoTokenizer
 
-    from cosmos3_serve.model_executor.generation import load_scheduler
+    from cosmos3_serve.sampling.schedulers import load_scheduler
 
     config = json.loads((checkpoint / "transformer" / "config.json").read_text())
     torch.set_default_dtype(torch.bfloat16)

@@ -1,13 +1,14 @@
-"""Drivers of the generator sidecar: build a request's prompts, prefill them once in vLLM, then step it.
+"""Drivers of the generator sidecar: build a request's prompts, prefill them once in vLLM, then let the generator
+loop denoise it.
 
 A request's prompts (conditional and, with classifier-free guidance, unconditional) go through the reasoner
 once, as generation contexts: vLLM prefills them (its prefix cache serves shared system / negative prompts)
-and the K/V export connector leaves their K/V in the worker, where `worker_extension` admits them into the
-diffusion executor. From then on only the generator runs: one `cosmos3_tick` call per denoising step, which also
-admits the requests that arrived and returns those that finished.
+and the K/V export connector leaves their K/V in the worker, where the generator loop admits them
+(`generator_loop`). From then on only the generator runs, on its own thread: the driver sends commands
+(`cosmos3_submit`) and reads the loop's events (`EventChannel`), through `DriverCore`.
 
 `Cosmos3Generator` drives a synchronous `vllm.LLM` (the CLI and tests); the server's asynchronous driver
-shares `GenerationPrompts`.
+(`server.generation_service`) shares `GenerationPrompts` and `DriverCore`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer
 
 from cosmos3_serve.model_executor import kv_export
-from cosmos3_serve.model_executor.generation import GenerationRequest
-from cosmos3_serve.model_executor.generator import GeneratorConfig
-from cosmos3_serve.model_executor.worker_extension import request_to_payload, tensor_from_payload
+from cosmos3_serve.model_executor.admission import GenerationLimits, LatentGeometry, RequestCost
+from cosmos3_serve.model_executor.checkpoint.generator_config import GeneratorConfig
+from cosmos3_serve.model_executor.event_channel import EventChannel
+from cosmos3_serve.model_executor.generation_driver import DriverCore
+from cosmos3_serve.model_executor.request import GenerationRequest
+from cosmos3_serve.model_executor.wire import request_to_payload
 from cosmos3_serve.sampling.prompts import (
     action_cfg_token_ids,
     augment,
@@ -46,8 +50,8 @@ class GenerationResult:
     actions: torch.Tensor | None
 
     @classmethod
-    def from_payload(cls, payload: dict) -> GenerationResult:
-        return cls(*(None if payload[key] is None else tensor_from_payload(payload[key]) for key in ("video", "actions")))
+    def from_arrays(cls, video: np.ndarray | None, actions: np.ndarray | None) -> GenerationResult:
+        return cls(*(None if array is None else torch.from_numpy(array.copy()) for array in (video, actions)))
 
 
 @dataclass
@@ -91,20 +95,27 @@ def new_export_keys(count: int) -> list[str]:
     return [f"cosmos3-gen-{uuid.uuid4().hex}" for _ in range(count)]
 
 
+EVENT_WAIT_S = 600.0  # without any event for this long, the generator is taken for gone
+
+
 class Cosmos3Generator:
-    """Generation on a synchronous `vllm.LLM` built with `worker_extension.generation_engine_args()`."""
+    """Generation on a synchronous `vllm.LLM` built with `engine_args.generation_engine_args(...)`."""
 
     def __init__(self, checkpoint: str | Path, llm) -> None:
         self.llm = llm
         self.tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint) / "text_tokenizer")
         self.config = GeneratorConfig.from_checkpoint(checkpoint)
+        self.geometry = LatentGeometry.from_checkpoint(checkpoint)
         self.prompts = GenerationPrompts(self.tokenizer)
         self.prompt_token_counts = PromptTokenCounts()
-        [self.info] = llm.collective_rpc("cosmos3_load_generator")[:1]
+        self.events = EventChannel()
+        [self.info] = llm.collective_rpc("cosmos3_start_generator", args=(self.events.address,))[:1]
+        self.limits = GenerationLimits(**{**self.info["limits"], "max_shape": tuple(self.info["limits"]["max_shape"])})
+        self.core = DriverCore(self.limits.state_budget_bytes)
         self._cancelled: set[str] = set()
 
     def cancel(self, request_id: str) -> None:
-        """Ask for `request_id` to leave the batch before its next step (its K/V and latents are released)."""
+        """Ask for `request_id` to leave the batch at the loop's next step (its K/V and latents are released)."""
         self._cancelled.add(request_id)
 
     @torch.no_grad()
@@ -121,35 +132,40 @@ class Cosmos3Generator:
         decode: bool = False,
     ) -> dict[str, GenerationResult | None]:
         """Denoise `requests` together: every step is one packed forward over all requests in flight, whatever
-        their modes, resolutions, frame counts, step counts and CFG. `incoming()`, asked at every step boundary,
+        their modes, resolutions, frame counts, step counts and CFG. `incoming()`, asked after every event,
         admits new requests into the running batch. Returns a result per id (videos as latents, or uint8 frames
-        with `decode`), None when cancelled."""
-        admit = self._prefill(requests)
-        pending = set(requests)
+        with `decode`), None when cancelled. A request refused or failed by the generator raises ValueError (the
+        others are cancelled)."""
+        waiting, pending = dict(requests), set(requests)
         results: dict[str, GenerationResult | None] = {}
         while pending:
             arrived = incoming() if incoming is not None else {}
-            if arrived:
-                admit += self._prefill(arrived)
-                pending |= set(arrived)
-            cancel = sorted(self._cancelled & pending)
-            results.update((request_id, None) for request_id in cancel)
-            pending -= set(cancel)
+            waiting.update(arrived)
+            pending |= set(arrived)
+            self._prefill(waiting, decode)
+            for request_id in self._cancelled & pending:
+                self.core.cancel(request_id)
+                waiting.pop(request_id, None)
+                results[request_id] = None
+            pending -= set(results)
             self._cancelled -= set(results)
+            self._flush()
             if not pending:
-                if cancel:
-                    self.llm.collective_rpc("cosmos3_tick", args=([], cancel))
                 break
-            [tick] = self.llm.collective_rpc("cosmos3_tick", args=(admit, cancel, [], decode))[:1]
-            admit = []
-            if tick["errors"]:  # all or none: the batch's other requests leave too
-                self.llm.collective_rpc("cosmos3_tick", args=([], sorted(pending)))
-                raise ValueError("; ".join(tick["errors"].values()))
-            for request_id, done, total in tick["progress"]:
-                if on_step is not None:
-                    on_step(request_id, done, total)
-            results.update((i, GenerationResult.from_payload(payload)) for i, payload in tick["results"].items())
-            pending -= set(tick["results"])
+            event = self.events.recv(EVENT_WAIT_S)
+            if event is None:
+                raise RuntimeError(f"no event from the generator in {EVENT_WAIT_S:.0f} s")
+            for update in self.core.apply(*event):
+                if update.kind == "progress" and on_step is not None:
+                    on_step(update.request_id, update.steps_done, update.steps_total)
+                elif update.kind == "result":
+                    results[update.request_id] = GenerationResult.from_arrays(update.video, update.actions)
+                    pending.discard(update.request_id)
+                elif update.kind == "failed":
+                    for request_id in pending - {update.request_id}:
+                        self.core.cancel(request_id)
+                    self._flush()
+                    raise ValueError(update.error)
         return results
 
     def reason(self, request: GenerationRequest) -> list[int]:
@@ -165,19 +181,44 @@ class Cosmos3Generator:
                                      use_tqdm=False)  # fmt: skip
         return self.prompts.answer(list(output.outputs[0].token_ids))
 
-    def _prefill(self, requests: dict[str, GenerationRequest]) -> list[tuple[str, dict[str, Any], list[str]]]:
-        """Prefill every request's prompts in one batch as generation contexts: the requests' admission entries for
-        `cosmos3_tick`. Invalid requests are refused (ValueError naming the field) before anything runs."""
+    def _prefill(self, waiting: dict[str, GenerationRequest], decode: bool) -> None:
+        """Prefill the prompts of the waiting requests that fit the state budget (in arrival order), in one batch, as
+        generation contexts, and queue their admissions. Every waiting request is checked first: an invalid one is
+        refused (ValueError naming the field) before anything runs."""
         from vllm import SamplingParams
 
-        for request in requests.values():
-            request.validate(self.config)
-        prompts = {request_id: self.prompts.context(request, self.reason(request) if request.reason_first else None)
-                   for request_id, request in requests.items()}  # fmt: skip
-        keys = {request_id: new_export_keys(len(ids)) for request_id, ids in prompts.items()}
+        planned = {request_id: self._plan(request) for request_id, request in waiting.items()}
+        prompts, keys = {}, {}
+        for request_id, (ids, state_bytes) in planned.items():
+            if not self.core.fits(state_bytes):
+                break
+            prompts[request_id], keys[request_id] = ids, new_export_keys(len(ids))
+            self.core.start_prefill(request_id, keys[request_id], state_bytes)
+        if not prompts:
+            return
         inputs = [{"prompt_token_ids": ids} for request_prompts in prompts.values() for ids in request_prompts]
         params = [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(key))
                   for request_keys in keys.values() for key in request_keys]  # fmt: skip
         for output in self.llm.generate(inputs, params, use_tqdm=False):
             self.prompt_token_counts.add(len(output.prompt_token_ids), output.num_cached_tokens or 0)
-        return [(request_id, request_to_payload(request), keys[request_id]) for request_id, request in requests.items()]
+        for request_id in prompts:
+            self.core.prefilled(request_id, request_to_payload(waiting.pop(request_id)), decode)
+
+    def _plan(self, request: GenerationRequest) -> tuple[list[list[int]], int]:
+        """(its prompts' token ids, the bytes it will hold on the device); ValueError naming the field when it is
+        invalid or can never run on this deployment."""
+        request.validate(self.config)
+        cost = RequestCost.of(request, self.geometry)
+        refusal = self.limits.refusal(request, cost)
+        if refusal is None:
+            ids = self.prompts.context(request, self.reason(request) if request.reason_first else None)
+            state_bytes = cost.state_bytes(sum(map(len, ids)), self.limits.kv_bytes_per_token)
+            refusal = self.limits.prompt_refusal([len(i) for i in ids], state_bytes)
+        if refusal is not None:
+            raise ValueError(f"{refusal[0]}: {refusal[1]}")
+        return ids, state_bytes
+
+    def _flush(self) -> None:
+        commands = self.core.take_commands()
+        if commands is not None:
+            self.llm.collective_rpc("cosmos3_submit", args=(commands.to_payload(),))

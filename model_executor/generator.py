@@ -16,7 +16,6 @@ The prompt K/V of a rank are its own heads, as the reasoner's rank exported them
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,69 +39,16 @@ from vllm.platforms import current_platform
 from vllm.triton_utils import tl, triton
 
 from cosmos3_serve.model_executor.checkpoint.generator_config import (
+    GeneratorConfig,
     is_generator_key,
-    mrope_section,
     transformer_tensors,
 )
 from cosmos3_serve.model_executor.kv_export import PromptKV
 from cosmos3_serve.model_executor.rope import InterleavedMRoPE, apply_rope
 
 TIME_PROJ_CHANNELS = 256
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sums a row-parallel output over the tensor-parallel ranks
 current_platform.import_kernels()  # vLLM's C kernels (`torch.ops._C`): the norms call them on CUDA
-
-
-@dataclass(frozen=True)
-class GeneratorConfig:
-    """The generator's fields of `transformer/config.json`."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_axes_dim: tuple[int, int, int]
-    patch_latent_dim: int
-    latent_channel: int
-    latent_patch_size: int
-    timestep_scale: float
-    attention_bias: bool
-    base_fps: float
-    enable_fps_modulation: bool
-    unified_3d_mrope_reset_spatial_ids: bool
-    unified_3d_mrope_temporal_modality_margin: int
-    action_dim: int | None  # width of the action head; None without one
-    num_embodiment_domains: int
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path) -> GeneratorConfig:
-        raw = json.loads((Path(checkpoint) / "transformer" / "config.json").read_text())
-        if raw.get("hidden_act", "silu") != "silu":
-            raise NotImplementedError(f"generator MLP activation {raw['hidden_act']!r} is not supported yet")
-        return cls(
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=raw["num_attention_heads"],
-            num_key_value_heads=raw["num_key_value_heads"],
-            head_dim=raw["head_dim"],
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=raw.get("rope_theta", 5e6),
-            rope_axes_dim=mrope_section(raw),
-            patch_latent_dim=raw["patch_latent_dim"],
-            latent_channel=raw["latent_channel"],
-            latent_patch_size=raw["latent_patch_size"],
-            timestep_scale=raw.get("timestep_scale", 0.001),
-            attention_bias=raw.get("attention_bias", False),
-            base_fps=float(raw.get("base_fps", 24)),
-            enable_fps_modulation=raw.get("enable_fps_modulation", True),
-            unified_3d_mrope_reset_spatial_ids=raw.get("unified_3d_mrope_reset_spatial_ids", True),
-            unified_3d_mrope_temporal_modality_margin=raw.get("unified_3d_mrope_temporal_modality_margin", 15000),
-            action_dim=raw["action_dim"] if raw.get("action_gen", False) else None,
-            num_embodiment_domains=raw.get("num_embodiment_domains", 32),
-        )
 
 
 @dataclass
@@ -322,9 +268,11 @@ class DomainAwareLinear(nn.Module):
 
 
 class GeneratorAttention(nn.Module):
-    def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None,
+                 all_reduce: AllReduce) -> None:  # fmt: skip
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
+        self.all_reduce = all_reduce
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads // tp
         self.num_kv_heads = max(1, config.num_key_value_heads // tp)
@@ -333,8 +281,8 @@ class GeneratorAttention(nn.Module):
             bias=config.attention_bias, quant_config=quant_config, return_bias=False, prefix=f"{prefix}.qkv_proj",
         )  # fmt: skip
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * config.head_dim, config.hidden_size,
-            bias=config.attention_bias, quant_config=quant_config, return_bias=False, prefix=f"{prefix}.o_proj",
+            config.num_attention_heads * config.head_dim, config.hidden_size, bias=config.attention_bias,
+            quant_config=quant_config, reduce_results=False, return_bias=False, prefix=f"{prefix}.o_proj",
         )  # fmt: skip
         self.q_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
@@ -353,33 +301,36 @@ class GeneratorAttention(nn.Module):
         else:
             q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         keys, values = layout.keys_values(layer, k, v)
-        return self.o_proj(varlen_attention(q, keys, values, layout).reshape(-1, q_size))
+        return self.all_reduce(self.o_proj(varlen_attention(q, keys, values, layout).reshape(-1, q_size)))
 
 
 class GeneratorMLP(nn.Module):
-    def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None,
+                 all_reduce: AllReduce) -> None:  # fmt: skip
         super().__init__()
+        self.all_reduce = all_reduce
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [config.intermediate_size] * 2, bias=False, quant_config=quant_config,
             return_bias=False, prefix=f"{prefix}.gate_up_proj",
         )  # fmt: skip
         self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=False, quant_config=quant_config, return_bias=False,
-            prefix=f"{prefix}.down_proj",
+            config.intermediate_size, config.hidden_size, bias=False, quant_config=quant_config,
+            reduce_results=False, return_bias=False, prefix=f"{prefix}.down_proj",
         )  # fmt: skip
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class GeneratorLayer(nn.Module):
-    def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None,
+                 all_reduce: AllReduce) -> None:  # fmt: skip
         super().__init__()
         self.input_norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = GeneratorAttention(config, f"{prefix}.attn", quant_config)
+        self.attn = GeneratorAttention(config, f"{prefix}.attn", quant_config, all_reduce)
         self.post_attention_norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GeneratorMLP(config, f"{prefix}.mlp", quant_config)
+        self.mlp = GeneratorMLP(config, f"{prefix}.mlp", quant_config, all_reduce)
 
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, rope, layout: PackedAttention, layer: int
@@ -397,9 +348,11 @@ class GeneratorLayer(nn.Module):
 class Cosmos3GeneratorTower(nn.Module):
     """Latent patches and action tokens (+ timestep embedding) in, their velocities out. `quant_config` (the
     deployment's precision, e.g. FP8) applies to the layers' projections and MLPs; the patch, time and action
-    embeddings stay in the compute dtype."""
+    embeddings stay in the compute dtype. With tensor parallelism `all_reduce` sums the row-parallel outputs over
+    the generator's own process group (not the reasoner's: the towers step concurrently)."""
 
-    def __init__(self, config: GeneratorConfig, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(self, config: GeneratorConfig, quant_config: QuantizationConfig | None = None,
+                 all_reduce: AllReduce | None = None) -> None:  # fmt: skip
         super().__init__()
         self.config = config
         self.proj_in = ReplicatedLinear(config.patch_latent_dim, config.hidden_size, bias=True, return_bias=False)
@@ -417,7 +370,8 @@ class Cosmos3GeneratorTower(nn.Module):
                                                      config.num_embodiment_domains)  # fmt: skip
             self.action_modality_embed = nn.Parameter(torch.empty(config.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(
-            GeneratorLayer(config, f"layers.{i}", quant_config) for i in range(config.num_hidden_layers)
+            GeneratorLayer(config, f"layers.{i}", quant_config, all_reduce or _unreduced)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = InterleavedMRoPE(config.head_dim, config.rope_theta, config.rope_axes_dim)
@@ -617,6 +571,10 @@ class ForwardGraphs:
 
     def clear(self) -> None:
         self.graphs.clear()
+
+
+def _unreduced(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _default_loader(param: torch.Tensor, tensor: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ reports `{"cosmos3_export": KEY, "num_prompt_tokens": N}` in `RequestOutput.kv_t
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -44,16 +45,11 @@ from cosmos3_serve.model_executor.checkpoint.generator_config import (
     mrope_section,
     transformer_tensors,
 )
-from cosmos3_serve.model_executor.plugin import KV_EXPORT_CONNECTOR, KV_EXPORT_MODULE
 from cosmos3_serve.model_executor.rope import InterleavedMRoPE, apply_rope
 
+logger = logging.getLogger(__name__)
 EXPORT_PARAM = "cosmos3_export"
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
-
-
-def kv_transfer_config() -> dict[str, Any]:
-    """Engine argument `kv_transfer_config` that turns the export on (our plugin registers the name)."""
-    return {"kv_connector": KV_EXPORT_CONNECTOR, "kv_connector_module_path": KV_EXPORT_MODULE, "kv_role": "kv_producer"}
 
 
 def generation_context_args(key: str) -> dict[str, Any]:
@@ -95,15 +91,27 @@ class PromptKV:
 
 
 class PromptKVStore:
-    """Process-local hand-off from the connector (writer) to the generator (reader), keyed by export key."""
+    """Process-local hand-off from the connector (writer) to the generator (reader), keyed by export key.
 
-    def __init__(self) -> None:
+    Bounded by `max_bytes`: the drivers prefill only what the generator's state budget holds, so the bound is met
+    only when a driver lost track of what it exported (it died, or never admitted a prompt); then the oldest entries
+    go, with a warning, and a late admission of one of them fails naming the cause."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, PromptKV] = {}
+        self.max_bytes = max_bytes
 
     def put(self, key: str, prompt_kv: PromptKV) -> None:
         with self._lock:
             self._items[key] = prompt_kv
+            if self.max_bytes is None:
+                return
+            held = sum(item.nbytes for item in self._items.values())
+            while held > self.max_bytes and len(self._items) > 1:
+                oldest = next(iter(self._items))
+                held -= self._items.pop(oldest).nbytes
+                logger.warning("prompt K/V store over its bound of %d bytes: dropped %s", self.max_bytes, oldest)
 
     def take(self, key: str) -> PromptKV:
         with self._lock:
@@ -120,6 +128,11 @@ class PromptKVStore:
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(item.nbytes for item in self._items.values())
 
 
 PROMPT_KV_STORE = PromptKVStore()

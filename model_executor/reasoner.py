@@ -35,7 +35,7 @@ from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.platforms import current_platform
 
-from cosmos3_serve.model_executor import decode_attention, decode_kernels
+from cosmos3_serve.model_executor import decode_attention, decode_kernels, patches
 from cosmos3_serve.model_executor.checkpoint.generator_config import (
     GENERATOR_ONLY_PREFIXES,
     GENERATOR_ONLY_SUBSTRINGS,
@@ -191,7 +191,7 @@ def use_batch1_decoder_layers(language_model: nn.Module, attention: bool = True)
     if not layers or not all(Batch1DecoderLayer.supports(layer) for layer in layers):
         return
     for layer in layers:
-        layer.__class__ = _batch1_layer_class(type(layer))
+        patches.swap_module_class(layer, _batch1_layer_class(type(layer)))
         layer.fused_attention = attention and decode_attention.supports(layer.self_attn.attn)
     if layers[0].self_attn.qkv_proj.weight.is_cuda:
         layers[0].compile_kernels()

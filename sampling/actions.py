@@ -13,6 +13,7 @@ padded right and bottom. The generator sees only the latents of the content, not
 
 from __future__ import annotations
 
+SPATIAL_COMPRESSION = 16  # pixels per latent, in height and width (the Wan 2.2 VAE)
 FORWARD_DYNAMICS, POLICY, INVERSE_DYNAMICS = "forward_dynamics", "policy", "inverse_dynamics"
 ACTION_MODES = (FORWARD_DYNAMICS, POLICY, INVERSE_DYNAMICS)
 
@@ -73,6 +74,13 @@ VIEW_POINT_FRAMING = {
     "wrist_view": "This video is captured from a wrist-mounted camera.",
     "concat_view": "This video contains concatenated views from multiple camera perspectives.",
 }
+
+
+def action_source_size(frame_sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """(height, width) of an action clip's frames (PIL `(width, height)` sizes) as preprocessed: rounded down to
+    multiples of the VAE's spatial compression."""
+    width, height = frame_sizes[0]
+    return height - height % SPATIAL_COMPRESSION, width - width % SPATIAL_COMPRESSION
 
 
 def canvas_size(source_hw: tuple[int, int], tier: int) -> tuple[int, int]:

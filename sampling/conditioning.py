@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cosmos3_serve.sampling.actions import content_size
-
-SPATIAL_COMPRESSION = 16
+from cosmos3_serve.sampling.actions import SPATIAL_COMPRESSION, content_size
 TEMPORAL_COMPRESSION = 4
 
 
@@ -65,12 +63,6 @@ def condition_mask(latent_frames: int, image: bool, video: bool, condition_frame
     elif image and latent_frames > 1:
         mask[0] = 1.0
     return mask
-
-
-def action_source_size(frames: list[Image.Image]) -> tuple[int, int]:
-    """(height, width) of an action clip's frames as preprocessed: rounded down to multiples of 16."""
-    width, height = frames[0].size
-    return height - height % SPATIAL_COMPRESSION, width - width % SPATIAL_COMPRESSION
 
 
 def action_conditioning_clip(

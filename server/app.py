@@ -18,9 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from cosmos3_serve.model_executor import vllm_compat
-from cosmos3_serve.model_executor.generation import GenerationRequest
+from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.server import nim_routes, routes
-from cosmos3_serve.server.generation_service import GenerationService, Overloaded
+from cosmos3_serve.server.generation_service import GenerationService, Overloaded, RequestTooLarge
 from cosmos3_serve.server.middleware import BearerAuthMiddleware, RequestSizeLimitMiddleware
 from cosmos3_serve.server.protocol import CheckpointInfo, FieldError, ModeUnavailable
 
@@ -36,8 +36,6 @@ class ServerSettings:
     api_key: str | None = None
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
-    max_generation_batch_tokens: int | None = None  # None: the executor's default
-    vae_dtype: str = "float32"  # the VAE's torch dtype, whatever the towers' precision
 
 
 @dataclass
@@ -103,6 +101,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def mode_unavailable(_request: Request, exc: ModeUnavailable):
         return _error(400, str(exc), "mode")
 
+    async def too_large(_request: Request, exc: RequestTooLarge):
+        return _error(413, str(exc), exc.field)
+
     async def overloaded(_request: Request, exc: Overloaded):
         return _error(429, str(exc), None, headers={"Retry-After": str(exc.retry_after_s)})
 
@@ -116,6 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(FieldError, field_error)
     app.add_exception_handler(ModeUnavailable, mode_unavailable)
+    app.add_exception_handler(RequestTooLarge, too_large)
     app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(HTTPException, http_error)
 
@@ -141,8 +143,7 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
 
     async def start_generator() -> None:
         try:
-            await service.start(warmup=WARMUP, max_batch_tokens=settings.max_generation_batch_tokens,
-                                vae_dtype=settings.vae_dtype)  # fmt: skip
+            await service.start(warmup=WARMUP)
             logger.info("generator loaded and warm: ready")
         except Exception:  # noqa: BLE001 - stay up (live, not ready) and say why
             logger.exception("the generator failed to start; /v1/health/ready stays 503")

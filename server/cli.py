@@ -27,7 +27,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from cosmos3_serve.model_executor.generation import GenerationRequest
+    from cosmos3_serve.model_executor.request import GenerationRequest
     from cosmos3_serve.server.generate_cli import GenerateOptions, generate, read_actions, read_video
 
     try:
@@ -141,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=_env("NIM_MAX_MODEL_LEN", None, int),
                        help="[NIM_MAX_MODEL_LEN]")
     serve.add_argument("--gpu-memory-utilization", type=float, default=_env("NIM_GPU_MEMORY_UTILIZATION", None, float),
-                       help="fraction of device memory for the reasoner's engine; the generator needs the rest "
-                            "(on CPU: of host memory that must be free at start) [NIM_GPU_MEMORY_UTILIZATION]")
+                       help="fraction of device memory for both towers (vLLM's default, 0.9, on a GPU); the KV cache "
+                            "gets what the reasoner and the generator's measured reservation leave (on the CPU: of "
+                            "host memory that must be free at start; default: a share of the free memory for the KV "
+                            "cache) [NIM_GPU_MEMORY_UTILIZATION]")
     serve.add_argument("--api-key", default=_env("NIM_API_KEY"),
                        help="require `Authorization: Bearer KEY` on every route but health [NIM_API_KEY]")
     serve.add_argument("--served-model-name", default=_env("NIM_SERVED_MODEL_NAME"),
@@ -161,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
                        default=_env("NIM_MAX_GENERATION_BATCH_TOKENS", None, _positive_int),
                        help="generator tokens per denoising step (default 2048); later jobs wait for a place in "
                             "the batch [NIM_MAX_GENERATION_BATCH_TOKENS]")
+    serve.add_argument("--generation-max-shape", default=_env("NIM_GENERATION_MAX_SHAPE"),
+                       help="WIDTHxHEIGHTxFRAMES of the largest video (with guidance) the server admits; its memory "
+                            "is measured at startup and reserved beside vLLM's KV cache, and larger requests get 413 "
+                            "(default: 1280x720x189 on a GPU, 512x512x33 on the CPU) [NIM_GENERATION_MAX_SHAPE]")
+    serve.add_argument("--generation-state-budget-mib", type=_positive_int,
+                       default=_env("NIM_GENERATION_STATE_BUDGET_MIB", None, _positive_int),
+                       help="device memory (MiB) of the generation jobs between their prefill and their result (prompt "
+                            "K/V, latents); more jobs wait in the queue (default: 4096 on a GPU, 1024 on the CPU) "
+                            "[NIM_GENERATION_STATE_BUDGET_MIB]")
     serve.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                        help="dummy: random weights of the checkpoint's shapes, for benchmarks on configs-only "
                             "checkpoints (`make-tiny --shape nano`)")

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cosmos3_serve.model_executor.generation import GenerationRequest, invalid_schedule, load_scheduler
+from cosmos3_serve.model_executor.request import GenerationRequest
+from cosmos3_serve.sampling.schedulers import invalid_schedule, load_scheduler
 from cosmos3_serve.sampling.actions import INVERSE_DYNAMICS, POLICY
 
 ACTION_SUFFIXES = (".npy", ".json")
@@ -101,13 +102,17 @@ def generate(options: GenerateOptions) -> int:
     from vllm import LLM
 
     from cosmos3_serve.model_executor.generation_client import Cosmos3Generator
-    from cosmos3_serve.model_executor.worker_extension import generation_engine_args
+    from cosmos3_serve.model_executor.engine_args import generation_engine_args
+    from cosmos3_serve.server import deployment
     from cosmos3_serve.server.encoding import mp4_bytes, png_bytes
 
-    llm = LLM(str(options.checkpoint), dtype=options.dtype, max_model_len=8192, gpu_memory_utilization=0.3,
-              enforce_eager=not torch.cuda.is_available(), **generation_engine_args())  # fmt: skip
-    generator = Cosmos3Generator(options.checkpoint, llm)
+    gpu = torch.cuda.is_available()
     request = options.request
+    largest = (request.width, request.height, request.num_frames) if request.action_mode is None else None
+    memory = {} if gpu else {"kv_cache_memory_bytes": deployment.cpu_kv_cache_bytes()}
+    llm = LLM(str(options.checkpoint), dtype=options.dtype, max_model_len=8192, enforce_eager=not gpu, **memory,
+              **generation_engine_args(deployment.generator_settings(largest, gpu=gpu)))  # fmt: skip
+    generator = Cosmos3Generator(options.checkpoint, llm)
     unfit = request.unfit_field(generator.config)  # what this checkpoint cannot serve (its action head)
     if unfit is not None:
         print(f"error: {option_message(*unfit)}", file=sys.stderr)

@@ -1,10 +1,12 @@
-"""The generator sidecar behind the HTTP API: jobs, one step loop for all of them, progress.
+"""The generator sidecar behind the HTTP API: jobs, their admission under the deployment's limits, progress.
 
-A job's prompts are prefilled by the async engine as generation contexts (concurrently with the step loop and
-with chat traffic); then the job is admitted into the diffusion executor that lives in vLLM's worker
-(`worker_extension`). One loop drives the executor: every `cosmos3_tick` call denoises the admitted jobs by one
-step, so jobs that arrive while others run join the batch at the next step. A finished job's frames come back
-once, are encoded (PNG / MP4) off the event loop and kept until the client fetches them (or `result_ttl_s`).
+A job is checked against the deployment's limits when it is submitted (a request that can never run is refused at
+once), then waits until the requests in flight leave room in the generator's state budget; its prompts are then
+prefilled by the async engine as generation contexts (concurrently with chat traffic) and it is admitted into the
+generator loop in vLLM's worker (`generator_loop`), which denoises it with every other job in flight on its own
+thread. The loop's events (progress, results) arrive on the service's event socket; a finished job's frames are
+encoded (PNG / MP4) off the event loop and kept until the client fetches them (or `result_ttl_s`). The protocol
+itself is `DriverCore`'s, shared with the synchronous `Cosmos3Generator`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import AutoTokenizer
 
 from cosmos3_serve.model_executor import kv_export
-from cosmos3_serve.model_executor.generation import GenerationRequest
-from cosmos3_serve.model_executor.generation_client import GenerationPrompts, GenerationResult, new_export_keys
-from cosmos3_serve.model_executor.worker_extension import request_to_payload
+from cosmos3_serve.model_executor.admission import GenerationLimits, LatentGeometry, RequestCost
+from cosmos3_serve.model_executor.event_channel import EventChannel
+from cosmos3_serve.model_executor.generation_client import GenerationPrompts, new_export_keys
+from cosmos3_serve.model_executor.generation_driver import DriverCore, Update
+from cosmos3_serve.model_executor.request import GenerationRequest
+from cosmos3_serve.model_executor.wire import request_to_payload
 from cosmos3_serve.server import metrics
 from cosmos3_serve.server.encoding import mp4_bytes, png_bytes
 
@@ -32,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 class JobStatus(str, enum.Enum):
-    QUEUED = "queued"  # prompts being prefilled, not yet in the batch
+    QUEUED = "queued"  # waiting for room in the generator, or its prompts being prefilled
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -64,6 +70,9 @@ class Job:
     finished_at: float | None = None
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds (`metrics.PHASE_SECONDS`)
     first_step_at: float | None = None
+    prompts: list[list[int]] = field(default_factory=list, repr=False)  # token ids of its prompts, once known
+    state_bytes: int = 0  # what it holds on the device from its prefill to its result (`RequestCost.state_bytes`)
+    memory_wait_since: float | None = None  # when it began to wait for room in the state budget
     _events: list[asyncio.Queue] = field(default_factory=list, repr=False)
 
     @property
@@ -105,16 +114,15 @@ class Job:
             self._events.remove(queue)
 
 
-def job_output(job: Job, result: GenerationResult) -> JobOutput:
+def job_output(job: Job, frames: np.ndarray | None, actions: np.ndarray | None) -> JobOutput:
     """The job's result as the API returns it: PNG for one frame, H.264 MP4 at the request's fps, actions."""
     content, media_type = None, None
-    if result.video is not None:
-        frames = result.video.numpy()
+    if frames is not None:
         if frames.shape[0] == 1:
             content, media_type = png_bytes(frames[0]), "image/png"
         else:
             content, media_type = mp4_bytes(frames, job.request.fps), "video/mp4"
-    actions = None if result.actions is None else result.actions.tolist()
+    actions = None if actions is None else actions.tolist()
     return JobOutput(content=content, media_type=media_type, seed=job.request.seed, actions=actions)
 
 
@@ -126,33 +134,44 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class RequestTooLarge(ValueError):
+    """The request can never run on this deployment: answered with 413 naming the limit's field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class GenerationService:
-    """Jobs over the diffusion executor of an async vLLM engine built with `generation_engine_args()`."""
+    """Jobs over the generator loop of an async vLLM engine built with `generation_engine_args(...)`."""
 
     def __init__(self, engine_client, checkpoint: Path, max_jobs: int = 64, result_ttl_s: float = 3600.0) -> None:
         self.engine = engine_client
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
         self.prompts = GenerationPrompts(self.tokenizer)
+        self.geometry = LatentGeometry.from_checkpoint(checkpoint)
         self.max_jobs, self.result_ttl_s = max_jobs, result_ttl_s
         self.jobs: dict[str, Job] = {}
         self.ready = False
         self.generator_info: dict[str, Any] = {}
-        self._admitted: dict[str, Job] = {}  # in the executor (stepping, or waiting for a place in its batch)
-        self._admissions: list[tuple[Job, list[str]]] = []  # prefilled, waiting for the step loop to admit them
-        self._cancellations: list[str] = []  # admitted jobs cancelled since the last tick
-        self._wake = asyncio.Event()
+        self.limits: GenerationLimits | None = None
+        self.core: DriverCore | None = None
+        self._waiting: list[Job] = []  # submitted, waiting for room in the state budget (first in, first out)
+        self._following: dict[str, Job] = {}  # from their prefill to their result
+        self._events: EventChannel | None = None
+        self._flush_wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
-        self._loop_task: asyncio.Task | None = None
+        self._loops: list[asyncio.Task] = []
 
-    async def start(self, warmup: GenerationRequest | None = None, max_batch_tokens: int | None = None,
-                    vae_dtype: str = "float32") -> None:  # fmt: skip
-        """Load the generator in the worker (steps of at most `max_batch_tokens` generator tokens, the executor's
-        default if None; the VAE in `vae_dtype`), start the step loop, run `warmup` through it, then be ready."""
-        options = {"vae_dtype": vae_dtype}
-        if max_batch_tokens is not None:
-            options["max_batch_tokens"] = max_batch_tokens
-        self.generator_info = await self._rpc("cosmos3_load_generator", **options)
-        self._loop_task = asyncio.create_task(self._step_loop())
+    async def start(self, warmup: GenerationRequest | None = None) -> None:
+        """Start the generator loop in the worker (loaded and measured while vLLM started), then run `warmup`
+        through it, then be ready."""
+        self._events = EventChannel(asynchronous=True)
+        self.generator_info = await self._rpc("cosmos3_start_generator", self._events.address)
+        raw = self.generator_info["limits"]
+        self.limits = GenerationLimits(**{**raw, "max_shape": tuple(raw["max_shape"])})
+        self.core = DriverCore(self.limits.state_budget_bytes)
+        self._loops = [asyncio.create_task(self._receive_events()), asyncio.create_task(self._flush_commands())]
         if warmup is not None:
             job = self.submit(warmup, mode="warmup")
             await self.wait(job)
@@ -162,23 +181,45 @@ class GenerationService:
         self.ready = True
 
     async def stop(self) -> None:
-        for task in [self._loop_task, *self._tasks]:
-            if task is not None:
-                task.cancel()
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        if self._events is not None:
+            self._events.close()
 
     # ---- jobs -------------------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, mode: str) -> Job:
+        """A new job, or RequestTooLarge when the request can never run here, or Overloaded when the service is
+        full. Its prompts are tokenized now: their length is part of what the job costs."""
         self._forget_expired()
+        prompts, state_bytes = self._plan(request)
         in_flight = sum(1 for job in self.jobs.values() if not job.status.final)
         if in_flight >= self.max_jobs:
             metrics.REJECTED.labels(mode=mode).inc()
             raise Overloaded(retry_after_s=max(1, int(self._typical_job_s())))
-        job = Job(id=f"gen-{uuid.uuid4().hex}", mode=mode, request=request)
+        job = Job(id=f"gen-{uuid.uuid4().hex}", mode=mode, request=request, prompts=prompts, state_bytes=state_bytes)
         self.jobs[job.id] = job
         metrics.QUEUE_DEPTH.inc()
-        self._spawn(self._admit(job))
+        self._waiting.append(job)
+        self._admit_waiting()
         return job
+
+    def _plan(self, request: GenerationRequest) -> tuple[list[list[int]], int]:
+        """Its prompts' token ids (without reasoning: reason-then-generate counts its answer at its limit) and the
+        bytes it will hold on the device; RequestTooLarge when either is over the deployment's limits."""
+        cost = RequestCost.of(request, self.geometry)
+        refusal = self.limits.refusal(request, cost)
+        if refusal is not None:
+            raise RequestTooLarge(*refusal)
+        prompts = self.prompts.context(request)
+        counts = [len(ids) for ids in prompts]
+        if request.reason_first:
+            counts[0] = len(self.prompts.reasoning_chat(request)) + request.reasoning_max_tokens + 2
+        state_bytes = cost.state_bytes(sum(counts), self.limits.kv_bytes_per_token)
+        refusal = self.limits.prompt_refusal(counts, state_bytes)
+        if refusal is not None:
+            raise RequestTooLarge(*refusal)
+        return prompts, state_bytes
 
     async def wait(self, job: Job) -> Job:
         async for _ in job.events():
@@ -186,13 +227,16 @@ class GenerationService:
         return job
 
     async def cancel(self, job: Job) -> None:
-        """Cancel a job: it leaves the batch before the next step and its K/V and latents are released."""
+        """Cancel a job: it leaves the batch at the loop's next step and its K/V and latents are released."""
         if job.status.final:
             return
-        if self._admitted.pop(job.id, None) is not None:
-            self._cancellations.append(job.id)  # the executor drops it at the next tick
-            self._wake.set()
+        if job in self._waiting:
+            self._waiting.remove(job)
+        self.core.cancel(job.id)
+        self._following.pop(job.id, None)
+        self._flush_wake.set()
         self._finish(job, JobStatus.CANCELLED)
+        self._admit_waiting()
 
     def forget(self, job: Job) -> None:
         """Drop a final job and its output (a sync response has delivered it)."""
@@ -208,21 +252,47 @@ class GenerationService:
         done = [j.finished_at - j.created for j in self.jobs.values() if j.status is JobStatus.SUCCEEDED]
         return sum(done) / len(done) if done else 10.0
 
-    # ---- admission: prompts through the reasoner once ---------------------------------------------------
+    # ---- admission: room in the generator, then the prompts through the reasoner once -------------------
 
-    async def _admit(self, job: Job) -> None:
-        """Prefill the job's prompts, then queue it for the step loop, which admits what has queued in one call."""
+    def _admit_waiting(self) -> None:
+        """Start the prefill of waiting jobs, first come first served, while they fit the state budget."""
+        while self._waiting and self.core.fits(self._waiting[0].state_bytes):
+            job = self._waiting.pop(0)
+            if job.memory_wait_since is not None:
+                job.phases["memory_wait"] = time.time() - job.memory_wait_since
+            keys = new_export_keys(len(job.prompts))
+            self.core.start_prefill(job.id, keys, job.state_bytes)
+            self._following[job.id] = job
+            self._spawn(self._prefill_job(job, keys))
+        if self._waiting and self._waiting[0].memory_wait_since is None:
+            job = self._waiting[0]
+            job.memory_wait_since = time.time()
+            logger.info("%s %s waits for generator memory: it needs %.1f MiB, %.1f of %.1f MiB are held by %d "
+                            "jobs in flight", job.mode, job.id, job.state_bytes / 2**20, self.core.held_bytes / 2**20,
+                            self.core.state_budget_bytes / 2**20, len(self.core.held))  # fmt: skip
+
+    async def _prefill_job(self, job: Job, keys: list[str]) -> None:
+        """Prefill the job's prompts (after the reasoner's answer in reason-then-generate), then queue its
+        admission; every exported K/V is forgotten if any prompt fails."""
         try:
-            reasoning = await self._reason(job) if job.request.reason_first else None
-            prompts = self.prompts.context(job.request, reasoning)
-            keys = new_export_keys(len(prompts))
-            await asyncio.gather(*(self._prefill(ids, key) for ids, key in zip(prompts, keys)))
+            prompts = job.prompts
+            if job.request.reason_first:
+                prompts = self.prompts.context(job.request, await self._reason(job))
+            outcomes = await asyncio.gather(*(self._prefill(ids, key) for ids, key in zip(prompts, keys)),
+                                            return_exceptions=True)  # fmt: skip
+            failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+            if failures:
+                raise failures[0]
         except Exception as exc:  # noqa: BLE001 - a failed job must not take the service down
+            self.core.prefill_failed(job.id)
+            self._following.pop(job.id, None)
+            self._flush_wake.set()
             self._finish(job, JobStatus.FAILED, error=f"admission failed: {exc}")
+            self._admit_waiting()
             return
         job.phases["prefill"] = time.time() - job.created
-        self._admissions.append((job, keys))
-        self._wake.set()
+        self.core.prefilled(job.id, request_to_payload(job.request), decode=True)
+        self._flush_wake.set()
 
     async def _prefill(self, prompt_token_ids: list[int], key: str) -> None:
         from vllm import SamplingParams
@@ -246,86 +316,62 @@ class GenerationService:
             final = output
         return self.prompts.answer(list(final.outputs[0].token_ids))
 
-    # ---- the step loop ----------------------------------------------------------------------------------
+    # ---- the generator loop's commands and events -------------------------------------------------------
 
-    async def _step_loop(self) -> None:
-        """One `cosmos3_tick` per denoising step: it admits what has been prefilled since the last one, drops what
-        was cancelled, steps the batch and returns what finished (decoded)."""
+    async def _flush_commands(self) -> None:
+        """Send the queued commands, in order, one RPC at a time (each returns at once: the loop applies them at its
+        next step boundary)."""
         while True:
-            if not (self._admitted or self._admissions or self._cancellations):
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            queued, self._admissions = self._admissions, []
-            cancel, self._cancellations = self._cancellations, []
-            forget = [key for job, keys in queued if job.status.final for key in keys]  # cancelled while prefilling
-            admit = {job.id: (job, keys) for job, keys in queued if not job.status.final}
-            entries = [(job.id, request_to_payload(job.request), keys) for job, keys in admit.values()]
-            for job, _ in admit.values():
-                self._admitted[job.id] = job
-            started = time.perf_counter()
-            try:
-                tick = await self._rpc("cosmos3_tick", entries, cancel, forget, True)
-            except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                for job in list(self._admitted.values()):
-                    self._drop(job, error=f"denoising failed: {exc}")
-                continue
-            metrics.STEP_SECONDS.observe(time.perf_counter() - started)
-            if tick["progress"]:
-                metrics.BATCH_SIZE.observe(len(tick["progress"]))
-            self._admitted_by(tick["errors"], [job for job, _ in admit.values()])
-            self._progress(tick["progress"])
-            finished = [self._admitted.pop(job_id) for job_id in tick["results"] if job_id in self._admitted]
-            for job in finished:
-                job.phases["decode"] = tick["decode_s"][job.id]
-            if finished:
-                self._spawn(self._encode(finished, tick["results"]))
+            await self._flush_wake.wait()
+            self._flush_wake.clear()
+            commands = self.core.take_commands()
+            if commands is not None:
+                await self._rpc("cosmos3_submit", commands.to_payload())
 
-    def _admitted_by(self, errors: dict[str, str], jobs: list[Job]) -> None:
-        """Jobs of a tick's admission: failed where the executor refused them, else running."""
-        for job in jobs:
-            if job.id in errors:
-                self._admitted.pop(job.id, None)
-                self._finish(job, JobStatus.FAILED, error=f"admission failed: {errors[job.id]}")
-            elif job.status.final:  # cancelled during the tick: the next one drops it
-                self._cancellations.append(job.id)
-            else:
-                metrics.QUEUE_DEPTH.dec()
-                job.status = JobStatus.RUNNING
-                job.publish()
+    async def _receive_events(self) -> None:
+        while True:
+            header, arrays = await self._events.arecv()
+            for update in self.core.apply(header, arrays):
+                job = self._following.get(update.request_id)
+                if job is not None:
+                    self._update(job, update)
+            if header["kind"] == "progress":
+                metrics.STEP_SECONDS.observe(header["seconds"])
+                metrics.BATCH_SIZE.observe(len(header["steps"]))
+            self._flush_wake.set()  # a failure may have queued cancellations
+            self._admit_waiting()
 
-    def _progress(self, progress: list[tuple[str, int, int]]) -> None:
-        now = time.time()
-        for job_id, done, _ in progress:
-            job = self._admitted.get(job_id)
-            if job is None:
-                continue
+    def _update(self, job: Job, update: Update) -> None:
+        if update.kind == "admitted":
+            metrics.QUEUE_DEPTH.dec()
+            job.status = JobStatus.RUNNING
+            job.publish()
+        elif update.kind == "progress":
+            now = time.time()
             if job.first_step_at is None:
                 job.first_step_at = now
                 job.phases["queue"] = now - job.created - job.phases.get("prefill", 0.0)
-            job.steps_done = done
+            job.steps_done = update.steps_done
             job.publish()
+        elif update.kind == "result":
+            self._following.pop(job.id, None)
+            job.phases["decode"] = update.decode_s
+            self._spawn(self._encode(job, update.video, update.actions))
+        elif update.kind == "failed":
+            self._following.pop(job.id, None)
+            self._finish(job, JobStatus.FAILED, error=update.error)
 
-    async def _encode(self, jobs: list[Job], payloads: dict[str, dict[str, Any]]) -> None:
-        """Encode the jobs that finished in one tick, each off the event loop (the encoders release the GIL)."""
+    async def _encode(self, job: Job, frames: np.ndarray | None, actions: np.ndarray | None) -> None:
+        """Encode a finished job's result off the event loop (the encoders release the GIL)."""
         now = time.time()
-        for job in jobs:
-            job.phases["denoise"] = now - (job.first_step_at or now)
-        encodings = [asyncio.to_thread(job_output, job, GenerationResult.from_payload(payloads[job.id])) for job in jobs]
-        outputs = await asyncio.gather(*encodings, return_exceptions=True)
-        for job, output in zip(jobs, outputs):
-            if isinstance(output, Exception):
-                self._finish(job, JobStatus.FAILED, error=f"encoding failed: {output}")
-                continue
-            job.output = output
-            job.phases["encode"] = time.time() - now
-            self._finish(job, JobStatus.SUCCEEDED)
-
-    def _drop(self, job: Job, error: str) -> None:
-        """Fail an admitted job; the next tick drops it from the executor."""
-        self._admitted.pop(job.id, None)
-        self._cancellations.append(job.id)
-        self._finish(job, JobStatus.FAILED, error=error)
+        job.phases["denoise"] = now - (job.first_step_at or now)
+        try:
+            job.output = await asyncio.to_thread(job_output, job, frames, actions)
+        except Exception as exc:  # noqa: BLE001 - a failed encoding fails its job only
+            self._finish(job, JobStatus.FAILED, error=f"encoding failed: {exc}")
+            return
+        job.phases["encode"] = time.time() - now
+        self._finish(job, JobStatus.SUCCEEDED)
 
     def _finish(self, job: Job, status: JobStatus, error: str | None = None) -> None:
         if job.status.final:  # e.g. cancelled before its admission failed

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cosmos3_serve.model_executor import vllm_compat
+from cosmos3_serve.model_executor import log_routing, vllm_compat
+from cosmos3_serve.model_executor.admission import GeneratorSettings
 from cosmos3_serve.quant.precision import precision_engine_args
+from cosmos3_serve.server import deployment
+from cosmos3_serve.server.deployment import parse_shape
 
 
 VAE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --vae-precision -> torch dtype name
@@ -39,6 +41,8 @@ class ServeOptions:
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
     max_generation_batch_tokens: int | None = None  # None: the executor's default
+    generation_max_shape: str | None = None  # WIDTHxHEIGHTxFRAMES of the largest video admitted; None: the device's
+    generation_state_budget_mib: int | None = None  # device memory of the jobs in flight; None: the device's
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
     profile_dir: str | None = None  # the worker's profiler traces; enables /start_profile and /stop_profile
     enforce_eager: bool = False  # no CUDA graphs, in the reasoner (vLLM's) nor in the generator
@@ -54,11 +58,23 @@ class ServeOptions:
         return f"http://{host}:{self.port}"
 
 
+def generator_settings(options: ServeOptions) -> GeneratorSettings:
+    """The generator's settings of `options`; ValueError naming the option when one is malformed."""
+    try:
+        shape = None if options.generation_max_shape is None else parse_shape(options.generation_max_shape)
+    except ValueError as exc:
+        raise ValueError(f"generation-max-shape: {exc}") from None
+    budget = None if options.generation_state_budget_mib is None else options.generation_state_budget_mib << 20
+    return deployment.generator_settings(shape, options.max_generation_batch_tokens, VAE_DTYPES[options.vae_precision],
+                                         budget)  # fmt: skip
+
+
 def vllm_engine_argv(options: ServeOptions) -> list[str]:
     """vLLM server arguments for `options` (the API key is enforced by our middleware, not vLLM's)."""
-    from cosmos3_serve.model_executor.worker_extension import generation_engine_args
+    from cosmos3_serve.model_executor.engine_args import generation_engine_args
 
-    engine = {**precision_engine_args(options.precision, options.checkpoint), **generation_engine_args(),
+    engine = {**precision_engine_args(options.precision, options.checkpoint),
+              **generation_engine_args(generator_settings(options)),
               **vllm_compat.video_pruning_kwargs(options.video_pruning_rate, options.video_pruning_method),
               "served_model_name": options.model_name, "host": options.host, "port": options.port,
               "tensor_parallel_size": options.tensor_parallel_size, "load_format": options.load_format}  # fmt: skip
@@ -66,6 +82,8 @@ def vllm_engine_argv(options: ServeOptions) -> list[str]:
         engine["max_model_len"] = options.max_model_len
     if options.gpu_memory_utilization is not None:
         engine["gpu_memory_utilization"] = options.gpu_memory_utilization
+    elif not deployment.on_gpu():  # vLLM's CPU default (92 % of the host) does not fit beside anything
+        engine["kv_cache_memory_bytes"] = deployment.cpu_kv_cache_bytes()
     if options.enforce_eager:
         engine["enforce_eager"] = True
     if options.profile_dir is not None:  # the worker's profiler only: the API server's would slow every request
@@ -97,19 +115,6 @@ def example_requests(options: ServeOptions) -> str:
     ])  # fmt: skip
 
 
-def log_like_vllm() -> None:
-    """cosmos3_serve's log records go where vLLM's go, formatted as vLLM's, at `VLLM_LOGGING_LEVEL` (without it
-    Python drops everything below a warning: no job lines, no readiness)."""
-    import vllm.logger  # noqa: F401 - configures the "vllm" logger
-
-    source, ours = logging.getLogger("vllm"), logging.getLogger("cosmos3_serve")
-    ours.setLevel(source.level)
-    ours.propagate = False
-    for handler in source.handlers:
-        if handler not in ours.handlers:
-            ours.addHandler(handler)
-
-
 async def _serve(options: ServeOptions, vllm_args) -> None:
     from cosmos3_serve.server.app import ServerSettings, build_cosmos3_app
 
@@ -117,9 +122,7 @@ async def _serve(options: ServeOptions, vllm_args) -> None:
     settings = ServerSettings(checkpoint=options.checkpoint, model_name=options.model_name,
                               precision=options.precision, api_key=options.api_key,
                               max_request_bytes=options.max_request_bytes,
-                              max_generation_jobs=options.max_generation_jobs,
-                              max_generation_batch_tokens=options.max_generation_batch_tokens,
-                              vae_dtype=VAE_DTYPES[options.vae_precision])  # fmt: skip
+                              max_generation_jobs=options.max_generation_jobs)  # fmt: skip
     _, sock = api.setup_server(vllm_args, reuse_port=False)
     async with api.build_async_engine_client(vllm_args) as engine_client:
         app = await build_cosmos3_app(engine_client, vllm_args, settings)
@@ -158,6 +161,6 @@ def serve(options: ServeOptions) -> int:
     api = vllm_compat.openai_server_api()
     vllm_args = api.make_arg_parser(FlexibleArgumentParser(prog="cosmos3-serve serve")).parse_args(argv)
     api.validate_parsed_serve_args(vllm_args)
-    log_like_vllm()
+    log_routing.route_to_vllm()
     uvloop.run(_serve(options, vllm_args))
     return 0

@@ -16,7 +16,8 @@ LATENCY = Histogram(
 )
 PHASE_SECONDS = Histogram(
     "cosmos3_generation_phase_seconds",
-    "Where a succeeded job's time went, by mode: prefill (its prompts through the reasoner), queue (prefilled "
+    "Where a succeeded job's time went, by mode: memory_wait (waiting for room in the generator's state budget; "
+    "only jobs that waited), prefill (its prompts through the reasoner), queue (prefilled "
     "until its first denoising step), denoise (first step until its result is back, VAE decode included), "
     "decode (the VAE decode alone, in the worker), encode (PNG / MP4)",
     ["mode", "phase"],
@@ -30,8 +31,7 @@ BATCH_SIZE = Histogram(
 )
 STEP_SECONDS = Histogram(
     "cosmos3_denoise_step_seconds",
-    "Wall time of one denoising step of the batch, as the service sees it (one tick: admissions and the decode of "
-    "the jobs that finished in it included)",
+    "Host seconds of one denoising step of the batch in the generator loop (the device works one step behind)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 PROMPT_KV_TOKENS = Counter(

@@ -19,9 +19,10 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from cosmos3_serve.model_executor.generation import GenerationRequest, invalid_schedule, load_scheduler
-from cosmos3_serve.model_executor.generator import GeneratorConfig
+from cosmos3_serve.model_executor.checkpoint.generator_config import GeneratorConfig
+from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.sampling.actions import ACTION_MODES
+from cosmos3_serve.sampling.schedulers import invalid_schedule, load_scheduler
 
 Mode = Literal[
     "text2image", "text2video", "image2video", "video2video", "forward_dynamics", "policy", "inverse_dynamics"

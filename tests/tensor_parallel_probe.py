@@ -21,13 +21,15 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from cosmos3_serve.model_executor import kv_export
-    from cosmos3_serve.model_executor.generation import GenerationRequest
+    from cosmos3_serve.model_executor.request import GenerationRequest
     from cosmos3_serve.model_executor.generation_client import Cosmos3Generator
-    from cosmos3_serve.model_executor.worker_extension import generation_engine_args
+    from cosmos3_serve.model_executor.engine_args import generation_engine_args
+    from cosmos3_serve.server.deployment import generator_settings
 
     checkpoint, out, token_ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     llm = LLM(checkpoint, dtype="float32", enforce_eager=True, max_model_len=2048, tensor_parallel_size=2,
-              gpu_memory_utilization=0.2, **generation_engine_args())  # fmt: skip
+              gpu_memory_utilization=0.2,
+              **generation_engine_args(generator_settings(gpu=False)))  # fmt: skip
     greedy = llm.generate({"prompt_token_ids": token_ids}, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     export = SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args("tp"))
     llm.generate({"prompt_token_ids": token_ids}, export, use_tqdm=False)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cosmos3_serve.model_executor.generation import GenerationRequest
+from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.model_executor.generation_client import Cosmos3Generator, GenerationResult
 from tests import media
 
@@ -162,12 +162,12 @@ def test_embodiments_and_canvases_equal_the_reference() -> None:
      (250, 250, 2, 480)],  # rounded down to multiples of 16, a single frame repeated
 )  # fmt: skip
 def test_conditioning_clip_equals_the_reference(diffusers_pipeline, height: int, width: int, num_frames: int, tier: int) -> None:
-    from cosmos3_serve.sampling.actions import canvas_size
-    from cosmos3_serve.sampling.conditioning import action_conditioning_clip, action_source_size
+    from cosmos3_serve.sampling.actions import action_source_size, canvas_size
+    from cosmos3_serve.sampling.conditioning import action_conditioning_clip
 
     frames = [Image.fromarray(f) for f in media.smooth_video(seed=height, num_frames=3, height=height, width=width)]
     frames = frames[:1] if num_frames == 2 else frames
-    canvas = canvas_size(action_source_size(frames), tier)
+    canvas = canvas_size(action_source_size([frame.size for frame in frames]), tier)
     ours, content = action_conditioning_clip(frames, num_frames, canvas)
     theirs, image_size, *theirs_canvas = diffusers_pipeline._prepare_action_video_conditioning(
         frames, tier, num_frames, device="cpu", dtype=torch.float32
@@ -178,7 +178,7 @@ def test_conditioning_clip_equals_the_reference(diffusers_pipeline, height: int,
 
 
 def test_domain_aware_action_heads_equal_the_reference(vllm_reasoner, diffusers_pipeline) -> None:
-    [tower] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor.tower)  # in-process engine
+    [tower] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor.tower)  # in-process engine
     reference_tower = diffusers_pipeline.transformer
     domains = torch.tensor([4, 0, 31, 4, 7, 20])
     actions = torch.randn(len(domains), reference_tower.action_dim, generator=torch.Generator().manual_seed(0))

@@ -29,6 +29,8 @@ MAX_REQUEST_BYTES = 1_000_000
 MAX_JOBS = 4
 NEGATIVE = "blurry, low quality"
 LONG_JOB = {"num_frames": 33, "height": 512, "width": 512, "num_inference_steps": 100}  # seconds on a CPU
+# Device memory of the jobs in flight: one LONG_JOB (about 15 MiB of latents and K/V) at a time, many small ones.
+STATE_BUDGET_MIB = 20
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,9 @@ def server(tiny_checkpoint: Path, profile_dir: Path) -> Iterator[ServerProcess]:
     port = free_port()
     running = ServerProcess(
         [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint), "--port", str(port),
-         "--precision", "fp32", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2", "--api-key", API_KEY,
+         "--precision", "fp32", "--max-model-len", "4096", "--api-key", API_KEY,
          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-generation-jobs", str(MAX_JOBS),
-         "--profile-dir", str(profile_dir)],
+         "--generation-state-budget-mib", str(STATE_BUDGET_MIB), "--profile-dir", str(profile_dir)],
         port,
     )  # fmt: skip
     try:
@@ -358,7 +360,11 @@ def test_metadata_version_and_unknown_job(http: httpx.Client, tiny_checkpoint: P
     assert metadata["model"] == tiny_checkpoint.name and metadata["precision"] == "fp32"
     assert {"text2image", "text2video", "image2video", "video2video"} <= set(metadata["modes"])
     assert metadata["towers"]["generator"]["loaded"] and metadata["tensor_parallel_size"] == 1
-    assert metadata["towers"]["generator"]["vae_dtype"] == "float32"  # the default --vae-precision
+    generator = metadata["towers"]["generator"]
+    assert generator["vae_dtype"] == "float32"  # the default --vae-precision
+    assert generator["limits"]["max_shape"] == [512, 512, 33]  # the CPU's default largest request
+    assert generator["limits"]["state_budget_bytes"] == STATE_BUDGET_MIB << 20
+    assert generator["memory_gib"]["weights"] > 0 and generator["kv_cache_gib"] >= 1.0
     assert http.get("/v1/version").json()["api"] == "v1"
     assert http.get("/v1/video/generate/gen-unknown").status_code == 404
 
@@ -411,3 +417,81 @@ def test_printed_curl_lines_work_as_pasted(server: ServerProcess, tmp_path: Path
         else:
             body = json.loads(result.stdout)
             assert "error" not in body, body
+
+
+def test_a_request_that_can_never_fit_is_refused_at_once_naming_the_limit(http: httpx.Client) -> None:
+    """Larger than the deployment's largest request (`--generation-max-shape`, 512x512x33 on the CPU): 413 before any
+    work, naming the limit; the largest itself is admitted (the cancel test runs it)."""
+    video = http.post("/v1/video/generate", json={"prompt": "Too big.", "num_frames": 65, "height": 512, "width": 512})
+    assert video.status_code == 413, video.text
+    error = video.json()["error"]
+    assert error["param"] == "num_frames" and "--generation-max-shape 512x512x33" in error["message"]
+    image = http.post("/v1/images/generations", json={"prompt": "Too big.", "size": "2048x2048"})
+    assert image.status_code == 413 and "generator tokens per step" in image.json()["error"]["message"]
+
+
+def test_a_job_waits_for_generator_memory_then_runs(http: httpx.Client, server: ServerProcess) -> None:
+    """Two long jobs hold more than the state budget: the second stays queued while the first denoises (the server
+    logs why), and runs once the first leaves."""
+    body = {"prompt": "In turn.", **LONG_JOB, "response": "async"}
+    first, second = (http.post("/v1/video/generate", json={**body, "seed": seed}).json() for seed in (1, 2))
+    try:
+        with http.stream("GET", f"/v1/video/generate/{first['id']}/events") as events:
+            for _, data in sse_events(events):
+                if data["steps_done"] >= 2:
+                    break
+        waiting = http.get(f"/v1/video/generate/{second['id']}").json()
+        assert waiting["status"] == "queued" and waiting["steps_done"] == 0
+        assert f"{second['id']} waits for generator memory" in server.output
+        http.delete(f"/v1/video/generate/{first['id']}")
+        with http.stream("GET", f"/v1/video/generate/{second['id']}/events") as events:
+            for _, data in sse_events(events):
+                if data["steps_done"] >= 1:
+                    break
+        assert http.get(f"/v1/video/generate/{second['id']}").json()["status"] == "running"
+    finally:
+        for job in (first, second):
+            http.delete(f"/v1/video/generate/{job['id']}")
+
+
+def test_chat_streams_while_a_video_denoises(http: httpx.Client, server: ServerProcess) -> None:
+    """The generator denoises on its own thread: chat tokens keep arriving within one denoising step (before, each
+    token waited for a whole step), and a chat stream ends while the video is still far from done."""
+    import threading
+    import time
+
+    job = http.post("/v1/video/generate", json={"prompt": "Meanwhile.", **LONG_JOB, "response": "async"}).json()
+    step_times: list[float] = []
+
+    def follow() -> None:
+        with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=300) as client:
+            with client.stream("GET", f"/v1/video/generate/{job['id']}/events") as events:
+                for kind, data in sse_events(events):
+                    if kind == "progress" and data["steps_done"] > len(step_times):
+                        step_times.append(time.perf_counter())
+                    if data["status"] != "running" and step_times:
+                        return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        while len(step_times) < 2:
+            time.sleep(0.05)
+        model = http.get("/v1/models").json()["data"][0]["id"]
+        token_times = []
+        stream = openai_client(server).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Tell me about robots."}], max_tokens=48, stream=True,
+            extra_body={"ignore_eos": True, "temperature": 0.0},
+        )  # fmt: skip
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                token_times.append(time.perf_counter())
+        steps_during_chat = [t for t in step_times if token_times[0] <= t <= token_times[-1]]
+        state = http.get(f"/v1/video/generate/{job['id']}").json()
+        assert state["status"] == "running" and state["steps_done"] < LONG_JOB["num_inference_steps"] // 2
+        assert len(token_times) >= 16  # content chunks: a few tokens decode to nothing
+        assert len(steps_during_chat) < len(token_times) // 4  # many tokens per denoising step, not one
+    finally:
+        http.delete(f"/v1/video/generate/{job['id']}")
+        follower.join(timeout=60)
+

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosmos3_serve.model_executor.generation import DiffusionExecutor, GenerationRequest
+from cosmos3_serve.model_executor.diffusion_executor import DiffusionExecutor
 from cosmos3_serve.model_executor.generation_client import Cosmos3Generator
-from cosmos3_serve.model_executor.vae_graphs import VaeDecoder
+from cosmos3_serve.model_executor.request import GenerationRequest
+from cosmos3_serve.model_executor.vae_io import VaeCodec
 from cosmos3_serve.sampling.prompts import PromptSpec, cfg_token_ids
 
 LATENT_ATOL = 1e-4
@@ -97,7 +98,7 @@ def test_a_half_precision_vae_encodes_and_decodes_like_the_reference_in_that_pre
 
     from tests import media
 
-    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor)  # in-process engine
     reference_pipeline = Cosmos3OmniPipeline(
         transformer=diffusers_pipeline.transformer, text_tokenizer=diffusers_pipeline.text_tokenizer,
         vae=copy.deepcopy(diffusers_pipeline.vae).to(torch.bfloat16), scheduler=diffusers_pipeline.scheduler,
@@ -110,14 +111,14 @@ def test_a_half_precision_vae_encodes_and_decodes_like_the_reference_in_that_pre
         return pipeline(PROMPT, **common, generator=torch.Generator().manual_seed(4), output_type=output_type).video
 
     reference_latents = reference("latent")
-    float32_vae, float32_decoder = executor.vae, executor.vae_decoder
-    executor.vae = copy.deepcopy(executor.vae).to(torch.bfloat16)
-    executor.vae_decoder = VaeDecoder(executor.vae)  # what the executor builds for `--vae-precision bf16`
+    float32_codec = executor.codec
+    # What the executor builds for `--vae-precision bf16` (the generator loop is idle between requests).
+    executor.codec = VaeCodec(copy.deepcopy(float32_codec.vae).to(torch.bfloat16), executor.device, use_graphs=True)
     try:
         latents = generator.generate_latents(GenerationRequest(PROMPT, seed=4, **common))
-        frames = executor._decode_by_shape({"reference": reference_latents.to(executor.device)})["reference"]
+        frames = executor.codec.decode_by_shape({"reference": reference_latents.to(executor.device)})["reference"]
     finally:
-        executor.vae, executor.vae_decoder = float32_vae, float32_decoder
+        executor.codec = float32_codec
     assert (latents - reference_latents).abs().max() <= LATENT_ATOL
     reference_frames = torch.from_numpy(reference("np")) * 255  # [T, H, W, 3]
     float32_frames = torch.from_numpy(reference("np", diffusers_pipeline)) * 255
@@ -145,7 +146,7 @@ def test_every_request_of_a_mixed_batch_equals_its_output_alone(generator) -> No
 
 
 def test_a_batch_token_budget_steps_requests_in_arrival_order(generator, vllm_reasoner) -> None:
-    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor)  # in-process engine
     budget, order = executor.max_batch_tokens, []
     executor.max_batch_tokens = 1  # fewer than any request's tokens: one request per step
     try:
@@ -164,7 +165,7 @@ def test_a_layout_refilled_from_another_batch_of_its_signature_gives_that_batchs
     from cosmos3_serve.model_executor.generator import GeneratorSequence
     from cosmos3_serve.model_executor.kv_export import PromptKV
 
-    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor)  # in-process engine
     tower, config = executor.tower, executor.config
     shape = lambda prompt: (config.num_hidden_layers, 2, prompt, config.num_key_value_heads, config.head_dim)  # noqa: E731
     torch.manual_seed(0)
@@ -188,29 +189,34 @@ def test_a_layout_refilled_from_another_batch_of_its_signature_gives_that_batchs
 
 
 def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_reasoner) -> None:
+    """A request cancelled while it denoises leaves the batch at the generator loop's next step boundary: its prompt
+    K/V are freed while the other request still runs, and the other's result is as if it had run alone."""
     import gc
     import weakref
 
-    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
-    requests = {"keep": MIXED["image-cfg"], "drop": MIXED["video-cfg"]}
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor)  # in-process engine
+    keep = GenerationRequest(PROMPT, NEGATIVE, num_frames=1, height=64, width=96, num_inference_steps=40, seed=1)
+    drop = GenerationRequest("A dog runs.", None, num_frames=9, height=32, width=64, fps=16.0, num_inference_steps=60,
+                             seed=2)  # fmt: skip
     steps_seen: dict[str, int] = {}
-    dropped_kv = []
-    freed_while_running = []
+    dropped_kv, cancelled_at, freed_while_running = [], [], []
 
     def on_step(request_id: str, step: int, total: int) -> None:
         steps_seen[request_id] = step
-        if request_id == "drop" and step == 1:
-            [state] = [s for s in executor.active if s.request_id == "drop"]
+        if request_id == "drop" and step == 2:
+            [state] = [s for s in list(executor.active) if s.request_id == "drop"]
             dropped_kv.append(weakref.ref(state.sequences[0].prompt_kv.kv))
+            del state
             generator.cancel("drop")
-        if request_id == "keep" and step == 3:  # two steps after the cancel
+            cancelled_at.append(steps_seen.get("keep", 0))
+        if request_id == "keep" and cancelled_at and step == cancelled_at[0] + 10 and not freed_while_running:
             gc.collect()
             freed_while_running.append(dropped_kv[0]() is None)
 
-    results = generator.generate(requests, on_step=on_step)
-    assert results["drop"] is None and steps_seen["drop"] == 1
+    results = generator.generate({"keep": keep, "drop": drop}, on_step=on_step)
+    assert results["drop"] is None and steps_seen["drop"] < drop.num_inference_steps
     assert freed_while_running == [True] and "drop" not in executor
-    assert (results["keep"].video - generator.generate_latents(requests["keep"])).abs().max() <= 1e-5
+    assert (results["keep"].video - generator.generate_latents(keep)).abs().max() <= 1e-5
 
 
 def test_shared_system_and_negative_prompts_come_from_the_prefix_cache(generator, vllm_reasoner) -> None:
@@ -250,9 +256,9 @@ def test_the_vae_encodes_only_the_frames_clean_latents_see(generator, vllm_reaso
 
     from tests import media
 
-    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
-    encoded_frames, encode = [], executor.vae.encode
-    monkeypatch.setattr(executor.vae, "encode", lambda pixels: encoded_frames.append(pixels.shape[2]) or encode(pixels))
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor)  # in-process engine
+    encoded_frames, encode = [], executor.codec.vae.encode
+    monkeypatch.setattr(executor.codec.vae, "encode", lambda pixels: encoded_frames.append(pixels.shape[2]) or encode(pixels))
     frames = [Image.fromarray(f) for f in media.smooth_video(seed=12, num_frames=9, height=32, width=64)]
     for condition in ({"image": media.smooth_image(seed=11, height=32, width=64)}, {"video": frames}):
         generator.generate_latents(GenerationRequest(PROMPT, num_frames=17, height=32, width=64, num_inference_steps=1,
@@ -265,13 +271,13 @@ def test_clips_of_one_shape_encode_in_a_power_of_two_batch_each_as_alone(generat
     plans a new batch size anew), and each request's latents as when it runs alone."""
     from tests import media
 
-    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # in-process engine
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor)  # in-process engine
     requests = {f"i2v-{seed}": GenerationRequest(PROMPT, image=media.smooth_image(seed=seed, height=32, width=64),
                                                  num_frames=9, height=32, width=64, num_inference_steps=2,
                                                  guidance_scale=1.0, seed=seed)
                 for seed in (21, 22, 23)}  # fmt: skip
-    batch_sizes, encode = [], executor.vae.encode
-    monkeypatch.setattr(executor.vae, "encode", lambda pixels: batch_sizes.append(pixels.shape[0]) or encode(pixels))
+    batch_sizes, encode = [], executor.codec.vae.encode
+    monkeypatch.setattr(executor.codec.vae, "encode", lambda pixels: batch_sizes.append(pixels.shape[0]) or encode(pixels))
     together = generator.generate(requests)
     assert batch_sizes == [4]
     for request_id, request in requests.items():
@@ -325,21 +331,21 @@ def test_distilled_checkpoint_uses_its_euler_scheduler(tmp_path: Path, vllm_reas
                                   progress=False)  # fmt: skip
     [worker_device] = vllm_reasoner.collective_rpc(lambda worker: worker.device)
     executor = DiffusionExecutor(checkpoint, vllm_reasoner.llm_engine.vllm_config, worker_device)
-    assert type(executor.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(executor.new_state.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     request = GenerationRequest(PROMPT, NEGATIVE, height=32, width=64, num_inference_steps=4, seed=4)
     prompts = GenerationPrompts(executor_tokenizer(checkpoint)).context(request)
     keys = new_export_keys(len(prompts))
     vllm_reasoner.generate([{"prompt_token_ids": ids} for ids in prompts],
                            [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(k)) for k in keys],
                            use_tqdm=False)  # fmt: skip
-    assert executor.admit([("distilled", request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys])]) == {}
+    assert executor.admit([("distilled", request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys], False)]) == {}
     while "distilled" not in executor.finished:
         executor.step()
     reference = load_diffusers_pipeline(checkpoint)(
         PROMPT, negative_prompt=NEGATIVE, num_frames=1, height=32, width=64, num_inference_steps=4,
         generator=torch.Generator().manual_seed(4), output_type="latent",
     ).video  # fmt: skip
-    assert (executor.take(["distilled"], decode=False)["distilled"].video - reference).abs().max() <= LATENT_ATOL
+    assert (executor.take(["distilled"])["distilled"].video - reference).abs().max() <= LATENT_ATOL
 
 
 def executor_tokenizer(checkpoint: Path):

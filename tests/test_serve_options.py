@@ -66,3 +66,63 @@ def test_eager_and_profiler_flags_reach_vllms_parser(tiny_checkpoint: Path, tmp_
 def test_vae_precision_names_a_torch_dtype(tiny_checkpoint: Path, flag: str, dtype: torch.dtype) -> None:
     args = build_parser().parse_args(["serve", str(tiny_checkpoint), "--vae-precision", flag])
     assert getattr(torch, VAE_DTYPES[args.vae_precision]) is dtype  # what the worker builds its VAE in
+
+
+def test_the_generators_settings_and_the_cpu_kv_cache_reach_vllms_parser(tiny_checkpoint: Path) -> None:
+    """No memory flag on the CPU: vLLM's KV cache gets a share of the free memory (vLLM's own default, 92 % of the
+    host, does not start); the generator's settings travel in `additional_config`."""
+    import psutil
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from cosmos3_serve.model_executor import vllm_compat
+    from cosmos3_serve.model_executor.admission import GeneratorSettings
+
+    parser = vllm_compat.openai_server_api().make_arg_parser(FlexibleArgumentParser())
+    default = parser.parse_args(vllm_engine_argv(ServeOptions(tiny_checkpoint)))
+    assert 1 << 30 <= default.kv_cache_memory_bytes <= psutil.virtual_memory().available / 8 + (1 << 30)
+    settings = GeneratorSettings.from_additional_config(default.additional_config)
+    assert settings.max_shape == (512, 512, 33) and settings.state_budget_bytes == 1 << 30
+    options = ServeOptions(tiny_checkpoint, gpu_memory_utilization=0.3, generation_max_shape="320x192x17",
+                           generation_state_budget_mib=64)  # fmt: skip
+    chosen = parser.parse_args(vllm_engine_argv(options))
+    assert chosen.kv_cache_memory_bytes is None and chosen.gpu_memory_utilization == 0.3
+    settings = GeneratorSettings.from_additional_config(chosen.additional_config)
+    assert settings.max_shape == (320, 192, 17) and settings.state_budget_bytes == 64 << 20
+
+
+def test_a_malformed_max_shape_is_refused_naming_the_flag(tiny_checkpoint: Path, capsys) -> None:
+    from cosmos3_serve.server.launcher import serve
+
+    assert serve(ServeOptions(tiny_checkpoint, generation_max_shape="1280x720")) == 2
+    assert "--generation-max-shape: expected WIDTHxHEIGHTxFRAMES" in capsys.readouterr().err
+
+
+
+def test_serve_with_no_flags_starts_and_serves(tiny_checkpoint: Path) -> None:
+    """`cosmos3-serve serve CKPT` and nothing else (the port from NIM_SERVER_PORT): vLLM's KV cache and the generator
+    size themselves on this CPU machine, then chat and an image are served."""
+    import os
+    import sys
+
+    import httpx
+
+    from tests.server_process import ServerProcess, free_port
+
+    port = free_port()
+    os.environ["NIM_SERVER_PORT"] = str(port)
+    try:
+        server = ServerProcess([sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint)], port)
+    finally:
+        del os.environ["NIM_SERVER_PORT"]
+    try:
+        server.wait_ready(path="/v1/health/ready")
+        with httpx.Client(base_url=server.base_url, timeout=300) as http:
+            model = http.get("/v1/models").json()["data"][0]["id"]
+            chat = http.post("/v1/chat/completions", json={"model": model, "max_tokens": 8,
+                                                           "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+            assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] >= 1
+            image = http.post("/v1/images/generations", json={"prompt": "A red cube.", "size": "64x64",
+                                                              "num_inference_steps": 2})  # fmt: skip
+            assert image.status_code == 200 and image.json()["data"][0]["b64_json"]
+    finally:
+        server.stop()

@@ -96,3 +96,57 @@ class KeyNorms:
             qk_norm_for_text=qk_norm_for_text,
             und_k_norm_for_gen=config.get("use_und_k_norm_for_gen", False) and not qk_norm_for_text,
         )
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The generator's fields of `transformer/config.json`."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_axes_dim: tuple[int, int, int]
+    patch_latent_dim: int
+    latent_channel: int
+    latent_patch_size: int
+    timestep_scale: float
+    attention_bias: bool
+    base_fps: float
+    enable_fps_modulation: bool
+    unified_3d_mrope_reset_spatial_ids: bool
+    unified_3d_mrope_temporal_modality_margin: int
+    action_dim: int | None  # width of the action head; None without one
+    num_embodiment_domains: int
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path) -> GeneratorConfig:
+        raw = json.loads((Path(checkpoint) / "transformer" / "config.json").read_text())
+        if raw.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"generator MLP activation {raw['hidden_act']!r} is not supported yet")
+        return cls(
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=raw["num_attention_heads"],
+            num_key_value_heads=raw["num_key_value_heads"],
+            head_dim=raw["head_dim"],
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=raw.get("rope_theta", 5e6),
+            rope_axes_dim=mrope_section(raw),
+            patch_latent_dim=raw["patch_latent_dim"],
+            latent_channel=raw["latent_channel"],
+            latent_patch_size=raw["latent_patch_size"],
+            timestep_scale=raw.get("timestep_scale", 0.001),
+            attention_bias=raw.get("attention_bias", False),
+            base_fps=float(raw.get("base_fps", 24)),
+            enable_fps_modulation=raw.get("enable_fps_modulation", True),
+            unified_3d_mrope_reset_spatial_ids=raw.get("unified_3d_mrope_reset_spatial_ids", True),
+            unified_3d_mrope_temporal_modality_margin=raw.get("unified_3d_mrope_temporal_modality_margin", 15000),
+            action_dim=raw["action_dim"] if raw.get("action_gen", False) else None,
+            num_embodiment_domains=raw.get("num_embodiment_domains", 32),
+        )

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cosmos3_serve.model_executor import vllm_compat
-from cosmos3_serve.model_executor.worker_extension import generation_engine_args
+from cosmos3_serve.model_executor.engine_args import generation_engine_args
+from cosmos3_serve.server.deployment import generator_settings
 
 PRUNING_RATE = 0.5
 
@@ -23,8 +24,7 @@ def gpu_reasoner(tiny_checkpoint: Path):
         str(tiny_checkpoint),
         dtype="bfloat16",
         max_model_len=4096,
-        gpu_memory_utilization=0.3,
-        **generation_engine_args(),
+        **generation_engine_args(generator_settings(gpu=True)),
         limit_mm_per_prompt={"image": 1, "video": 1},
         seed=0,
         **vllm_compat.video_pruning_kwargs(PRUNING_RATE, "evs"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosmos3_serve.model_executor.generation import GenerationRequest
+from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.model_executor.generation_client import Cosmos3Generator
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -59,13 +59,13 @@ def test_cuda_graph_steps_equal_eager_steps(gpu_generator, gpu_reasoner, monkeyp
     gives its own eager results too."""
     import dataclasses
 
-    from cosmos3_serve.model_executor import generation
+    from cosmos3_serve.model_executor import diffusion_executor
     from tests.test_actions import action_request
 
-    [executor] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # the engine runs in this process
+    [executor] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor)  # the engine runs in this process
     executor.forward_graphs.clear()  # earlier tests' batches
     graphs = executor.forward_graphs.graphs
-    steps = generation.GRAPH_MIN_REPLAYS + 1
+    steps = diffusion_executor.GRAPH_MIN_REPLAYS + 1
     if mode is None:
         request = GenerationRequest(PROMPT, NEGATIVE, num_frames=9, height=32, width=64, num_inference_steps=steps,
                                     seed=3)  # fmt: skip
@@ -126,7 +126,7 @@ def test_decoded_frames_reach_the_driver_intact(gpu_generator, gpu_reasoner) -> 
     """Frames decoded behind a request's last step and copied to pinned host memory without a host sync
     (`PendingResults`), handed out a tick later: those of a request decoded alone, and of three decoded in one batch
     while another request keeps stepping, equal the VAE decode of the same requests' latents."""
-    [executor] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_executor)  # the engine runs in this process
+    [executor] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor)  # the engine runs in this process
     short = {f"s{i}": GenerationRequest(PROMPT, NEGATIVE, num_frames=9, height=32, width=64, num_inference_steps=2,
                                         seed=i) for i in range(3)}  # fmt: skip
     long = GenerationRequest(PROMPT, NEGATIVE, num_frames=9, height=32, width=64, num_inference_steps=6, seed=9)
@@ -136,7 +136,7 @@ def test_decoded_frames_reach_the_driver_intact(gpu_generator, gpu_reasoner) -> 
     frames = gpu_generator.generate(requests, decode=True)
     for request_id in requests:
         video = latents[request_id].video.to("cuda")
-        [expected] = executor._decode_by_shape({request_id: video}).values()
+        [expected] = executor.codec.decode_by_shape({request_id: video}).values()
         ours = frames[request_id].video
         assert ours.dtype == torch.uint8 and ours.shape == expected.shape
         difference = (ours.int() - expected.cpu().int()).abs()
@@ -148,3 +148,19 @@ def test_vae_rms_norm_silu_kernel_equals_diffusers() -> None:
     from tests.test_vae_graphs import check_vae_kernels
 
     check_vae_kernels("cuda")
+
+
+def test_the_kv_cache_leaves_the_generator_its_measured_reservation(gpu_reasoner) -> None:
+    """At vLLM's default memory share the worker measured the generator at the largest request admitted
+    (1280x720x189 with guidance) and vLLM's KV cache left that reservation free beside the weights."""
+    [memory] = gpu_reasoner.collective_rpc(lambda worker: worker.cosmos3_memory)  # the engine runs in this process
+    assert min(memory.weights, memory.forward_peak, memory.decode_peak, memory.encode_peak) > 0
+    free, _ = torch.cuda.mem_get_info()
+    assert free >= memory.total - memory.weights, (free, memory)
+
+
+def test_the_largest_admitted_video_runs_at_the_defaults(gpu_generator) -> None:
+    """The largest request the default deployment admits, decoded, with nothing hand-tuned."""
+    request = GenerationRequest(PROMPT, NEGATIVE, num_frames=189, height=720, width=1280, num_inference_steps=2)
+    [result] = gpu_generator.generate({"largest": request}, decode=True).values()
+    assert result.video.shape == (189, 720, 1280, 3) and result.video.dtype == torch.uint8
