@@ -208,6 +208,7 @@ def print_report(report: dict) -> None:
     print(f"\nmixed load, {report['device']}, {report['date']}; server: {' '.join(report['server_command'][3:])}")
     print(f"KV cache {r['metadata'].get('towers', {}).get('generator', {}).get('kv_cache_gib', '?')} GiB; generator "
           f"memory {r['metadata'].get('towers', {}).get('generator', {}).get('memory_gib', '?')}")  # fmt: skip
+    print(f"held at once (/v1/metadata capacity): {r['metadata'].get('capacity', '?')}")
     print(f"\nchat: {report['args']['chat_clients']} clients x {report['args']['chat_tokens']} tokens, seconds")
     print(f"{'while':34}{'streams':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'gap p50':>10}{'gap p99':>10}{'gap max':>10}"
           f"{'load wall':>11}{'load p50':>10}")  # fmt: skip

@@ -25,6 +25,11 @@ ADDITIONAL_CONFIG_KEY = "cosmos3_generator"
 # Generator tokens per denoising step (`DiffusionExecutor.next_batch`). On an H200 the Nano tower's eager forward
 # keeps the GPU busy from about 2,000 tokens on, where its GEMMs already run near their peak (docs/benchmarks.md).
 DEFAULT_MAX_BATCH_TOKENS = 2048
+# Prompt tokens of one CFG branch of a typical generation request (the pipeline's templates included), for the
+# capacity a deployment reports.
+TYPICAL_PROMPT_TOKENS = 512
+# (width, height, frames) of the generation requests whose capacity a deployment reports, besides its largest.
+CAPACITY_SHAPES = {"image_1280x720": (1280, 720, 1), "video_832x480x93": (832, 480, 93)}
 
 
 @dataclass(frozen=True)
@@ -138,3 +143,22 @@ class GenerationLimits:
             return "prompt", (f"the request would hold {state_bytes / 2**20:,.0f} MiB on the device; this deployment "
                               f"keeps {self.state_budget_bytes / 2**20:,.0f} MiB for requests in flight")  # fmt: skip
         return None
+
+
+def capacity(limits: GenerationLimits, geometry: LatentGeometry, kv_cache_tokens: int | None,
+             max_model_len: int) -> dict[str, int | None]:  # fmt: skip
+    """What one deployment holds at once: chat sequences of full context in vLLM's KV cache, and generation requests
+    (with guidance, `TYPICAL_PROMPT_TOKENS` per prompt) in the generator's state budget, per reference shape: 0 where
+    the deployment never admits that shape. Jobs past these numbers wait in the queue."""
+    width, height, frames = limits.max_shape
+    shapes = {f"video_{width}x{height}x{frames}": limits.max_shape, **CAPACITY_SHAPES}
+    held: dict[str, int | None] = {
+        "chat_sequences_at_max_model_len": None if kv_cache_tokens is None else kv_cache_tokens // max_model_len,
+    }
+    for name, (shape_w, shape_h, shape_frames) in shapes.items():
+        request = GenerationRequest("", num_frames=shape_frames, height=shape_h, width=shape_w, guidance_scale=6.0)
+        cost = RequestCost.of(request, geometry)
+        state_bytes = cost.state_bytes(2 * TYPICAL_PROMPT_TOKENS, limits.kv_bytes_per_token)
+        fits = cost.tokens <= limits.max_request_tokens
+        held[f"generation_{name}"] = limits.state_budget_bytes // state_bytes if fits else 0
+    return held

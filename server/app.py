@@ -67,6 +67,7 @@ class Cosmos3State:
             "dtype": str(self.engine_client.model_config.dtype).removeprefix("torch."),
             "modes": self.checkpoint_info.modes() + ["text+image+video->text (chat)"],
             "tensor_parallel_size": parallel.tensor_parallel_size,
+            "capacity": self.service.capacity(self.engine_client.model_config.max_model_len),
             "versions": self.versions(),
         }
 

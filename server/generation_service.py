@@ -25,7 +25,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from cosmos3_serve.model_executor import kv_export
-from cosmos3_serve.model_executor.admission import GenerationLimits, LatentGeometry, RequestCost
+from cosmos3_serve.model_executor.admission import GenerationLimits, LatentGeometry, RequestCost, capacity
 from cosmos3_serve.model_executor.event_channel import EventChannel
 from cosmos3_serve.model_executor.generation_client import GenerationPrompts, new_export_keys
 from cosmos3_serve.model_executor.generation_driver import DriverCore, Update
@@ -187,6 +187,12 @@ class GenerationService:
             self._events.close()
 
     # ---- jobs -------------------------------------------------------------------------------------------
+
+    def capacity(self, max_model_len: int) -> dict[str, int | None]:
+        """Chat and generation load the deployment holds at once (`admission.capacity`); empty before `start`."""
+        if not self.generator_info:
+            return {}
+        return capacity(self.limits, self.geometry, self.generator_info.get("kv_cache_tokens"), max_model_len)
 
     def submit(self, request: GenerationRequest, mode: str) -> Job:
         """A new job, or RequestTooLarge when the request can never run here, or Overloaded when the service is

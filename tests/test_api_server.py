@@ -365,6 +365,9 @@ def test_metadata_version_and_unknown_job(http: httpx.Client, tiny_checkpoint: P
     assert generator["limits"]["max_shape"] == [512, 512, 33]  # the CPU's default largest request
     assert generator["limits"]["state_budget_bytes"] == STATE_BUDGET_MIB << 20
     assert generator["memory_gib"]["weights"] > 0 and generator["kv_cache_gib"] >= 1.0
+    held = metadata["capacity"]  # what test_a_job_waits_for_generator_memory_then_runs sees: one LONG_JOB at a time
+    assert held["generation_video_512x512x33"] == 1 and held["generation_video_832x480x93"] == 0
+    assert held["chat_sequences_at_max_model_len"] == generator["kv_cache_tokens"] // 4096  # --max-model-len
     assert http.get("/v1/version").json()["api"] == "v1"
     assert http.get("/v1/video/generate/gen-unknown").status_code == 404
 
