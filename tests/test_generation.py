@@ -128,6 +128,9 @@ def test_a_half_precision_vae_encodes_and_decodes_like_the_reference_in_that_pre
     assert error_ours <= 1.25 * error_theirs
 
 
+# A request batched with others equals it alone up to float32 rounding: on the CPU the generator's GEMMs (ATen's)
+# sum in an order that depends on the number of rows in the batch.
+BATCH_ATOL = 5e-5
 MIXED = {
     "image-cfg": GenerationRequest(PROMPT, NEGATIVE, num_frames=1, height=64, width=96, num_inference_steps=4, seed=1),
     "video-cfg": GenerationRequest("A dog runs.", None, num_frames=9, height=32, width=64, fps=16.0,
@@ -142,7 +145,7 @@ def test_every_request_of_a_mixed_batch_equals_its_output_alone(generator) -> No
     for request_id, request in MIXED.items():
         alone = generator.generate_latents(request)
         assert together[request_id].actions is None
-        assert (together[request_id].video - alone).abs().max() <= 1e-5, request_id
+        assert (together[request_id].video - alone).abs().max() <= BATCH_ATOL, request_id
 
 
 def test_a_batch_token_budget_steps_requests_in_arrival_order(generator, vllm_reasoner) -> None:
@@ -155,7 +158,7 @@ def test_a_batch_token_budget_steps_requests_in_arrival_order(generator, vllm_re
         executor.max_batch_tokens = budget
     assert order == [request_id for request_id, request in MIXED.items() for _ in range(request.num_inference_steps)]
     for request_id, request in MIXED.items():
-        assert (together[request_id].video - generator.generate_latents(request)).abs().max() <= 1e-5, request_id
+        assert (together[request_id].video - generator.generate_latents(request)).abs().max() <= BATCH_ATOL, request_id
 
 
 def test_a_layout_refilled_from_another_batch_of_its_signature_gives_that_batchs_forward(generator, vllm_reasoner) -> None:
@@ -216,7 +219,7 @@ def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_rea
     results = generator.generate({"keep": keep, "drop": drop}, on_step=on_step)
     assert results["drop"] is None and steps_seen["drop"] < drop.num_inference_steps
     assert freed_while_running == [True] and "drop" not in executor
-    assert (results["keep"].video - generator.generate_latents(keep)).abs().max() <= 1e-5
+    assert (results["keep"].video - generator.generate_latents(keep)).abs().max() <= BATCH_ATOL
 
 
 def test_shared_system_and_negative_prompts_come_from_the_prefix_cache(generator, vllm_reasoner) -> None:
@@ -367,8 +370,8 @@ def test_requests_arriving_mid_run_join_the_batch(generator) -> None:
 
     results = generator.generate({"early": early}, incoming=incoming)
     assert admitted == [True] and set(results) == {"early", "late"}
-    assert (results["early"].video - generator.generate_latents(early)).abs().max() <= 1e-5
-    assert (results["late"].video - generator.generate_latents(late)).abs().max() <= 1e-5
+    assert (results["early"].video - generator.generate_latents(early)).abs().max() <= BATCH_ATOL
+    assert (results["late"].video - generator.generate_latents(late)).abs().max() <= BATCH_ATOL
 
 
 def test_flow_shift_per_request_equals_the_reference_with_that_shift(generator, diffusers_pipeline) -> None:
