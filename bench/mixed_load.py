@@ -181,10 +181,9 @@ async def measure(base_url: str, args: argparse.Namespace, result: dict) -> None
         metadata = (await client.get("/v1/metadata")).json()
         action_head = any(mode == "policy" for mode in metadata.get("modes", []))
         works = loads(args, action_head)
-        for name, (_, bodies) in works.items():  # warm-up: each shape once, 2 steps
-            if name not in args.loads and name != args.reverse:
-                continue
-            await generation_load(client, [{**bodies[0], "num_inference_steps": 2}])
+        for name, (_, bodies) in works.items():  # warm-up: each shape once
+            if args.warmup_steps and (name in args.loads or name == args.reverse):
+                await generation_load(client, [{**bodies[0], "num_inference_steps": args.warmup_steps}])
         await chat_stream(client, args.chat_tokens)
         idle = asyncio.Event()
         asyncio.get_running_loop().call_later(args.idle_s, idle.set)
@@ -257,6 +256,9 @@ def main() -> int:
     parser.add_argument("--reverse", choices=["images", "policy", "none"], default="images")
     parser.add_argument("--reverse-chat-clients", type=int, default=32)
     parser.add_argument("--ready-timeout", type=float, default=1800.0)
+    parser.add_argument("--warmup-steps", type=int, default=2,
+                        help="steps of one warm-up request per load shape (0: none; the server's startup already "
+                             "runs the largest admitted video once to measure it)")
     args = parser.parse_args()
 
     device = "cpu"
