@@ -16,6 +16,7 @@ import vllm
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cosmos3_serve.model_executor import vllm_compat
 from cosmos3_serve.model_executor.request import GenerationRequest
@@ -55,7 +56,7 @@ class Cosmos3State:
         transformer = json.loads((self.settings.checkpoint / "transformer" / "config.json").read_text())
         parallel = self.engine_client.vllm_config.parallel_config
         return {
-            "modelInfo": [{"shortName": self.model_name, "modelUrl": str(self.settings.checkpoint)}],
+            "modelInfo": [{"shortName": self.model_name, "modelUrl": self.settings.checkpoint.name}],
             "model": self.model_name,
             "towers": {
                 "reasoner": {"architecture": "Qwen3-VL", "engine": "vLLM", "layers": transformer["num_hidden_layers"],
@@ -120,7 +121,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModeUnavailable, mode_unavailable)
     app.add_exception_handler(RequestTooLarge, too_large)
     app.add_exception_handler(Overloaded, overloaded)
+    async def routing_error(_request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), None, headers=exc.headers)
+
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(StarletteHTTPException, routing_error)  # no route for the path or method
 
 
 async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSettings) -> FastAPI:

@@ -31,6 +31,9 @@ MEDIA_MODES: tuple[str, ...] = ("text2image", "text2video", "image2video", "vide
 RESOLUTIONS: dict[str, tuple[int, int]] = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width)
 DEFAULT_VIDEO_FRAMES = 93
 MAX_STEPS = 1000  # and a schedule that repeats a timestep is refused (`invalid_schedule`)
+MAX_FPS = 240.0  # of an output video's metadata (the MP4 encoder's time base)
+MAX_GUIDANCE_SCALE = 100.0  # past it, guided velocities overflow into non-finite latents
+MAX_FLOW_SHIFT = 100.0
 
 
 class FieldError(ValueError):
@@ -64,7 +67,7 @@ class CheckpointInfo:
 class VideoGenerateBody(BaseModel):
     """`POST /v1/video/generate`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
     mode: Mode | None = Field(None, description="default: implied by the inputs (image, video, num_frames)")
@@ -76,10 +79,11 @@ class VideoGenerateBody(BaseModel):
     height: int | None = Field(None, gt=0)
     width: int | None = Field(None, gt=0)
     num_frames: int | None = Field(None, ge=1, description=f"4k + 1; 1 is an image (default {DEFAULT_VIDEO_FRAMES})")
-    fps: float = Field(24.0, gt=0)
+    fps: float = Field(24.0, gt=0, le=MAX_FPS)
     num_inference_steps: int = Field(35, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(6.0, ge=0.0)
-    flow_shift: float | None = Field(None, gt=0, description="shift of the flow schedule (default: the checkpoint's)")
+    guidance_scale: float = Field(6.0, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    flow_shift: float | None = Field(None, gt=0, le=MAX_FLOW_SHIFT,
+                                     description="shift of the flow schedule (default: the checkpoint's)")
     seed: int | None = Field(None, ge=0, lt=2**63, description="default: random (returned with the result)")
     reason_first: bool = Field(False, description="let the reasoner answer the prompt first and condition on it")
     reasoning_max_tokens: int = Field(256, ge=1, le=8192)
@@ -95,7 +99,7 @@ class VideoGenerateBody(BaseModel):
 class ImagesGenerationsBody(BaseModel):
     """`POST /v1/images/generations` (OpenAI); extras through `extra_body`."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = Field(..., min_length=1)
     model: str | None = None
@@ -104,14 +108,14 @@ class ImagesGenerationsBody(BaseModel):
     response_format: Literal["b64_json", "url"] = "b64_json"
     negative_prompt: str | None = None
     num_inference_steps: int = Field(35, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(6.0, ge=0.0)
+    guidance_scale: float = Field(6.0, ge=0.0, le=MAX_GUIDANCE_SCALE)
     seed: int | None = Field(None, ge=0, lt=2**63)
 
 
 class NimInferBody(BaseModel):
     """`POST /v1/infer` (NIM): `model_mode` names the task."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model_mode: Literal["text2image", "text2world", "image2world", "video2world", "forward_dynamics", "policy",
                         "inverse_dynamics"]  # fmt: skip
@@ -123,9 +127,9 @@ class NimInferBody(BaseModel):
     height: int | None = Field(None, gt=0)
     width: int | None = Field(None, gt=0)
     frames: int | None = Field(None, ge=1)
-    fps: float = Field(24.0, gt=0)
+    fps: float = Field(24.0, gt=0, le=MAX_FPS)
     steps: int = Field(35, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(6.0, ge=0.0)
+    guidance_scale: float = Field(6.0, ge=0.0, le=MAX_GUIDANCE_SCALE)
     seed: int | None = Field(None, ge=0, lt=2**63)
     prompt_upsampling: bool = False
     action_domain: str | None = None

@@ -321,13 +321,32 @@ def test_an_action_mode_without_its_inputs_is_refused_by_field(http: httpx.Clien
         ("/v1/infer", {"model_mode": "text2world", "prompt": "x", "frames": 8}, "frames"),
         ("/v1/images/generations", {"prompt": "x", "size": "big"}, "size"),
         ("/v1/video/generate", {"prompt": "x", "num_inference_steps": 101}, "num_inference_steps"),
+        ("/v1/video/generate", {"prompt": "x", "num_frames": 5, "fps": float("inf")}, "fps"),
+        ("/v1/video/generate", {"prompt": "x", "num_frames": 5, "fps": 1e300}, "fps"),
+        ("/v1/video/generate", {"prompt": "x", "guidance_scale": 1e300}, "guidance_scale"),
+        ("/v1/infer", {"model_mode": "text2image", "prompt": "x", "guidance_scale": float("nan")}, "guidance_scale"),
+        ("/v1/images/generations", {"prompt": "x", "guidance_scale": float("inf")}, "guidance_scale"),
     ],
 )
 def test_bad_fields_get_422_naming_the_field(http: httpx.Client, path: str, body: dict, field: str) -> None:
-    response = http.post(path, json=body)
+    json_text = json.dumps(body)  # Python's JSON writes Infinity and NaN, as some clients do
+    response = http.post(path, content=json_text, headers={"Content-Type": "application/json"})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["param"] == field and field in error["message"]
+
+
+@pytest.mark.parametrize(
+    "method, path, content, status",
+    [("GET", "/v1/no-such-route", None, 404), ("POST", "/v1/metadata", None, 405),
+     ("POST", "/v1/video/generate", b'{"prompt": "x",', 422)],
+)  # fmt: skip
+def test_routing_and_parse_errors_answer_in_the_error_envelope(http: httpx.Client, method: str, path: str,
+                                                               content: bytes | None, status: int) -> None:  # fmt: skip
+    response = http.request(method, path, content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == status and error["message"] and set(error) == {"message", "type", "param", "code"}
 
 
 def test_oversize_body_gets_413(http: httpx.Client) -> None:
@@ -356,8 +375,10 @@ def test_ready_only_once_both_towers_are_loaded_and_warm(server: ServerProcess) 
 
 
 def test_metadata_version_and_unknown_job(http: httpx.Client, tiny_checkpoint: Path) -> None:
-    metadata = http.get("/v1/metadata").json()
+    answer = http.get("/v1/metadata")
+    metadata = answer.json()
     assert metadata["model"] == tiny_checkpoint.name and metadata["precision"] == "fp32"
+    assert str(tiny_checkpoint.parent) not in answer.text  # no filesystem paths in responses
     assert {"text2image", "text2video", "image2video", "video2video"} <= set(metadata["modes"])
     assert metadata["towers"]["generator"]["loaded"] and metadata["tensor_parallel_size"] == 1
     generator = metadata["towers"]["generator"]
