@@ -181,7 +181,7 @@ def test_image_to_video_takes_a_data_url(http: httpx.Client, diffusers_pipeline)
     assert psnr_after_the_same_encoding(frames, reference, fps=8) > 40
 
 
-def test_async_job_reports_every_step_then_serves_its_content(http: httpx.Client) -> None:
+def test_async_job_reports_every_step_then_serves_its_content(http: httpx.Client, server: ServerProcess) -> None:
     steps = 100  # long enough to subscribe while it runs
     body = {"prompt": "A cat.", "num_frames": 1, "height": 32, "width": 32, "num_inference_steps": steps, "seed": 1,
             "response": "async"}  # fmt: skip
@@ -197,6 +197,7 @@ def test_async_job_reports_every_step_then_serves_its_content(http: httpx.Client
     assert seen[-1][0] == "done" and seen[-1][1]["status"] == "succeeded" and seen[-1][1]["steps_done"] == steps
     status = http.get(f"/v1/video/generate/{job['id']}").json()
     assert status["status"] == "succeeded" and status["progress"] == 1.0
+    assert f" {job['id']} succeeded: " in server.output  # the job's log line, in vLLM's log stream
     content = http.get(f"/v1/video/generate/{job['id']}/content")
     assert content.headers["content-type"] == "image/png"
     sync = http.post("/v1/video/generate", json={**body, "response": "sync"})
