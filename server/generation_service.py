@@ -149,6 +149,9 @@ class GenerationService:
         self.engine = engine_client
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
         self.prompts = GenerationPrompts(self.tokenizer)
+        # A token of a byte-level BPE vocabulary spells at most this many characters (Unicode normalisation may
+        # merge up to two into one): a longer text has more tokens than a prompt may hold, known without tokenizing.
+        self.chars_per_token_bound = 2 * max(len(token) for token in self.tokenizer.get_vocab())
         self.geometry = LatentGeometry.from_checkpoint(checkpoint)
         self.max_jobs, self.result_ttl_s = max_jobs, result_ttl_s
         self.jobs: dict[str, Job] = {}
@@ -217,6 +220,12 @@ class GenerationService:
         refusal = self.limits.refusal(request, cost)
         if refusal is not None:
             raise RequestTooLarge(*refusal)
+        max_chars = self.chars_per_token_bound * self.limits.max_prompt_tokens
+        for field in ("prompt", "negative_prompt"):
+            text = getattr(request, field) or ""
+            if len(text) > max_chars:
+                raise RequestTooLarge(field, f"{len(text):,} characters: more than the {self.limits.max_prompt_tokens:,} "
+                                             "tokens this deployment admits per prompt")  # fmt: skip
         prompts = self.prompts.context(request)
         counts = [len(ids) for ids in prompts]
         if request.reason_first:

@@ -66,7 +66,7 @@ def generator_settings(options: ServeOptions) -> GeneratorSettings:
         raise ValueError(f"generation-max-shape: {exc}") from None
     budget = None if options.generation_state_budget_mib is None else options.generation_state_budget_mib << 20
     return deployment.generator_settings(shape, options.max_generation_batch_tokens, VAE_DTYPES[options.vae_precision],
-                                         budget)  # fmt: skip
+                                         budget, max_model_len=options.max_model_len)  # fmt: skip
 
 
 def vllm_engine_argv(options: ServeOptions) -> list[str]:

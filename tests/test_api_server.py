@@ -455,6 +455,22 @@ def test_a_request_that_can_never_fit_is_refused_at_once_naming_the_limit(http: 
     assert image.status_code == 413 and "generator tokens per step" in image.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "field, text, refused_by",
+    [("prompt", "a" * 5000, "prompt tokens"),  # one token per letter on the tiny vocabulary
+     ("negative_prompt", "a" * 900_000, "characters")],  # more characters than the limit's tokens spell: not tokenized
+)  # fmt: skip
+def test_a_prompt_over_the_token_limit_is_refused_naming_it(http: httpx.Client, field: str, text: str,
+                                                            refused_by: str) -> None:  # fmt: skip
+    body = {"prompt": "A cat.", "num_frames": 1, "height": 32, "width": 32, field: text}
+    answer = http.post("/v1/video/generate", json=body)
+    assert answer.status_code == 413, answer.text
+    error = answer.json()["error"]
+    limit = http.get("/v1/metadata").json()["towers"]["generator"]["limits"]["max_prompt_tokens"]
+    assert limit == 4095  # --max-model-len 4096: the prefill's one token leaves 4,095 for the prompt
+    assert error["param"] == field and refused_by in error["message"] and f"{limit:,}" in error["message"]
+
+
 def test_a_job_waits_for_generator_memory_then_runs(http: httpx.Client, server: ServerProcess) -> None:
     """Two long jobs hold more than the state budget: the second stays queued while the first denoises (the server
     logs why), and runs once the first leaves."""
