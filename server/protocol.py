@@ -34,6 +34,7 @@ MAX_STEPS = 1000  # and a schedule that repeats a timestep is refused (`invalid_
 MAX_FPS = 240.0  # of an output video's metadata (the MP4 encoder's time base)
 MAX_GUIDANCE_SCALE = 100.0  # past it, guided velocities overflow into non-finite latents
 MAX_FLOW_SHIFT = 100.0
+MAX_IMAGE_PIXELS = 4096 * 4096  # of a conditioning image (it is resized to the output's size)
 
 
 class FieldError(ValueError):
@@ -151,9 +152,13 @@ def decode_base64(value: str, field: str) -> bytes:
         raise FieldError(field, "is not a base64 data URL or base64 string") from None
 
 
-def decode_image(value: str, field: str) -> Image.Image:
+def decode_image(value: str, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image, refused from its header (before its pixels are decoded) when it has more than `max_pixels`."""
     try:
-        return Image.open(io.BytesIO(decode_base64(value, field))).convert("RGB")
+        image = Image.open(io.BytesIO(decode_base64(value, field)))
+        if image.width * image.height > max_pixels:
+            raise FieldError(field, f"has {image.width}x{image.height} pixels; at most {max_pixels:,} are accepted")
+        return image.convert("RGB")
     except (OSError, Image.DecompressionBombError):
         raise FieldError(field, "is not a PNG / JPEG / WebP image") from None
 

@@ -350,6 +350,14 @@ def test_routing_and_parse_errors_answer_in_the_error_envelope(http: httpx.Clien
     assert error["code"] == status and error["message"] and set(error) == {"message", "type", "param", "code"}
 
 
+def test_an_image_of_too_many_pixels_is_refused_from_its_header(http: httpx.Client) -> None:
+    image = media.png_data_url(Image.new("1", (12000, 12000)))  # a few KB: 144 megapixels of one colour
+    answer = http.post("/v1/video/generate", json={"prompt": "x", "image": image})
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "image" and "12000x12000" in error["message"] and "16,777,216" in error["message"]
+
+
 def test_oversize_body_gets_413(http: httpx.Client) -> None:
     big = base64.b64encode(b"\0" * MAX_REQUEST_BYTES).decode()
     response = http.post("/v1/video/generate", json={"prompt": "x", "image": big})
