@@ -26,7 +26,6 @@ import base64
 import io
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import PROMPT, first_frame  # noqa: E402
+from serving import PROMPT, Server, first_frame  # noqa: E402
 
 CHAT_PROMPT = "Describe, step by step, how a robot arm picks up a red cube and places it in a blue bowl."
 
@@ -45,37 +44,10 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-class Server:
-    def __init__(self, args: argparse.Namespace) -> None:
-        precision = ["--precision", "bf16", "--load-format", "dummy"] if on_gpu() else ["--precision", "fp32"]
-        command = [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", args.checkpoint, "--port",
-                   str(args.port), "--served-model-name", "cosmos3", *precision, *args.serve_flag]  # fmt: skip
-        self.base_url = f"http://127.0.0.1:{args.port}"
-        self.command = command
-        self.log = open(args.server_log, "w")  # noqa: SIM115 - open for the server's lifetime
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode} (see its log)")
-            try:
-                if httpx.get(f"{self.base_url}/v1/health/ready", timeout=2.0).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"the server was not ready after {timeout_s} s (see its log)")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+def serve_command(args: argparse.Namespace) -> list[str]:
+    precision = ["--precision", "bf16", "--load-format", "dummy"] if on_gpu() else ["--precision", "fp32"]
+    return [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", args.checkpoint, "--port", str(args.port),
+            "--served-model-name", "cosmos3", *precision, *args.serve_flag]  # fmt: skip
 
 
 # ---- chat ---------------------------------------------------------------------------------------------------
@@ -266,7 +238,7 @@ def main() -> int:
         import torch
 
         device = torch.cuda.get_device_name()
-    server = Server(args)
+    server = Server(serve_command(args), args.port, args.server_log)
     result: dict = {}
     report = {"device": device, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "server_ready_s": None,
               "server_command": server.command, "result": result}  # fmt: skip

@@ -107,18 +107,24 @@ def summary(latencies: list[float], wall_s: float) -> dict:
 # ---- the server ---------------------------------------------------------------------------------------------
 
 
+def serve_command(args: argparse.Namespace) -> list[str]:
+    command = [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", args.checkpoint, "--precision", "bf16",
+               "--load-format", "dummy", "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+               "--max-model-len", "4096", "--port", str(args.port)]  # fmt: skip
+    if args.max_generation_batch_tokens is not None:
+        command += ["--max-generation-batch-tokens", str(args.max_generation_batch_tokens)]
+    if args.profile:
+        command += ["--profile-dir", str(profile_dir(args))]
+    return command + ["--vae-precision", args.vae_precision]
+
+
 class Server:
-    def __init__(self, args: argparse.Namespace) -> None:
-        command = [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", args.checkpoint, "--precision", "bf16",
-                   "--load-format", "dummy", "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                   "--max-model-len", "4096", "--port", str(args.port)]  # fmt: skip
-        if args.max_generation_batch_tokens is not None:
-            command += ["--max-generation-batch-tokens", str(args.max_generation_batch_tokens)]
-        if args.profile:
-            command += ["--profile-dir", str(profile_dir(args))]
-        command += ["--vae-precision", args.vae_precision]
-        self.base_url = f"http://127.0.0.1:{args.port}"
-        self.log = open(args.server_log, "w")  # noqa: SIM115 - open for the server's lifetime
+    """`cosmos3-serve serve` in a child process, its output in `log_path`."""
+
+    def __init__(self, command: list[str], port: int, log_path: str) -> None:
+        self.command = command
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log = open(log_path, "w")  # noqa: SIM115 - open for the server's lifetime
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float) -> float:
@@ -435,7 +441,7 @@ def main() -> int:
     args = parser.parse_args()
 
     works = workloads(args)
-    server = Server(args)
+    server = Server(serve_command(args), args.port, args.server_log)
     try:
         ready_s = server.wait_ready(args.ready_timeout)
         served = asyncio.run(measure_server(server.base_url, works, args))
