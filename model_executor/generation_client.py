@@ -136,13 +136,15 @@ class Cosmos3Generator:
         admits new requests into the running batch. Returns a result per id (videos as latents, or uint8 frames
         with `decode`), None when cancelled. A request refused or failed by the generator raises ValueError (the
         others are cancelled)."""
+        plans = {request_id: self._plan(request) for request_id, request in requests.items()}
         waiting, pending = dict(requests), set(requests)
         results: dict[str, GenerationResult | None] = {}
         while pending:
             arrived = incoming() if incoming is not None else {}
+            plans.update({request_id: self._plan(request) for request_id, request in arrived.items()})
             waiting.update(arrived)
             pending |= set(arrived)
-            self._prefill(waiting, decode)
+            self._prefill(waiting, plans, decode)
             for request_id in self._cancelled & pending:
                 self.core.cancel(request_id)
                 waiting.pop(request_id, None)
@@ -181,15 +183,15 @@ class Cosmos3Generator:
                                      use_tqdm=False)  # fmt: skip
         return self.prompts.answer(list(output.outputs[0].token_ids))
 
-    def _prefill(self, waiting: dict[str, GenerationRequest], decode: bool) -> None:
+    def _prefill(self, waiting: dict[str, GenerationRequest], plans: dict[str, tuple[list[list[int]], int]],
+                 decode: bool) -> None:  # fmt: skip
         """Prefill the prompts of the waiting requests that fit the state budget (in arrival order), in one batch, as
-        generation contexts, and queue their admissions. Every waiting request is checked first: an invalid one is
-        refused (ValueError naming the field) before anything runs."""
+        generation contexts, and queue their admissions. `plans`: each request's `_plan`, made once on arrival."""
         from vllm import SamplingParams
 
-        planned = {request_id: self._plan(request) for request_id, request in waiting.items()}
         prompts, keys = {}, {}
-        for request_id, (ids, state_bytes) in planned.items():
+        for request_id in waiting:
+            ids, state_bytes = plans[request_id]
             if not self.core.fits(state_bytes):
                 break
             prompts[request_id], keys[request_id] = ids, new_export_keys(len(ids))
@@ -206,7 +208,7 @@ class Cosmos3Generator:
 
     def _plan(self, request: GenerationRequest) -> tuple[list[list[int]], int]:
         """(its prompts' token ids, the bytes it will hold on the device); ValueError naming the field when it is
-        invalid or can never run on this deployment."""
+        invalid or can never run on this deployment (before anything of the call runs, for the requests given)."""
         request.validate(self.config)
         cost = RequestCost.of(request, self.geometry)
         refusal = self.limits.refusal(request, cost)
