@@ -22,8 +22,8 @@ from cosmos3_serve.sampling.actions import action_source_size, content_size
 # its history of model outputs (UniPC keeps solver_order of them), the guided velocity and the branches' velocities.
 LATENT_STATE_COPIES = 8
 ADDITIONAL_CONFIG_KEY = "cosmos3_generator"
-# Generator tokens per denoising step (`DiffusionExecutor.next_batch`). On an H200 the Nano tower's eager forward
-# keeps the GPU busy from about 2,000 tokens on, where its GEMMs already run near their peak (docs/benchmarks.md).
+# Generator tokens per denoising step (`DiffusionExecutor.next_batch`): from about this many on, a step's GEMMs run
+# near their peak (docs/benchmarks.md), so a larger batch only makes its requests wait for each other.
 DEFAULT_MAX_BATCH_TOKENS = 2048
 # Prompt tokens of one CFG branch of a typical generation request (the pipeline's templates included), for the
 # capacity a deployment reports.

@@ -154,7 +154,9 @@ class DiffusionExecutor:
 
     def _on_this_stream(self, prompt_kv: PromptKV) -> PromptKV:
         """The prompt's K/V on this device, marked as used by the current stream: the reasoner's stream wrote them,
-        and their memory must not return to it while this stream's steps still read them."""
+        and their memory must not return to it while this stream's steps still read them. They are complete before
+        this stream reads them: a driver admits a request only once its prefill has returned its sampled token, which
+        the reasoner's stream computes after the export."""
         prompt_kv = prompt_kv.to(self.device)
         if prompt_kv.kv.is_cuda:
             prompt_kv.kv.record_stream(torch.cuda.current_stream(self.device))
