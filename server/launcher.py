@@ -15,11 +15,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cosmos3_serve.model_executor import log_routing, vllm_compat
+from cosmos3_serve.model_executor import log_routing, patches, vllm_compat
 from cosmos3_serve.model_executor.admission import GeneratorSettings
 from cosmos3_serve.quant.precision import precision_engine_args
 from cosmos3_serve.server import deployment
 from cosmos3_serve.server.deployment import parse_shape
+from cosmos3_serve.server.media_policy import MediaPolicy
 
 
 VAE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --vae-precision -> torch dtype name
@@ -47,6 +48,7 @@ class ServeOptions:
     profile_dir: str | None = None  # the worker's profiler traces; enables /start_profile and /stop_profile
     enforce_eager: bool = False  # no CUDA graphs, in the reasoner (vLLM's) nor in the generator
     vae_precision: str = "fp32"  # the VAE's: fp32 (default), bf16 or fp16
+    allowed_media_domains: tuple[str, ...] = ()  # hosts whose http(s) media URLs chat may fetch; none: data URLs only
 
     @property
     def model_name(self) -> str:
@@ -86,13 +88,20 @@ def vllm_engine_argv(options: ServeOptions) -> list[str]:
         engine["kv_cache_memory_bytes"] = deployment.cpu_kv_cache_bytes()
     if options.enforce_eager:
         engine["enforce_eager"] = True
+    media_domains = sorted(MediaPolicy.from_domains(list(options.allowed_media_domains)).allowed_domains)
+    if media_domains:  # vLLM checks them too; without any, our policy refuses every remote URL
+        engine["allowed_media_domains"] = media_domains
     if options.profile_dir is not None:  # the worker's profiler only: the API server's would slow every request
         trace_dir = str(Path(options.profile_dir).resolve())
         engine["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": trace_dir,
                                      "torch_profiler_with_stack": False, "ignore_frontend": True}  # fmt: skip
     argv = ["--model", str(options.checkpoint)]
     for name, value in engine.items():
-        argv += ["--" + name.replace("_", "-"), json.dumps(value) if isinstance(value, dict) else str(value)]
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     return argv
 
 
@@ -122,7 +131,8 @@ async def _serve(options: ServeOptions, vllm_args) -> None:
     settings = ServerSettings(checkpoint=options.checkpoint, model_name=options.model_name,
                               precision=options.precision, api_key=options.api_key,
                               max_request_bytes=options.max_request_bytes,
-                              max_generation_jobs=options.max_generation_jobs)  # fmt: skip
+                              max_generation_jobs=options.max_generation_jobs,
+                              media_policy=MediaPolicy.from_domains(list(options.allowed_media_domains)))  # fmt: skip
     _, sock = api.setup_server(vllm_args, reuse_port=False)
     async with api.build_async_engine_client(vllm_args) as engine_client:
         app = await build_cosmos3_app(engine_client, vllm_args, settings)
@@ -162,5 +172,6 @@ def serve(options: ServeOptions) -> int:
     vllm_args = api.make_arg_parser(FlexibleArgumentParser(prog="cosmos3-serve serve")).parse_args(argv)
     api.validate_parsed_serve_args(vllm_args)
     log_routing.route_to_vllm()
+    patches.guard_media_fetches(MediaPolicy.from_domains(list(options.allowed_media_domains)))
     uvloop.run(_serve(options, vllm_args))
     return 0

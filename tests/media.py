@@ -34,10 +34,14 @@ def video_metadata(num_frames: int, fps: float) -> dict:
     }
 
 
-def png_data_url(image: Image.Image) -> str:
+def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def png_data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:

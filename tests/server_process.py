@@ -60,3 +60,40 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class MediaOrigin:
+    """A real HTTP server on 127.0.0.1 that answers every GET with `payload` and counts the requests it gets:
+    the target a server must not fetch from."""
+
+    def __init__(self, payload: bytes, content_type: str = "image/png") -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                origin.hits += 1
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.hits = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def url(self, host: str = "127.0.0.1", path: str = "/media.png") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def __enter__(self) -> MediaOrigin:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._server.shutdown()
+        self._server.server_close()

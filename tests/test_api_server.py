@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tests import media
-from tests.server_process import ServerProcess, free_port
+from tests.server_process import MediaOrigin, ServerProcess, free_port
 
 API_KEY = "sk-cosmos3-test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -45,7 +45,8 @@ def server(tiny_checkpoint: Path, profile_dir: Path) -> Iterator[ServerProcess]:
         [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint), "--port", str(port),
          "--precision", "fp32", "--max-model-len", "4096", "--api-key", API_KEY,
          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-generation-jobs", str(MAX_JOBS),
-         "--generation-state-budget-mib", str(STATE_BUDGET_MIB), "--profile-dir", str(profile_dir)],
+         "--generation-state-budget-mib", str(STATE_BUDGET_MIB), "--profile-dir", str(profile_dir),
+         "--allowed-media-domains", "localhost"],
         port,
     )  # fmt: skip
     try:
@@ -134,6 +135,21 @@ def test_multimodal_chat_streams_what_the_engine_answers(server: ServerProcess, 
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert reply.choices[0].message.content == streamed == expected.text
     assert reply.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_allowed_media_domains_never_reach_a_loopback_target(http: httpx.Client) -> None:
+    """`--allowed-media-domains localhost`: the domain passes the edge, but it resolves to loopback, so the fetch
+    is refused at connect time; another host is refused at the edge. No request reaches the origin, and no
+    answer says anything about it."""
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    with MediaOrigin(media.png_bytes(media.smooth_image(seed=3))) as origin:
+        for url, status in ((origin.url("localhost"), 400), (origin.url("127.0.0.1"), 422)):
+            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe."}]
+            answer = http.post("/v1/chat/completions", json={"model": model, "max_tokens": 4,
+                                                             "messages": [{"role": "user", "content": content}]})  # fmt: skip
+            assert answer.status_code == status, (url, answer.text)
+            assert str(origin.port) not in answer.text and "refused" not in answer.text.lower()
+        assert origin.hits == 0
 
 
 # ---- generation ---------------------------------------------------------------------------------------------

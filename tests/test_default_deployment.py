@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests import media
-from tests.server_process import ServerProcess, free_port
+from tests.server_process import MediaOrigin, ServerProcess, free_port
 from tests.test_actions import NEGATIVE, action_request, reference
 
 CHAT_CLIENTS = 4
@@ -75,3 +75,26 @@ def test_policy_actions_under_chat_load_equal_the_reference(http: httpx.Client, 
     for answer in answers:
         assert answer.status_code == 200, answer.text
         assert np.abs(np.asarray(answer.json()["actions"]) - expected_actions.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("part", ["image_url", "video_url"])
+def test_remote_media_urls_are_off_by_default(http: httpx.Client, part: str) -> None:
+    """No flag: chat media only inline. http(s) and file URLs are refused at the edge with 422 naming the field,
+    before any fetch, in words that say nothing about the target."""
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    payload = media.png_bytes(media.smooth_image(seed=3))
+    with MediaOrigin(payload) as origin:
+        for url in (origin.url(), origin.url("localhost"), "file:///etc/passwd", "ftp://127.0.0.1/x"):
+            content = [{"type": "text", "text": "Describe."}, {"type": part, part: {"url": url}}]
+            answer = http.post("/v1/chat/completions", json={"model": model, "max_tokens": 4,
+                                                             "messages": [{"role": "user", "content": content}]})  # fmt: skip
+            assert answer.status_code == 422, (url, answer.text)
+            error = answer.json()["error"]
+            assert error["param"] == f"messages[0].content[1].{part}.url"
+            assert "data URL" in error["message"]
+            assert str(origin.port) not in answer.text and "passwd" not in answer.text
+        assert origin.hits == 0
+    inline = [{"type": "image_url", "image_url": {"url": media.png_data_url(media.smooth_image(seed=3))}}]
+    answer = http.post("/v1/chat/completions", json={"model": model, "max_tokens": 4,
+                                                     "messages": [{"role": "user", "content": inline}]})  # fmt: skip
+    assert answer.status_code == 200, answer.text
