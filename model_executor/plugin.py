@@ -4,7 +4,8 @@ Registers, under the architecture name the released checkpoints declare (`Cosmos
 our reasoner class in place of vLLM's built-in one, so `vllm serve CKPT` and our server both pick it up with no
 extra flag; registers the K/V export connector by name (`--kv-transfer-config
 '{"kv_connector": "Cosmos3KVExportConnector", "kv_role": "kv_producer"}'`); adds our attention op to the ops vLLM
-splits its compiled graph at; and applies the `patches` every process needs. Classes are registered by import
+splits its compiled graph at; applies the `patches` every process needs; and makes each of vLLM's child processes
+die with its parent (`process_lifetime`). Classes are registered by import
 path, so loading the plugin imports no model code (the worker extension applies the workers' own patch when vLLM
 imports it). Idempotent.
 """
@@ -34,11 +35,12 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
-    from cosmos3_serve.model_executor import patches
+    from cosmos3_serve.model_executor import patches, process_lifetime
 
     ModelRegistry.register_model(REASONER_ARCHITECTURE, REASONER_CLASS)
     KVConnectorFactory.register_connector(KV_EXPORT_CONNECTOR, KV_EXPORT_MODULE, KV_EXPORT_CONNECTOR)
     patches.patch_cpu_model_runner()
+    process_lifetime.die_with_parent()
     if DECODE_ATTENTION:
         patches.register_splitting_op(ATTENTION_OP)
     _registered = True
