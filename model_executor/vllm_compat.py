@@ -39,16 +39,13 @@ def video_pruning_kwargs(rate: float | None, method: str = "evs") -> dict[str, A
 
 def openai_server_api() -> SimpleNamespace:
     """vLLM's OpenAI-server functions, wherever this release keeps them: `make_arg_parser`,
-    `validate_parsed_serve_args`, `setup_server`, `build_async_engine_client`, `build_app`, `init_app_state`,
-    `serve_http`."""
+    `validate_parsed_serve_args`, `setup_server`, `build_async_engine_client`, `build_app`, `init_app_state`."""
     if importlib.util.find_spec("vllm.entrypoints.launchers") is None:  # 0.26: the api_server module has most
         server = "vllm.entrypoints.openai.api_server"
-        where = {"cli_args": "vllm.entrypoints.openai.cli_args", "launcher": "vllm.entrypoints.launcher",
-                 "setup": server, "entry": server, "app": server, "app_state": server}  # fmt: skip
+        where = {"cli_args": "vllm.entrypoints.openai.cli_args", "setup": server, "entry": server, "app": server, "app_state": server}  # fmt: skip
     else:
         launchers = "vllm.entrypoints.launchers"
-        where = {"cli_args": f"{launchers}.cli_args", "launcher": f"{launchers}.launcher",
-                 "setup": f"{launchers}.launcher", "entry": f"{launchers}.api_server.entry",
+        where = {"cli_args": f"{launchers}.cli_args", "setup": f"{launchers}.launcher", "entry": f"{launchers}.api_server.entry",
                  "app": f"{launchers}.app", "app_state": f"{launchers}.api_server.app_state"}  # fmt: skip
     module = {role: importlib.import_module(name) for role, name in where.items()}
     return SimpleNamespace(
@@ -58,7 +55,6 @@ def openai_server_api() -> SimpleNamespace:
         build_async_engine_client=module["entry"].build_async_engine_client,
         build_app=module["app"].build_app,
         init_app_state=module["app_state"].init_app_state,
-        serve_http=module["launcher"].serve_http,
     )
 
 

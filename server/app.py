@@ -23,6 +23,7 @@ from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.server import nim_routes, routes
 from cosmos3_serve.server.media_policy import MediaPolicy, MediaUrlPolicyMiddleware
 from cosmos3_serve.server.generation_service import GenerationService, Overloaded, RequestTooLarge
+from cosmos3_serve.server.lifecycle import Lifecycle, LifecycleMiddleware
 from cosmos3_serve.server.middleware import BearerAuthMiddleware, RequestSizeLimitMiddleware
 from cosmos3_serve.server.protocol import CheckpointInfo, FieldError, ModeUnavailable
 
@@ -39,6 +40,7 @@ class ServerSettings:
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
     media_policy: MediaPolicy = MediaPolicy()
+    shutdown_grace_s: float = 30.0
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Cosmos3State:
     engine_client: Any
     service: GenerationService
     checkpoint_info: CheckpointInfo
+    lifecycle: Lifecycle
 
     @property
     def model_name(self) -> str:
@@ -139,14 +142,16 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
     await api.init_app_state(engine_client, app.state, args, supported_tasks)
 
     service = GenerationService(engine_client, settings.checkpoint, max_jobs=settings.max_generation_jobs)
+    lifecycle = Lifecycle(engine_client, service, settings.shutdown_grace_s)
     app.state.cosmos3 = Cosmos3State(settings=settings, engine_client=engine_client, service=service,
-                                     checkpoint_info=CheckpointInfo.load(settings.checkpoint))
+                                     checkpoint_info=CheckpointInfo.load(settings.checkpoint), lifecycle=lifecycle)
     app.include_router(nim_routes.router)
     app.include_router(routes.router)
     app.middleware_stack = None  # vLLM's build_app built the stack; rebuild it with our handlers and middleware
     install_error_handlers(app)
     app.add_middleware(MediaUrlPolicyMiddleware, policy=settings.media_policy, skip_prefixes=OUR_PATH_PREFIXES)
     app.add_middleware(RequestSizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
     if settings.api_key:
         app.add_middleware(BearerAuthMiddleware, api_key=settings.api_key)
 

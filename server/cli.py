@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device memory (MiB) of the generation jobs between their prefill and their result (prompt "
                             "K/V, latents); more jobs wait in the queue (default: 4096 on a GPU, 1024 on the CPU) "
                             "[NIM_GENERATION_STATE_BUDGET_MIB]")
+    serve.add_argument("--shutdown-grace-s", type=float, default=_env("NIM_SHUTDOWN_GRACE_S", 30.0, float),
+                       help="on SIGTERM / SIGINT: new work gets 503, and generation jobs in flight and open requests "
+                            "get this long to finish; jobs still running then fail (503) [NIM_SHUTDOWN_GRACE_S]")
     serve.add_argument("--allowed-media-domains", nargs="+", metavar="DOMAIN",
                        default=tuple(_env("NIM_ALLOWED_MEDIA_DOMAINS", "").split()),
                        help="hosts whose http(s) image / video URLs chat may fetch, and only where every address "

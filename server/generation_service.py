@@ -67,6 +67,7 @@ class Job:
     steps_done: int = 0
     output: JobOutput | None = None
     error: str | None = None
+    error_status: int = 500  # the HTTP status of a failure: 503 where retrying elsewhere may succeed
     finished_at: float | None = None
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds (`metrics.PHASE_SECONDS`)
     first_step_at: float | None = None
@@ -156,6 +157,7 @@ class GenerationService:
         self.max_jobs, self.result_ttl_s = max_jobs, result_ttl_s
         self.jobs: dict[str, Job] = {}
         self.ready = False
+        self.failure: str | None = None  # why the generator loop stopped, once it has
         self.generator_info: dict[str, Any] = {}
         self.limits: GenerationLimits | None = None
         self.core: DriverCore | None = None
@@ -243,15 +245,33 @@ class GenerationService:
 
     async def cancel(self, job: Job) -> None:
         """Cancel a job: it leaves the batch at the loop's next step and its K/V and latents are released."""
+        self._stop(job, JobStatus.CANCELLED)
+        self._admit_waiting()
+
+    def fail_all(self, reason: str, error_status: int = 503) -> None:
+        """Fail every job not yet final with `reason` (their waiters get it at once); the loop releases them."""
+        for job in [job for job in self.jobs.values() if not job.status.final]:
+            self._stop(job, JobStatus.FAILED, reason, error_status)
+
+    async def drain(self, grace_s: float, reason: str) -> None:
+        """Wait up to `grace_s` for the jobs in flight to finish, then fail the rest with `reason`."""
+        pending = [asyncio.create_task(self.wait(job)) for job in self.jobs.values() if not job.status.final]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace_s)
+            for task in late:
+                task.cancel()
+        self.fail_all(reason)
+
+    def _stop(self, job: Job, status: JobStatus, error: str | None = None, error_status: int = 500) -> None:
         if job.status.final:
             return
         if job in self._waiting:
             self._waiting.remove(job)
-        self.core.cancel(job.id)
+        if self.core is not None:
+            self.core.cancel(job.id)
         self._following.pop(job.id, None)
         self._flush_wake.set()
-        self._finish(job, JobStatus.CANCELLED)
-        self._admit_waiting()
+        self._finish(job, status, error=error, error_status=error_status)
 
     def forget(self, job: Job) -> None:
         """Drop a final job and its output (a sync response has delivered it)."""
@@ -350,6 +370,9 @@ class GenerationService:
                 job = self._following.get(update.request_id)
                 if job is not None:
                     self._update(job, update)
+            if header["kind"] == "fatal":
+                self.failure = f"the generator stopped: {header['error']}"
+                self.fail_all(self.failure)
             if header["kind"] == "progress":
                 metrics.STEP_SECONDS.observe(header["seconds"])
                 metrics.BATCH_SIZE.observe(len(header["steps"]))
@@ -388,12 +411,12 @@ class GenerationService:
         job.phases["encode"] = time.time() - now
         self._finish(job, JobStatus.SUCCEEDED)
 
-    def _finish(self, job: Job, status: JobStatus, error: str | None = None) -> None:
+    def _finish(self, job: Job, status: JobStatus, error: str | None = None, error_status: int = 500) -> None:
         if job.status.final:  # e.g. cancelled before its admission failed
             return
         if job.status is JobStatus.QUEUED:
             metrics.QUEUE_DEPTH.dec()
-        job.status, job.error, job.finished_at = status, error, time.time()
+        job.status, job.error, job.error_status, job.finished_at = status, error, error_status, time.time()
         metrics.REQUESTS.labels(mode=job.mode, status=status.value).inc()
         if status is JobStatus.SUCCEEDED:
             metrics.LATENCY.labels(mode=job.mode).observe(job.finished_at - job.created)

@@ -48,6 +48,7 @@ class ServeOptions:
     profile_dir: str | None = None  # the worker's profiler traces; enables /start_profile and /stop_profile
     enforce_eager: bool = False  # no CUDA graphs, in the reasoner (vLLM's) nor in the generator
     vae_precision: str = "fp32"  # the VAE's: fp32 (default), bf16 or fp16
+    shutdown_grace_s: float = 30.0  # SIGTERM: how long jobs in flight and open requests get to finish
     allowed_media_domains: tuple[str, ...] = ()  # hosts whose http(s) media URLs chat may fetch; none: data URLs only
 
     @property
@@ -124,7 +125,8 @@ def example_requests(options: ServeOptions) -> str:
     ])  # fmt: skip
 
 
-async def _serve(options: ServeOptions, vllm_args) -> None:
+async def _serve(options: ServeOptions, vllm_args) -> int:
+    from cosmos3_serve.server import http_server
     from cosmos3_serve.server.app import ServerSettings, build_cosmos3_app
 
     api = vllm_compat.openai_server_api()
@@ -132,28 +134,30 @@ async def _serve(options: ServeOptions, vllm_args) -> None:
                               precision=options.precision, api_key=options.api_key,
                               max_request_bytes=options.max_request_bytes,
                               max_generation_jobs=options.max_generation_jobs,
-                              media_policy=MediaPolicy.from_domains(list(options.allowed_media_domains)))  # fmt: skip
+                              media_policy=MediaPolicy.from_domains(list(options.allowed_media_domains)),
+                              shutdown_grace_s=options.shutdown_grace_s)  # fmt: skip
     _, sock = api.setup_server(vllm_args, reuse_port=False)
-    async with api.build_async_engine_client(vllm_args) as engine_client:
-        app = await build_cosmos3_app(engine_client, vllm_args, settings)
-
-        async def announce() -> None:
-            await app.state.cosmos3_startup
-            if app.state.cosmos3.service.ready:
-                print(f"\ncosmos3-serve is ready on {options.base_url} (model {options.model_name!r}). Try:\n",
-                      flush=True)  # fmt: skip
-                print(example_requests(options) + "\n", flush=True)
-
-        announcing = asyncio.create_task(announce())
-        shutdown = await api.serve_http(app, sock=sock, host=vllm_args.host, port=vllm_args.port,
-                                        log_level=vllm_args.uvicorn_log_level,
-                                        access_log=not vllm_args.disable_uvicorn_access_log)  # fmt: skip
-        announcing.cancel()
-        await app.state.cosmos3.service.stop()
     try:
-        await shutdown
+        async with api.build_async_engine_client(vllm_args) as engine_client:
+            app = await build_cosmos3_app(engine_client, vllm_args, settings)
+            state = app.state.cosmos3  # vLLM's lifespan deletes `app.state` when the HTTP server stops
+
+            async def announce() -> None:
+                await app.state.cosmos3_startup
+                if state.service.ready:
+                    print(f"\ncosmos3-serve is ready on {options.base_url} (model {options.model_name!r}). Try:\n",
+                          flush=True)  # fmt: skip
+                    print(example_requests(options) + "\n", flush=True)
+
+            announcing = asyncio.create_task(announce())
+            exit_code = await http_server.serve(app, sock, state.lifecycle,
+                                                log_level=vllm_args.uvicorn_log_level,
+                                                access_log=not vllm_args.disable_uvicorn_access_log)  # fmt: skip
+            announcing.cancel()
+            await state.service.stop()
     finally:
         sock.close()
+    return exit_code
 
 
 def serve(options: ServeOptions) -> int:
@@ -173,5 +177,4 @@ def serve(options: ServeOptions) -> int:
     api.validate_parsed_serve_args(vllm_args)
     log_routing.route_to_vllm()
     patches.guard_media_fetches(MediaPolicy.from_domains(list(options.allowed_media_domains)))
-    uvloop.run(_serve(options, vllm_args))
-    return 0
+    return uvloop.run(_serve(options, vllm_args))

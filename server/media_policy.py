@@ -21,6 +21,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cosmos3_serve.server.middleware import json_error
+
 if TYPE_CHECKING:
     from aiohttp.abc import ResolveResult
 
@@ -149,7 +151,7 @@ class MediaUrlPolicyMiddleware:
         refused = self._refused_field(body)
         if refused is not None:
             field, reason = refused
-            return await _refuse(send, field, reason)
+            return await json_error(send, 422, f"{field}: {reason}", "invalid_request_error", param=field)
         replayed = False
 
         async def replay() -> Message:
@@ -172,10 +174,3 @@ class MediaUrlPolicyMiddleware:
                 return field, reason
         return None
 
-
-async def _refuse(send: Send, field: str, reason: str) -> None:
-    error = {"message": f"{field}: {reason}", "type": "invalid_request_error", "param": field, "code": 422}
-    body = json.dumps({"error": error}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 422, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -1,4 +1,5 @@
-"""ASGI middleware of the server: bearer-token authentication and the request-size limit."""
+"""ASGI middleware of the server: bearer-token authentication and the request-size limit, and the error envelope
+they answer in."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 UNGUARDED_PATHS = ("/health", "/v1/health/live", "/v1/health/ready")
 
 
-async def _json_error(send: Send, status: int, message: str, kind: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+async def json_error(send: Send, status: int, message: str, kind: str, param: str | None = None,
+                     headers: list[tuple[bytes, bytes]] = ()) -> None:  # fmt: skip
+    """Answers with the error envelope (`{"error": {"message", "type", "param", "code"}}`)."""
+    body = json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -32,7 +35,7 @@ class BearerAuthMiddleware:
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         if scheme.lower() == "bearer" and secrets.compare_digest(hashlib.sha256(token.encode()).digest(), self.key_hash):
             return await self.app(scope, receive, send)
-        await _json_error(send, 401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
+        await json_error(send, 401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
 
 
 class RequestSizeLimitMiddleware:
@@ -47,7 +50,7 @@ class RequestSizeLimitMiddleware:
         too_large = f"request body over the limit of {self.max_bytes} bytes"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _json_error(send, 413, too_large, "request_too_large")
+            return await json_error(send, 413, too_large, "request_too_large")
         received = 0
         refused = False  # 413 sent: the app sees a disconnect and whatever it answers is dropped
 
@@ -58,7 +61,7 @@ class RequestSizeLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes and not refused:
                     refused = True
-                    await _json_error(send, 413, too_large, "request_too_large")
+                    await json_error(send, 413, too_large, "request_too_large")
                     return {"type": "http.disconnect"}
             return message
 

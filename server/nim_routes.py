@@ -16,11 +16,12 @@ async def health_live() -> dict:
     return {"object": "health.response", "message": "live"}
 
 
-@router.get("/v1/health/ready", responses={503: {"description": "a tower is still loading or warming up"}})
+@router.get("/v1/health/ready", responses={503: {"description": "loading, warming up, draining or failed"}})
 async def health_ready(request: Request) -> JSONResponse:
-    """200 once the reasoner (vLLM) and the generator are loaded and warm, else 503."""
+    """200 once the reasoner (vLLM) and the generator are loaded and warm, and while the server takes new work
+    (not draining, neither tower dead), else 503."""
     state = request.app.state.cosmos3
-    if state.service.ready and not state.engine_client.errored:
+    if state.service.ready and state.lifecycle.accepting:
         return JSONResponse({"object": "health.response", "message": "ready"})
     return JSONResponse({"object": "health.response", "message": "not ready"}, status_code=503,
                         headers={"Retry-After": "5"})  # fmt: skip

@@ -65,7 +65,7 @@ def finished_output(job: Job):
     if job.status is JobStatus.SUCCEEDED:
         return job.output
     if job.status is JobStatus.FAILED:
-        raise HTTPException(500, f"generation failed: {job.error}")
+        raise HTTPException(job.error_status, f"generation failed: {job.error}")
     if job.status is JobStatus.CANCELLED:
         raise HTTPException(409, f"generation job {job.id} was cancelled")
     raise HTTPException(409, f"generation job {job.id} is {job.status.value} ({job.steps_done}/{job.steps_total} steps)")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -60,6 +62,16 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
+    """(event, data) of a server-sent event stream, as they arrive."""
+    kind = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            kind = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            yield kind, json.loads(line.removeprefix("data: "))
 
 
 class MediaOrigin:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tests import media
-from tests.server_process import MediaOrigin, ServerProcess, free_port
+from tests.server_process import MediaOrigin, ServerProcess, free_port, sse_events
 
 API_KEY = "sk-cosmos3-test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -92,15 +92,6 @@ def mp4_frames(data: bytes) -> tuple[np.ndarray, float]:
         stream = container.streams.video[0]
         frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
         return frames, float(stream.average_rate)
-
-
-def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
-    kind = None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            kind = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            yield kind, json.loads(line.removeprefix("data: "))
 
 
 # ---- chat: vLLM's OpenAI serving, reused ------------------------------------------------------------------

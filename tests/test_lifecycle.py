@@ -1,0 +1,123 @@
+"""The server's life and death as a supervisor sees it, on real servers on localhost (tiny checkpoint, CPU):
+SIGTERM drains (503 for new work, jobs finish within the grace period or fail, every client answered, exit 0);
+a dead engine core fails every job and ends the server with a non-zero code; a killed server leaves no process
+behind."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.server_process import ServerProcess, free_port, sse_events
+
+LONG_VIDEO = {"prompt": "A long one.", "num_frames": 33, "height": 512, "width": 512, "num_inference_steps": 100}
+SHORT_VIDEO = {**LONG_VIDEO, "prompt": "A short one.", "num_inference_steps": 4}  # seconds on a CPU
+GRACE_S = 30  # the short video finishes within it, the long one (minutes on a CPU) does not
+
+
+def start_server(checkpoint: Path, *flags: str) -> ServerProcess:
+    port = free_port()
+    server = ServerProcess([sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(checkpoint),
+                            "--port", str(port), "--precision", "fp32", "--max-model-len", "2048", *flags], port)  # fmt: skip
+    server.wait_ready(path="/v1/health/ready")
+    return server
+
+
+class EventFollower(threading.Thread):
+    """Follows one job's event stream to its end, from a thread: the events it got, and whether it ended."""
+
+    def __init__(self, base_url: str, job_id: str) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{base_url}/v1/video/generate/{job_id}/events"
+        self.events: list[tuple[str, dict]] = []
+        self.running = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=120) as client, client.stream("GET", self.url) as response:
+            for kind, data in sse_events(response):
+                self.events.append((kind, data))
+                if data["status"] == "running" and data["steps_done"] >= 1:
+                    self.running.set()
+
+
+def start_async(server: ServerProcess, body: dict) -> EventFollower:
+    """Submits `body` as an async job and follows its events until it has denoised a step."""
+    submitted = httpx.post(f"{server.base_url}/v1/video/generate", json={**body, "response": "async"}, timeout=30)
+    assert submitted.status_code == 202, submitted.text
+    follower = EventFollower(server.base_url, submitted.json()["id"])
+    follower.start()
+    assert follower.running.wait(300), "the job never started denoising"
+    return follower
+
+
+def test_sigterm_drains_then_exits_zero(tiny_checkpoint: Path) -> None:
+    server = start_server(tiny_checkpoint, "--shutdown-grace-s", str(GRACE_S))
+    try:
+        short_job = start_async(server, SHORT_VIDEO)
+        sync_answer: list[httpx.Response] = []
+        sync_client = threading.Thread(target=lambda: sync_answer.append(
+            httpx.post(f"{server.base_url}/v1/video/generate", json=LONG_VIDEO, timeout=300)))  # fmt: skip
+        sync_client.start()
+        time.sleep(2.0)  # the long job is submitted: it waits for the short one's place in the step batch
+        signalled_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        refused = httpx.post(f"{server.base_url}/v1/video/generate", json=SHORT_VIDEO, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(f"{server.base_url}/v1/health/ready", timeout=30).status_code == 503
+        assert httpx.get(f"{server.base_url}/v1/health/live", timeout=30).status_code == 200
+
+        short_job.join(GRACE_S)
+        kind, final = short_job.events[-1]
+        assert kind == "done" and final["status"] == "succeeded"  # it finished within the grace period
+        content = httpx.get(f"{server.base_url}/v1/video/generate/{final['id']}/content", timeout=30)
+        assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"  # still served
+        sync_client.join(GRACE_S + 30)
+        [answer] = sync_answer  # the synchronous client is answered: its job failed at the end of the grace period
+        assert answer.status_code == 503 and "shut down" in answer.json()["error"]["message"]
+        assert time.monotonic() - signalled_at >= GRACE_S - 1
+        assert server.process.wait(timeout=60) == 0, server.output[-3000:]
+    finally:
+        server.stop()
+
+
+def test_a_dead_engine_fails_every_job_and_exits_nonzero(tiny_checkpoint: Path) -> None:
+    server = start_server(tiny_checkpoint)
+    try:
+        long_job = start_async(server, LONG_VIDEO)
+        [engine] = [child for child in psutil.Process(server.process.pid).children() if "EngineCore" in child.name()]
+        engine.kill()
+        statuses = []
+        while server.process.poll() is None:
+            try:
+                statuses.append(httpx.get(f"{server.base_url}/v1/health/ready", timeout=5).status_code)
+            except httpx.TransportError:
+                break
+            time.sleep(0.02)
+        assert server.process.wait(timeout=60) != 0
+        assert 200 not in statuses[1:]  # never ready again once the engine was gone
+        long_job.join(30)
+        kind, final = long_job.events[-1]
+        assert kind == "done" and final["status"] == "failed" and "engine" in final["error"]
+    finally:
+        server.stop()
+
+
+def test_a_killed_server_leaves_no_process_behind(tiny_checkpoint: Path) -> None:
+    server = start_server(tiny_checkpoint)
+    try:
+        children = psutil.Process(server.process.pid).children(recursive=True)
+        assert children, "vLLM's engine core runs in a child process"
+        server.process.kill()  # as the kernel's OOM killer does: no handler runs
+        server.process.wait(timeout=30)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        server.stop()
+
