@@ -191,6 +191,31 @@ def test_a_layout_refilled_from_another_batch_of_its_signature_gives_that_batchs
         tower.pack(torch.zeros(3, 18), other, into=earlier)
 
 
+def test_the_mlp_in_chunks_of_tokens_gives_the_forward_in_one(generator, vllm_reasoner) -> None:
+    """Forwards longer than `MLP_CHUNK_TOKENS` run their MLPs chunk by chunk (peak memory): the same velocities."""
+    from cosmos3_serve.model_executor.generator import GeneratorSequence
+    from cosmos3_serve.model_executor.kv_export import PromptKV
+
+    [executor] = vllm_reasoner.collective_rpc(lambda worker: worker.cosmos3_loop.executor)  # in-process engine
+    tower, config = executor.tower, executor.config
+    torch.manual_seed(1)
+    kv_shape = (config.num_hidden_layers, 2, 5, config.num_key_value_heads, config.head_dim)
+    sequences = [GeneratorSequence(20, PromptKV(torch.randn(kv_shape))) for _ in range(2)]
+    inputs = (torch.randn(40, config.patch_latent_dim), torch.full((40,), 700.0), torch.ones(40, dtype=torch.bool))
+    batch = tower.pack(torch.randint(0, 40, (3, 40)).float(), sequences)
+    whole, _ = tower(*inputs, batch)
+    chunk_tokens = [layer.mlp.chunk_tokens for layer in tower.layers]
+    try:
+        for layer in tower.layers:
+            layer.mlp.chunk_tokens = 7  # 40 tokens: five chunks of 7 and one of 5
+        chunked, _ = tower(*inputs, batch)
+    finally:
+        for layer, tokens in zip(tower.layers, chunk_tokens):
+            layer.mlp.chunk_tokens = tokens
+    assert chunk_tokens[0] >= 40
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=BATCH_ATOL)  # GEMMs of other row counts round apart
+
+
 def test_cancelled_request_leaves_the_batch_and_frees_its_kv(generator, vllm_reasoner) -> None:
     """A request cancelled while it denoises leaves the batch at the generator loop's next step boundary: its prompt
     K/V are freed while the other request still runs, and the other's result is as if it had run alone."""
