@@ -62,15 +62,21 @@ def measure(executor: DiffusionExecutor, settings: GeneratorSettings) -> Generat
     weights = parameter_bytes(executor.tower) + parameter_bytes(executor.codec.vae)
     if executor.device.type != "cuda":
         return GeneratorMemory(weights, 0, 0, 0, 0, settings.state_budget_bytes)
-    largest = settings.largest_request()
-    tokens = RequestCost.of(largest, _geometry(executor)).tokens
-    forward = _peak(_forward(executor, tokens, settings.max_prompt_tokens))
-    graphed_forward = _peak(_forward(executor, min(GRAPH_MAX_TOKENS, tokens), settings.max_prompt_tokens))
-    latents = torch.zeros(latent_shape(executor.codec.config, largest), device=executor.device)
-    decode = _peak(lambda: executor.codec.decode_by_shape({"largest": latents}))
     width, height, frames = settings.max_shape
-    clip = torch.zeros(1, 3, frames, height, width)
-    encode = _peak(lambda: executor.codec.encode_by_shape({"largest": clip}))
+    try:
+        largest = settings.largest_request()
+        tokens = RequestCost.of(largest, _geometry(executor)).tokens
+        forward = _peak(_forward(executor, tokens, settings.max_prompt_tokens))
+        graphed_forward = _peak(_forward(executor, min(GRAPH_MAX_TOKENS, tokens), settings.max_prompt_tokens))
+        latents = torch.zeros(latent_shape(executor.codec.config, largest), device=executor.device)
+        decode = _peak(lambda: executor.codec.decode_by_shape({"largest": latents}))
+        clip = torch.zeros(1, 3, frames, height, width)
+        encode = _peak(lambda: executor.codec.encode_by_shape({"largest": clip}))
+    except torch.OutOfMemoryError:
+        raise RuntimeError(
+            f"the generator's largest admitted request ({width}x{height}, {frames} frames, with guidance) does not fit "
+            "on this device beside the reasoner: lower --generation-max-shape or add GPUs (--tensor-parallel-size)"
+        ) from None
     graph_output = MAX_GRAPH_LATENT_ELEMENTS * _pixels_per_latent_element(executor) * executor.codec.vae.dtype.itemsize
     memory = GeneratorMemory(weights=weights, forward_peak=forward, decode_peak=decode, encode_peak=encode,
                              graph_pools=graphed_forward + MAX_GRAPHS * graph_output,

@@ -4,7 +4,9 @@ On a GPU the largest request admitted by default is the reference pipeline's own
 frames, guidance on): the worker measures what it needs at startup and vLLM's KV cache takes what is left of its
 `gpu_memory_utilization` (`patches.reserve_generator_memory`). On the CPU (development: the tiny checkpoint) the
 defaults are small, and vLLM's KV cache, which vLLM would size to 92 % of the host's memory, gets a share of the
-memory that is free.
+memory that is free. With no `--max-model-len`, vLLM fits the reasoner's context to the KV cache that is left
+(`AUTO_MAX_MODEL_LEN`): a checkpoint's native context (262,144 tokens for Cosmos 3) does not fit beside the
+generator on one card.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ CPU_STATE_BUDGET_BYTES = 1 << 30
 # vLLM's CPU KV cache by default: this share of the host's free memory, within these bounds.
 CPU_KV_CACHE_SHARE = 1 / 8
 CPU_KV_CACHE_BOUNDS = (1 << 30, 16 << 30)
+AUTO_MAX_MODEL_LEN = -1  # vLLM's "fit the context to the KV cache"
 
 
 def on_gpu() -> bool:

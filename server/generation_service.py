@@ -174,7 +174,10 @@ class GenerationService:
         self._events = EventChannel(asynchronous=True)
         self.generator_info = await self._rpc("cosmos3_start_generator", self._events.address)
         raw = self.generator_info["limits"]
-        self.limits = GenerationLimits(**{**raw, "max_shape": tuple(raw["max_shape"])})
+        # A prompt's prefill computes one token within the engine's context, fitted to the KV cache at startup.
+        max_prompt_tokens = min(raw["max_prompt_tokens"], self.engine.model_config.max_model_len - 1)
+        self.limits = GenerationLimits(**{**raw, "max_shape": tuple(raw["max_shape"]),
+                                          "max_prompt_tokens": max_prompt_tokens})  # fmt: skip
         self.core = DriverCore(self.limits.state_budget_bytes)
         self._loops = [asyncio.create_task(self._receive_events()), asyncio.create_task(self._flush_commands())]
         if warmup is not None:

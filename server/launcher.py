@@ -81,8 +81,7 @@ def vllm_engine_argv(options: ServeOptions) -> list[str]:
               **vllm_compat.video_pruning_kwargs(options.video_pruning_rate, options.video_pruning_method),
               "served_model_name": options.model_name, "host": options.host, "port": options.port,
               "tensor_parallel_size": options.tensor_parallel_size, "load_format": options.load_format}  # fmt: skip
-    if options.max_model_len is not None:
-        engine["max_model_len"] = options.max_model_len
+    engine["max_model_len"] = options.max_model_len or deployment.AUTO_MAX_MODEL_LEN
     if options.gpu_memory_utilization is not None:
         engine["gpu_memory_utilization"] = options.gpu_memory_utilization
     elif not deployment.on_gpu():  # vLLM's CPU default (92 % of the host) does not fit beside anything
