@@ -25,7 +25,7 @@ from cosmos3_serve.server.media_policy import MediaPolicy, MediaUrlPolicyMiddlew
 from cosmos3_serve.server.generation_service import GenerationService, Overloaded, RequestTooLarge
 from cosmos3_serve.server.lifecycle import Lifecycle, LifecycleMiddleware
 from cosmos3_serve.server.middleware import BearerAuthMiddleware, RequestSizeLimitMiddleware
-from cosmos3_serve.server.protocol import CheckpointInfo, FieldError, ModeUnavailable
+from cosmos3_serve.server.protocol import CheckpointInfo, FieldError, InputLimits, ModeUnavailable
 
 logger = logging.getLogger(__name__)
 WARMUP = GenerationRequest("warm-up", num_frames=1, height=32, width=32, num_inference_steps=1, guidance_scale=6.0)
@@ -41,6 +41,8 @@ class ServerSettings:
     max_generation_jobs: int = 64
     media_policy: MediaPolicy = MediaPolicy()
     shutdown_grace_s: float = 30.0
+    input_limits: InputLimits = InputLimits()
+    public_url: str = "http://127.0.0.1:8000"  # links in responses start with it, never with a request's Host
 
 
 @dataclass
@@ -92,15 +94,13 @@ def _error(status: int, message: str, param: str | None, headers: dict[str, str]
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    vllm_validation_handler = app.exception_handlers.get(RequestValidationError)
-
     async def validation_error(request: Request, exc: RequestValidationError):
-        if not request.url.path.startswith(OUR_PATH_PREFIXES) and vllm_validation_handler is not None:
-            return await vllm_validation_handler(request, exc)  # vLLM's routes keep vLLM's answers
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
+        named = getattr(first.get("ctx", {}).get("error"), "parameter", None)  # vLLM's own validators name it
+        field = named or ".".join(str(part) for part in first["loc"] if part != "body") or "body"
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        return _error(422, f"{field}: {message}", field)
+        status = 422 if request.url.path.startswith(OUR_PATH_PREFIXES) else 400  # vLLM's routes: 400, as OpenAI's
+        return _error(status, f"{field}: {message}", field)
 
     async def field_error(_request: Request, exc: FieldError):
         return _error(422, str(exc), exc.field)

@@ -172,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device memory (MiB) of the generation jobs between their prefill and their result (prompt "
                             "K/V, latents); more jobs wait in the queue (default: 4096 on a GPU, 1024 on the CPU) "
                             "[NIM_GENERATION_STATE_BUDGET_MIB]")
+    serve.add_argument("--public-url", default=_env("NIM_PUBLIC_URL"),
+                       help="the URL clients reach this server at (behind a proxy or load balancer): links in "
+                            "responses (`response_format: url`) start with it, never with a request's Host header "
+                            "(default: http://HOST:PORT of --host and --port) [NIM_PUBLIC_URL]")
+    serve.add_argument("--max-input-pixels", type=_positive_int,
+                       default=_env("NIM_MAX_INPUT_PIXELS", None, _positive_int),
+                       help="pixels of a conditioning image or of one frame of a conditioning video, read from the "
+                            "header before decoding; more get 422 (default 4096x4096) [NIM_MAX_INPUT_PIXELS]")
+    serve.add_argument("--max-clip-pixels", type=_positive_int,
+                       default=_env("NIM_MAX_CLIP_PIXELS", None, _positive_int),
+                       help="pixels of the frames of a conditioning video that a request reads, together, counted "
+                            "before decoding; more get 422 (default 189 frames of 1280x720) [NIM_MAX_CLIP_PIXELS]")
     serve.add_argument("--shutdown-grace-s", type=float, default=_env("NIM_SHUTDOWN_GRACE_S", 30.0, float),
                        help="on SIGTERM / SIGINT: new work gets 503, and generation jobs in flight and open requests "
                             "get this long to finish; jobs still running then fail (503) [NIM_SHUTDOWN_GRACE_S]")

@@ -21,6 +21,7 @@ from cosmos3_serve.quant.precision import precision_engine_args
 from cosmos3_serve.server import deployment
 from cosmos3_serve.server.deployment import parse_shape
 from cosmos3_serve.server.media_policy import MediaPolicy
+from cosmos3_serve.server.protocol import InputLimits
 
 
 VAE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --vae-precision -> torch dtype name
@@ -48,7 +49,10 @@ class ServeOptions:
     profile_dir: str | None = None  # the worker's profiler traces; enables /start_profile and /stop_profile
     enforce_eager: bool = False  # no CUDA graphs, in the reasoner (vLLM's) nor in the generator
     vae_precision: str = "fp32"  # the VAE's: fp32 (default), bf16 or fp16
+    max_input_pixels: int | None = None  # of a conditioning image or video frame; None: `InputLimits`' default
+    max_clip_pixels: int | None = None  # of a conditioning video's decoded frames together; None: the default
     shutdown_grace_s: float = 30.0  # SIGTERM: how long jobs in flight and open requests get to finish
+    public_url: str | None = None  # where clients reach the server (a proxy's URL); None: `base_url`
     allowed_media_domains: tuple[str, ...] = ()  # hosts whose http(s) media URLs chat may fetch; none: data URLs only
 
     @property
@@ -70,6 +74,11 @@ def generator_settings(options: ServeOptions) -> GeneratorSettings:
     budget = None if options.generation_state_budget_mib is None else options.generation_state_budget_mib << 20
     return deployment.generator_settings(shape, options.max_generation_batch_tokens, VAE_DTYPES[options.vae_precision],
                                          budget, max_model_len=options.max_model_len)  # fmt: skip
+
+
+def input_limits(options: ServeOptions) -> InputLimits:
+    given = {"max_image_pixels": options.max_input_pixels, "max_clip_pixels": options.max_clip_pixels}
+    return InputLimits(**{name: value for name, value in given.items() if value is not None})
 
 
 def vllm_engine_argv(options: ServeOptions) -> list[str]:
@@ -134,7 +143,9 @@ async def _serve(options: ServeOptions, vllm_args) -> int:
                               max_request_bytes=options.max_request_bytes,
                               max_generation_jobs=options.max_generation_jobs,
                               media_policy=MediaPolicy.from_domains(list(options.allowed_media_domains)),
-                              shutdown_grace_s=options.shutdown_grace_s)  # fmt: skip
+                              shutdown_grace_s=options.shutdown_grace_s,
+                              input_limits=input_limits(options),
+                              public_url=(options.public_url or options.base_url).rstrip("/"))  # fmt: skip
     _, sock = api.setup_server(vllm_args, reuse_port=False)
     try:
         async with api.build_async_engine_client(vllm_args) as engine_client:

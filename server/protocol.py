@@ -34,7 +34,9 @@ MAX_STEPS = 1000  # and a schedule that repeats a timestep is refused (`invalid_
 MAX_FPS = 240.0  # of an output video's metadata (the MP4 encoder's time base)
 MAX_GUIDANCE_SCALE = 100.0  # past it, guided velocities overflow into non-finite latents
 MAX_FLOW_SHIFT = 100.0
-MAX_IMAGE_PIXELS = 4096 * 4096  # of a conditioning image (it is resized to the output's size)
+MAX_ACTION_CHUNK = 1024
+MAX_IMAGE_PIXELS = 4096 * 4096  # of a conditioning image or video frame (it is resized to the output's size)
+MAX_CLIP_PIXELS = 189 * 1280 * 720  # of the frames of a conditioning video that are decoded: a 720p reference video
 
 
 class FieldError(ValueError):
@@ -47,6 +49,15 @@ class FieldError(ValueError):
 
 class ModeUnavailable(ValueError):
     """The checkpoint cannot serve this mode: answered with 400."""
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Bounds on conditioning media, checked from their headers before any pixel is decoded (`--max-input-pixels`,
+    `--max-clip-pixels`)."""
+
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # of an image, or of one video frame
+    max_clip_pixels: int = MAX_CLIP_PIXELS  # of a video's decoded frames together
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,8 @@ class VideoGenerateBody(BaseModel):
     reason_first: bool = Field(False, description="let the reasoner answer the prompt first and condition on it")
     reasoning_max_tokens: int = Field(256, ge=1, le=8192)
     action_domain: str | None = Field(None, description="action modes: the embodiment, e.g. bridge_orig_lerobot")
-    action_chunk_size: int | None = Field(None, ge=1, le=1024, description="action modes: steps (clip frames - 1)")
+    action_chunk_size: int | None = Field(None, ge=1, le=MAX_ACTION_CHUNK,
+                                          description="action modes: steps (clip frames - 1)")  # fmt: skip
     actions: list[list[float]] | None = Field(None, description="forward_dynamics: [T, action width] of the domain")
     action_resolution_tier: Literal[256, 480, 704, 720] = 480
     action_view_point: str | None = "ego_view"
@@ -134,7 +146,7 @@ class NimInferBody(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     prompt_upsampling: bool = False
     action_domain: str | None = None
-    action_chunk_size: int | None = Field(None, ge=1, le=1024)
+    action_chunk_size: int | None = Field(None, ge=1, le=MAX_ACTION_CHUNK)
     actions: list[list[float]] | None = None
     action_resolution_tier: Literal[256, 480, 704, 720] = 480
 
@@ -163,13 +175,33 @@ def decode_image(value: str, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -> 
         raise FieldError(field, "is not a PNG / JPEG / WebP image") from None
 
 
-def decode_video(value: str, field: str, max_frames: int = 1024) -> list[Image.Image]:
+def decode_video(value: str, field: str, frames_used: int, limits: InputLimits = InputLimits()) -> list[Image.Image]:
+    """The video's first `frames_used` frames (the request reads no more). Its frame size from the stream's header,
+    and the frames to decode times that size, are checked against `limits` before a frame is decoded."""
     import av
 
     try:
         with av.open(io.BytesIO(decode_base64(value, field))) as container:
-            frames = [frame.to_image() for _, frame in zip(range(max_frames), container.decode(video=0))]
-    except (av.error.FFmpegError, IndexError, ValueError):
+            stream = container.streams.video[0]
+            pixels = stream.codec_context.width * stream.codec_context.height
+            if pixels > limits.max_image_pixels:
+                raise FieldError(field, f"has {stream.codec_context.width}x{stream.codec_context.height} frames; at "
+                                        f"most {limits.max_image_pixels:,} pixels per frame are accepted")  # fmt: skip
+            frames_to_decode = min(frames_used, stream.frames) if stream.frames > 0 else frames_used
+            if frames_to_decode * pixels > limits.max_clip_pixels:
+                raise FieldError(field, f"{frames_to_decode} frames of {pixels:,} pixels are read from it; at most "
+                                        f"{limits.max_clip_pixels:,} pixels of a clip are accepted (fewer or "
+                                        "smaller frames)")  # fmt: skip
+            frames = []
+            for frame in container.decode(stream):
+                if frame.width * frame.height > limits.max_image_pixels:  # a size change mid-stream
+                    raise FieldError(field, "changes its frame size beyond the accepted pixels per frame")
+                frames.append(frame.to_image())
+                if len(frames) == frames_used:
+                    break
+    except (av.error.FFmpegError, IndexError, ValueError) as error:
+        if isinstance(error, FieldError):
+            raise
         raise FieldError(field, "is not a decodable video (MP4 / WebM)") from None
     if not frames:
         raise FieldError(field, "has no frames")
@@ -215,7 +247,8 @@ def random_seed() -> int:
     return random.randrange(2**31)
 
 
-def from_video_body(body: VideoGenerateBody, checkpoint: CheckpointInfo) -> tuple[str, GenerationRequest]:
+def from_video_body(body: VideoGenerateBody, checkpoint: CheckpointInfo,
+                    limits: InputLimits = InputLimits()) -> tuple[str, GenerationRequest]:  # fmt: skip
     mode = _mode(body.mode, body.image, body.video, body.num_frames)
     if mode != "inverse_dynamics" and not body.prompt:
         raise FieldError("prompt", f"is required for mode {mode}")
@@ -224,6 +257,8 @@ def from_video_body(body: VideoGenerateBody, checkpoint: CheckpointInfo) -> tupl
         raise FieldError("num_frames", "must be 1 for text2image")
     height, width = _size(body.resolution, body.height, body.width, RESOLUTIONS["720p"])
     action = mode in ACTION_MODES
+    # An action clip has a frame per action step and one more; a video -> video clip at most the output's frames.
+    frames_used = (body.action_chunk_size or MAX_ACTION_CHUNK) + 1 if action else num_frames
     if not action and (body.action_domain or body.action_chunk_size or body.actions is not None):
         field = "action_domain" if body.action_domain else "action_chunk_size" if body.action_chunk_size else "actions"
         raise FieldError(field, f"is only used by the action modes ({', '.join(ACTION_MODES)})")
@@ -231,8 +266,8 @@ def from_video_body(body: VideoGenerateBody, checkpoint: CheckpointInfo) -> tupl
         prompt=body.prompt, negative_prompt=body.negative_prompt, num_frames=num_frames, height=height, width=width,
         fps=body.fps, num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
         flow_shift=body.flow_shift, seed=random_seed() if body.seed is None else body.seed,
-        image=decode_image(body.image, "image") if body.image else None,
-        video=decode_video(body.video, "video") if body.video else None,
+        image=decode_image(body.image, "image", limits.max_image_pixels) if body.image else None,
+        video=decode_video(body.video, "video", frames_used, limits) if body.video else None,
         reason_first=body.reason_first, reasoning_max_tokens=body.reasoning_max_tokens,
         action_mode=mode if action else None,
         action_domain=body.action_domain if action else None,
@@ -262,7 +297,8 @@ def from_images_body(body: ImagesGenerationsBody, checkpoint: CheckpointInfo) ->
     return requests
 
 
-def from_nim_body(body: NimInferBody, checkpoint: CheckpointInfo) -> tuple[str, GenerationRequest]:
+def from_nim_body(body: NimInferBody, checkpoint: CheckpointInfo,
+                  limits: InputLimits = InputLimits()) -> tuple[str, GenerationRequest]:  # fmt: skip
     mode = NIM_MODES[body.model_mode]
     video_body = VideoGenerateBody(
         mode=mode, prompt=body.prompt, negative_prompt=body.negative_prompt, image=body.image, video=body.video,
@@ -273,7 +309,7 @@ def from_nim_body(body: NimInferBody, checkpoint: CheckpointInfo) -> tuple[str, 
         action_resolution_tier=body.action_resolution_tier,
     )  # fmt: skip
     try:
-        return from_video_body(video_body, checkpoint)
+        return from_video_body(video_body, checkpoint, limits)
     except FieldError as error:  # name NIM's fields
         renamed = {"num_frames": "frames", "num_inference_steps": "steps", "reason_first": "prompt_upsampling"}
         raise FieldError(renamed.get(error.field, error.field), error.message) from None

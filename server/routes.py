@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cosmos3_serve.server.generation_service import GenerationService, Job, JobStatus
 from cosmos3_serve.server.protocol import (
     ImagesGenerationsBody,
+    InputLimits,
     NimInferBody,
     VideoGenerateBody,
     from_images_body,
@@ -27,6 +28,10 @@ DISCONNECT_POLL_S = 1.0
 
 def checkpoint_info(request: Request):
     return request.app.state.cosmos3.checkpoint_info
+
+
+def input_limits(request: Request) -> InputLimits:
+    return request.app.state.cosmos3.settings.input_limits
 
 
 def service_of(request: Request) -> GenerationService:
@@ -76,7 +81,7 @@ async def video_generate(body: VideoGenerateBody, request: Request) -> Response:
     """Generate a video (or an image: `num_frames` 1). `response: "sync"` answers with the media (or base64 JSON
     with `response_format: "b64_json"`); `"async"` answers 202 with a job to poll, stream or cancel."""
     check_model(request, body.model)
-    mode, generation = from_video_body(body, checkpoint_info(request))
+    mode, generation = from_video_body(body, checkpoint_info(request), input_limits(request))
     service = service_of(request)
     job = service.submit(generation, mode)
     if body.response == "async":
@@ -155,7 +160,8 @@ async def images_generations(body: ImagesGenerationsBody, request: Request) -> d
     for job in jobs:
         output = finished_output(job)
         if body.response_format == "url":
-            data.append({"url": str(request.url_for("video_job_content", job_id=job.id)), "seed": output.seed})
+            path = request.app.url_path_for("video_job_content", job_id=job.id)
+            data.append({"url": request.app.state.cosmos3.settings.public_url + path, "seed": output.seed})
         else:
             data.append({"b64_json": base64.b64encode(output.content).decode(), "seed": output.seed})
             service.forget(job)
@@ -165,7 +171,7 @@ async def images_generations(body: ImagesGenerationsBody, request: Request) -> d
 @router.post("/v1/infer")
 async def nim_infer(body: NimInferBody, request: Request) -> dict:
     """NIM's inference route: `model_mode` text2image / text2world / image2world / video2world."""
-    mode, generation = from_nim_body(body, checkpoint_info(request))
+    mode, generation = from_nim_body(body, checkpoint_info(request), input_limits(request))
     service = service_of(request)
     job = await wait_unless_disconnected(service, service.submit(generation, mode), request)
     output = finished_output(job)

@@ -31,6 +31,8 @@ NEGATIVE = "blurry, low quality"
 LONG_JOB = {"num_frames": 33, "height": 512, "width": 512, "num_inference_steps": 100}  # seconds on a CPU
 # Device memory of the jobs in flight: one LONG_JOB (about 15 MiB of latents and K/V) at a time, many small ones.
 STATE_BUDGET_MIB = 20
+MAX_CLIP_PIXELS = 100_000  # 24 frames of 64x64
+PUBLIC_URL = "https://cosmos3.example.com"  # where a proxy would publish the server
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def server(tiny_checkpoint: Path, profile_dir: Path) -> Iterator[ServerProcess]:
          "--precision", "fp32", "--max-model-len", "4096", "--api-key", API_KEY,
          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-generation-jobs", str(MAX_JOBS),
          "--generation-state-budget-mib", str(STATE_BUDGET_MIB), "--profile-dir", str(profile_dir),
-         "--allowed-media-domains", "localhost"],
+         "--allowed-media-domains", "localhost", "--max-clip-pixels", str(MAX_CLIP_PIXELS),
+         "--public-url", PUBLIC_URL + "/"],
         port,
     )  # fmt: skip
     try:
@@ -363,6 +366,43 @@ def test_an_image_of_too_many_pixels_is_refused_from_its_header(http: httpx.Clie
     assert answer.status_code == 422, answer.text
     error = answer.json()["error"]
     assert error["param"] == "image" and "12000x12000" in error["message"] and "16,777,216" in error["message"]
+
+
+def test_a_clip_of_too_many_pixels_is_refused_before_decoding(http: httpx.Client) -> None:
+    """The frames a request reads (video -> video: its output's) times the frame size from the header, against
+    `--max-clip-pixels`; the same clip with fewer frames read passes that check."""
+    clip = media.mp4_data_url(media.smooth_video(seed=5, num_frames=40, height=64, width=64), fps=8)
+    body = {"prompt": "x", "video": clip, "height": 64, "width": 64, "num_inference_steps": 1}
+    answer = http.post("/v1/video/generate", json={**body, "num_frames": 33})
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "video" and "33 frames of 4,096 pixels" in error["message"] and "100,000" in error["message"]
+    assert http.post("/v1/video/generate", json={**body, "num_frames": 17}).status_code == 200
+
+
+def test_links_start_with_the_public_url_whatever_the_host_header(http: httpx.Client) -> None:
+    body = {"prompt": "A cube.", "size": "32x32", "num_inference_steps": 1, "response_format": "url"}
+    answer = http.post("/v1/images/generations", json=body, headers={"Host": "attacker.example"})
+    assert answer.status_code == 200, answer.text
+    [item] = answer.json()["data"]
+    assert item["url"].startswith(PUBLIC_URL + "/v1/video/generate/") and "attacker" not in answer.text
+    content = http.get(item["url"].removeprefix(PUBLIC_URL))
+    assert content.status_code == 200 and content.headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -3}, "temperature"),
+])  # fmt: skip
+def test_vllm_routes_answer_bad_fields_in_the_envelope_naming_the_field(http: httpx.Client, body: dict,
+                                                                        field: str) -> None:  # fmt: skip
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    answer = http.post("/v1/chat/completions", json={"model": model, **body})
+    assert 400 <= answer.status_code < 500, answer.text
+    error = answer.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["code"] == answer.status_code
+    assert error["param"] == field and field in error["message"]
 
 
 def test_oversize_body_gets_413(http: httpx.Client) -> None:
