@@ -23,6 +23,7 @@ from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.server import nim_routes, routes
 from cosmos3_serve.server.media_policy import MediaPolicy, MediaUrlPolicyMiddleware
 from cosmos3_serve.server.generation_service import GenerationService, Overloaded, RequestTooLarge
+from cosmos3_serve.server.job_store import JobStore
 from cosmos3_serve.server.lifecycle import Lifecycle, LifecycleMiddleware
 from cosmos3_serve.server.middleware import BearerAuthMiddleware, RequestSizeLimitMiddleware
 from cosmos3_serve.server.protocol import CheckpointInfo, FieldError, InputLimits, ModeUnavailable
@@ -42,6 +43,10 @@ class ServerSettings:
     media_policy: MediaPolicy = MediaPolicy()
     shutdown_grace_s: float = 30.0
     input_limits: InputLimits = InputLimits()
+    job_store: Path = Path("jobs")  # SQLite metadata and result files of the generation jobs
+    max_stored_jobs: int = 1000
+    max_stored_result_bytes: int = 4 << 30
+    result_ttl_s: float = 3600.0
     public_url: str = "http://127.0.0.1:8000"  # links in responses start with it, never with a request's Host
 
 
@@ -141,7 +146,12 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
     app = api.build_app(args, supported_tasks, engine_client.model_config)
     await api.init_app_state(engine_client, app.state, args, supported_tasks)
 
-    service = GenerationService(engine_client, settings.checkpoint, max_jobs=settings.max_generation_jobs)
+    store = JobStore(settings.job_store, settings.max_stored_jobs, settings.max_stored_result_bytes,
+                     settings.result_ttl_s)  # fmt: skip
+    recovered = store.recover()
+    if recovered:
+        logger.warning("%d generation jobs were running when the server last stopped: marked failed", recovered)
+    service = GenerationService(engine_client, settings.checkpoint, store, max_jobs=settings.max_generation_jobs)
     lifecycle = Lifecycle(engine_client, service, settings.shutdown_grace_s)
     app.state.cosmos3 = Cosmos3State(settings=settings, engine_client=engine_client, service=service,
                                      checkpoint_info=CheckpointInfo.load(settings.checkpoint), lifecycle=lifecycle)

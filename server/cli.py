@@ -172,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="device memory (MiB) of the generation jobs between their prefill and their result (prompt "
                             "K/V, latents); more jobs wait in the queue (default: 4096 on a GPU, 1024 on the CPU) "
                             "[NIM_GENERATION_STATE_BUDGET_MIB]")
+    serve.add_argument("--job-store", default=_env("NIM_JOB_STORE"),
+                       help="directory of the generation jobs' SQLite store and result files, kept across restarts "
+                            "(default: ~/.cache/cosmos3-serve/jobs-PORT) [NIM_JOB_STORE]")
+    serve.add_argument("--max-stored-jobs", type=_positive_int,
+                       default=_env("NIM_MAX_STORED_JOBS", 1000, _positive_int),
+                       help="finished jobs kept; the oldest leave first [NIM_MAX_STORED_JOBS]")
+    serve.add_argument("--max-stored-result-mib", type=_positive_int,
+                       default=_env("NIM_MAX_STORED_RESULT_MIB", 4096, _positive_int),
+                       help="bytes of finished jobs' results kept on disk, in MiB; the oldest leave first "
+                            "[NIM_MAX_STORED_RESULT_MIB]")
+    serve.add_argument("--result-ttl-s", type=float, default=_env("NIM_RESULT_TTL_S", 3600.0, float),
+                       help="seconds a finished job and its result are kept [NIM_RESULT_TTL_S]")
     serve.add_argument("--public-url", default=_env("NIM_PUBLIC_URL"),
                        help="the URL clients reach this server at (behind a proxy or load balancer): links in "
                             "responses (`response_format: url`) start with it, never with a request's Host header "

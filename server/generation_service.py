@@ -5,19 +5,17 @@ once), then waits until the requests in flight leave room in the generator's sta
 prefilled by the async engine as generation contexts (concurrently with chat traffic) and it is admitted into the
 generator loop in vLLM's worker (`generator_loop`), which denoises it with every other job in flight on its own
 thread. The loop's events (progress, results) arrive on the service's event socket; a finished job's frames are
-encoded (PNG / MP4) off the event loop and kept until the client fetches them (or `result_ttl_s`). The protocol
+encoded (PNG / MP4) off the event loop and kept in the `JobStore` (bounded, across restarts). The protocol
 itself is `DriverCore`'s, shared with the synchronous `Cosmos3Generator`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import collections
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,99 +30,11 @@ from cosmos3_serve.model_executor.generation_driver import DriverCore, Update
 from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.model_executor.wire import request_to_payload
 from cosmos3_serve.server import metrics
-from cosmos3_serve.server.encoding import mp4_bytes, png_bytes
+from cosmos3_serve.server.job_store import JobStore, StoredJob
+from cosmos3_serve.server.jobs import Job, JobStatus, job_output
 
 logger = logging.getLogger(__name__)
-
-
-class JobStatus(str, enum.Enum):
-    QUEUED = "queued"  # waiting for room in the generator, or its prompts being prefilled
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-@dataclass
-class JobOutput:
-    content: bytes | None  # PNG for one frame, else MP4; None for a mode without video (inverse dynamics)
-    media_type: str | None
-    seed: int
-    actions: list[list[float]] | None = None  # [chunk, action width] of policy and inverse dynamics
-
-
-@dataclass
-class Job:
-    id: str
-    mode: str
-    request: GenerationRequest
-    created: float = field(default_factory=time.time)
-    status: JobStatus = JobStatus.QUEUED
-    steps_done: int = 0
-    output: JobOutput | None = None
-    error: str | None = None
-    error_status: int = 500  # the HTTP status of a failure: 503 where retrying elsewhere may succeed
-    finished_at: float | None = None
-    phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds (`metrics.PHASE_SECONDS`)
-    first_step_at: float | None = None
-    prompts: list[list[int]] = field(default_factory=list, repr=False)  # token ids of its prompts, once known
-    state_bytes: int = 0  # what it holds on the device from its prefill to its result (`RequestCost.state_bytes`)
-    memory_wait_since: float | None = None  # when it began to wait for room in the state budget
-    _events: list[asyncio.Queue] = field(default_factory=list, repr=False)
-
-    @property
-    def steps_total(self) -> int:
-        return self.request.num_inference_steps
-
-    def snapshot(self) -> dict[str, Any]:
-        """The job as the API shows it."""
-        return {
-            "id": self.id,
-            "object": "video.generation",
-            "mode": self.mode,
-            "status": self.status.value,
-            "steps_done": self.steps_done,
-            "steps_total": self.steps_total,
-            "progress": self.steps_done / self.steps_total,
-            "created": int(self.created),
-            "finished_at": None if self.finished_at is None else int(self.finished_at),
-            "seed": self.request.seed,
-            "error": self.error,
-        }
-
-    def publish(self) -> None:
-        for queue in self._events:
-            queue.put_nowait(self.snapshot())
-
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Snapshots from now until the job is final (the first one at once)."""
-        queue: asyncio.Queue = asyncio.Queue()
-        self._events.append(queue)
-        try:
-            snapshot = self.snapshot()
-            while True:
-                yield snapshot
-                if JobStatus(snapshot["status"]).final:
-                    return
-                snapshot = await queue.get()
-        finally:
-            self._events.remove(queue)
-
-
-def job_output(job: Job, frames: np.ndarray | None, actions: np.ndarray | None) -> JobOutput:
-    """The job's result as the API returns it: PNG for one frame, H.264 MP4 at the request's fps, actions."""
-    content, media_type = None, None
-    if frames is not None:
-        if frames.shape[0] == 1:
-            content, media_type = png_bytes(frames[0]), "image/png"
-        else:
-            content, media_type = mp4_bytes(frames, job.request.fps), "video/mp4"
-    actions = None if actions is None else actions.tolist()
-    return JobOutput(content=content, media_type=media_type, seed=job.request.seed, actions=actions)
+WARMUP_MODE = "warmup"  # the startup job: not stored, not counted
 
 
 class Overloaded(Exception):
@@ -146,7 +56,7 @@ class RequestTooLarge(ValueError):
 class GenerationService:
     """Jobs over the generator loop of an async vLLM engine built with `generation_engine_args(...)`."""
 
-    def __init__(self, engine_client, checkpoint: Path, max_jobs: int = 64, result_ttl_s: float = 3600.0) -> None:
+    def __init__(self, engine_client, checkpoint: Path, store: JobStore, max_jobs: int = 64) -> None:
         self.engine = engine_client
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
         self.prompts = GenerationPrompts(self.tokenizer)
@@ -154,8 +64,10 @@ class GenerationService:
         # merge up to two into one): a longer text has more tokens than a prompt may hold, known without tokenizing.
         self.chars_per_token_bound = 2 * max(len(token) for token in self.tokenizer.get_vocab())
         self.geometry = LatentGeometry.from_checkpoint(checkpoint)
-        self.max_jobs, self.result_ttl_s = max_jobs, result_ttl_s
-        self.jobs: dict[str, Job] = {}
+        self.store, self.max_jobs = store, max_jobs
+        self.jobs: dict[str, Job] = {}  # from submission until the store holds their final state
+        self._delivered: set[str] = set()  # jobs whose result a synchronous response carried: not stored
+        self._recent_job_s: collections.deque[float] = collections.deque(maxlen=32)
         self.ready = False
         self.failure: str | None = None  # why the generator loop stopped, once it has
         self.generator_info: dict[str, Any] = {}
@@ -181,7 +93,7 @@ class GenerationService:
         self.core = DriverCore(self.limits.state_budget_bytes)
         self._loops = [asyncio.create_task(self._receive_events()), asyncio.create_task(self._flush_commands())]
         if warmup is not None:
-            job = self.submit(warmup, mode="warmup")
+            job = self.submit(warmup, mode=WARMUP_MODE)
             await self.wait(job)
             self.jobs.pop(job.id, None)
             if job.status is not JobStatus.SUCCEEDED:
@@ -193,6 +105,7 @@ class GenerationService:
             task.cancel()
         if self._events is not None:
             self._events.close()
+        self.store.close()
 
     # ---- jobs -------------------------------------------------------------------------------------------
 
@@ -205,7 +118,6 @@ class GenerationService:
     def submit(self, request: GenerationRequest, mode: str) -> Job:
         """A new job, or RequestTooLarge when the request can never run here, or Overloaded when the service is
         full. Its prompts are tokenized now: their length is part of what the job costs."""
-        self._forget_expired()
         prompts, state_bytes = self._plan(request)
         in_flight = sum(1 for job in self.jobs.values() if not job.status.final)
         if in_flight >= self.max_jobs:
@@ -213,6 +125,8 @@ class GenerationService:
             raise Overloaded(retry_after_s=max(1, int(self._typical_job_s())))
         job = Job(id=f"gen-{uuid.uuid4().hex}", mode=mode, request=request, prompts=prompts, state_bytes=state_bytes)
         self.jobs[job.id] = job
+        if job.mode != WARMUP_MODE:
+            self.store.record(job)
         metrics.QUEUE_DEPTH.inc()
         self._waiting.append(job)
         self._admit_waiting()
@@ -276,19 +190,24 @@ class GenerationService:
         self._flush_wake.set()
         self._finish(job, status, error=error, error_status=error_status)
 
+    def find(self, job_id: str) -> Job | StoredJob | None:
+        """A job in flight (or just finished) from memory, else from the store."""
+        return self.jobs.get(job_id) or self.store.get(job_id)
+
     def forget(self, job: Job) -> None:
         """Drop a final job and its output (a sync response has delivered it)."""
         if job.status.final:
+            self._delivered.add(job.id)
             self.jobs.pop(job.id, None)
+            self.store.delete(job.id)
 
-    def _forget_expired(self) -> None:
-        now = time.time()
-        for job_id in [j.id for j in self.jobs.values() if j.finished_at and now - j.finished_at > self.result_ttl_s]:
-            del self.jobs[job_id]
+    def delete(self, job_id: str) -> bool:
+        """Free a final job: its row and its result leave the store."""
+        self.jobs.pop(job_id, None)
+        return self.store.delete(job_id)
 
     def _typical_job_s(self) -> float:
-        done = [j.finished_at - j.created for j in self.jobs.values() if j.status is JobStatus.SUCCEEDED]
-        return sum(done) / len(done) if done else 10.0
+        return sum(self._recent_job_s) / len(self._recent_job_s) if self._recent_job_s else 10.0
 
     # ---- admission: room in the generator, then the prompts through the reasoner once -------------------
 
@@ -386,6 +305,8 @@ class GenerationService:
         if update.kind == "admitted":
             metrics.QUEUE_DEPTH.dec()
             job.status = JobStatus.RUNNING
+            if job.mode != WARMUP_MODE:
+                self.store.record(job)
             job.publish()
         elif update.kind == "progress":
             now = time.time()
@@ -429,6 +350,22 @@ class GenerationService:
         logger.info("%s %s %s: %.3f s from %.3f (%s)%s", job.mode, job.id, status.value, job.finished_at - job.created,
                     job.created, phases or "no phases", f": {error}" if error else "")  # fmt: skip
         job.publish()
+        if status is JobStatus.SUCCEEDED:
+            self._recent_job_s.append(job.finished_at - job.created)
+        if job.mode == WARMUP_MODE:
+            return
+        if job.output is not None and job.output.content is not None:
+            self._spawn(self._store_result(job))  # the media's file is written off the event loop
+        else:
+            self.store.record(job)
+            self.jobs.pop(job.id, None)
+
+    async def _store_result(self, job: Job) -> None:
+        await asyncio.to_thread(self.store.record, job)
+        if job.id in self._delivered:
+            self._delivered.discard(job.id)
+            self.store.delete(job.id)
+        self.jobs.pop(job.id, None)
 
     async def _rpc(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return (await self.engine.collective_rpc(method, args=args, kwargs=kwargs or None))[0]

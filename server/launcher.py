@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ class ServeOptions:
     max_input_pixels: int | None = None  # of a conditioning image or video frame; None: `InputLimits`' default
     max_clip_pixels: int | None = None  # of a conditioning video's decoded frames together; None: the default
     shutdown_grace_s: float = 30.0  # SIGTERM: how long jobs in flight and open requests get to finish
+    job_store: Path | None = None  # None: `default_job_store(port)`
+    max_stored_jobs: int = 1000
+    max_stored_result_mib: int = 4096
+    result_ttl_s: float = 3600.0
     public_url: str | None = None  # where clients reach the server (a proxy's URL); None: `base_url`
     allowed_media_domains: tuple[str, ...] = ()  # hosts whose http(s) media URLs chat may fetch; none: data URLs only
 
@@ -74,6 +79,12 @@ def generator_settings(options: ServeOptions) -> GeneratorSettings:
     budget = None if options.generation_state_budget_mib is None else options.generation_state_budget_mib << 20
     return deployment.generator_settings(shape, options.max_generation_batch_tokens, VAE_DTYPES[options.vae_precision],
                                          budget, max_model_len=options.max_model_len)  # fmt: skip
+
+
+def default_job_store(port: int) -> Path:
+    """The user's cache directory, one store per port (two servers on one host keep their own jobs)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "cosmos3-serve" / f"jobs-{port}"
 
 
 def input_limits(options: ServeOptions) -> InputLimits:
@@ -145,7 +156,11 @@ async def _serve(options: ServeOptions, vllm_args) -> int:
                               media_policy=MediaPolicy.from_domains(list(options.allowed_media_domains)),
                               shutdown_grace_s=options.shutdown_grace_s,
                               input_limits=input_limits(options),
-                              public_url=(options.public_url or options.base_url).rstrip("/"))  # fmt: skip
+                              public_url=(options.public_url or options.base_url).rstrip("/"),
+                              job_store=Path(options.job_store or default_job_store(options.port)),
+                              max_stored_jobs=options.max_stored_jobs,
+                              max_stored_result_bytes=options.max_stored_result_mib << 20,
+                              result_ttl_s=options.result_ttl_s)  # fmt: skip
     _, sock = api.setup_server(vllm_args, reuse_port=False)
     try:
         async with api.build_async_engine_client(vllm_args) as engine_client:

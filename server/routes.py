@@ -11,7 +11,9 @@ import time
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cosmos3_serve.server.generation_service import GenerationService, Job, JobStatus
+from cosmos3_serve.server.generation_service import GenerationService
+from cosmos3_serve.server.job_store import StoredJob
+from cosmos3_serve.server.jobs import Job, JobStatus
 from cosmos3_serve.server.protocol import (
     ImagesGenerationsBody,
     InputLimits,
@@ -47,8 +49,8 @@ def check_model(request: Request, model: str | None) -> None:
         raise HTTPException(404, f"model: {model!r} is not served here (this server serves {served!r})")
 
 
-def job_or_404(request: Request, job_id: str) -> Job:
-    job = request.app.state.cosmos3.service.jobs.get(job_id)
+def job_or_404(request: Request, job_id: str) -> Job | StoredJob:
+    job = request.app.state.cosmos3.service.find(job_id)
     if job is None:
         raise HTTPException(404, f"no generation job {job_id!r}")
     return job
@@ -138,9 +140,14 @@ async def video_job_events(job_id: str, request: Request) -> StreamingResponse:
 
 @router.delete("/v1/video/generate/{job_id}")
 async def video_job_cancel(job_id: str, request: Request) -> dict:
-    """Cancel a job: it leaves the batch before its next step and its memory is released."""
+    """Cancel a job in flight (it leaves the batch before its next step and its memory is released), or delete a
+    finished one (its record and result are freed; it is 404 from then on)."""
     job = job_or_404(request, job_id)
-    await request.app.state.cosmos3.service.cancel(job)
+    service = request.app.state.cosmos3.service
+    if job.status.final:
+        service.delete(job.id)
+        return {"id": job.id, "object": "video.generation.deleted", "deleted": True}
+    await service.cancel(job)
     return job.snapshot()
 
 

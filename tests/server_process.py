@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    """`command` in a child process; a `cosmos3-serve serve` command without `--job-store` gets a temporary one
+    (removed at `stop`), so test servers leave no jobs in the user's cache."""
+
     def __init__(self, command: list[str], port: int) -> None:
+        self._job_store = None
+        if "serve" in command and "--job-store" not in command:
+            self._job_store = tempfile.TemporaryDirectory(prefix="cosmos3-jobs-")
+            command = [*command, "--job-store", self._job_store.name]
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         # vLLM's engine runs in its own process here and sizes its memory itself, as in production.
@@ -62,6 +70,8 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self._job_store is not None:
+            self._job_store.cleanup()
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:

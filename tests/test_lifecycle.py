@@ -39,11 +39,14 @@ class EventFollower(threading.Thread):
         self.running = threading.Event()
 
     def run(self) -> None:
-        with httpx.Client(timeout=120) as client, client.stream("GET", self.url) as response:
-            for kind, data in sse_events(response):
-                self.events.append((kind, data))
-                if data["status"] == "running" and data["steps_done"] >= 1:
-                    self.running.set()
+        try:
+            with httpx.Client(timeout=120) as client, client.stream("GET", self.url) as response:
+                for kind, data in sse_events(response):
+                    self.events.append((kind, data))
+                    if data["status"] == "running" and data["steps_done"] >= 1:
+                        self.running.set()
+        except httpx.TransportError:  # the server was killed: the events so far are what the test reads
+            pass
 
 
 def start_async(server: ServerProcess, body: dict) -> EventFollower:
@@ -121,3 +124,36 @@ def test_a_killed_server_leaves_no_process_behind(tiny_checkpoint: Path) -> None
     finally:
         server.stop()
 
+
+
+def test_jobs_survive_a_crash_and_a_finished_one_is_freed_by_delete(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Killed with -9 mid-job and started again on the same store: the finished job and its result are served,
+    the running one is failed with the reason, and DELETE frees the finished one."""
+    store = ["--job-store", str(tmp_path / "jobs")]
+    first = start_server(tiny_checkpoint, *store)
+    try:
+        image = {**SHORT_VIDEO, "num_frames": 1, "response": "async"}
+        done = httpx.post(f"{first.base_url}/v1/video/generate", json=image, timeout=30).json()
+        follower = EventFollower(first.base_url, done["id"])
+        follower.run()
+        assert follower.events[-1][1]["status"] == "succeeded"
+        content = httpx.get(f"{first.base_url}/v1/video/generate/{done['id']}/content", timeout=30).content
+        running = start_async(first, LONG_VIDEO)
+        first.process.kill()
+        first.process.wait(timeout=30)
+    finally:
+        first.stop()
+    second = start_server(tiny_checkpoint, *store)
+    try:
+        base = f"{second.base_url}/v1/video/generate"
+        assert httpx.get(f"{base}/{done['id']}", timeout=30).json()["status"] == "succeeded"
+        assert httpx.get(f"{base}/{done['id']}/content", timeout=30).content == content
+        lost = httpx.get(f"{base}/{running.url.split('/')[-2]}", timeout=30).json()
+        assert lost["status"] == "failed" and "stopped while the job ran" in lost["error"]
+        deleted = httpx.delete(f"{base}/{done['id']}", timeout=30)
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert httpx.get(f"{base}/{done['id']}", timeout=30).status_code == 404
+        assert httpx.get(f"{base}/{done['id']}/content", timeout=30).status_code == 404
+        assert not (tmp_path / "jobs" / "results" / done["id"]).exists()
+    finally:
+        second.stop()
