@@ -88,6 +88,10 @@ class Cosmos3State:
         return {"release": version("cosmos3-serve"), "api": "v1", "vllm": vllm.__version__}
 
 
+# vLLM's routes this server does not offer: elastic expert parallelism's admin operations (Cosmos 3 has no experts;
+# without an API key anyone could ask the engine to rescale), and the structured-decisions API, which vLLM leaves
+# disabled for this model (every call answered 501).
+UNSERVED_PATHS = ("/scale_elastic_ep", "/is_scaling_elastic_ep", "/v1/systemone")
 OUR_PATH_PREFIXES = ("/v1/video/", "/v1/images/", "/v1/infer", "/v1/health/", "/v1/metadata", "/v1/version")
 
 
@@ -100,11 +104,13 @@ def _error(status: int, message: str, param: str | None, headers: dict[str, str]
 
 def install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        named = getattr(first.get("ctx", {}).get("error"), "parameter", None)  # vLLM's own validators name it
-        field = named or ".".join(str(part) for part in first["loc"] if part != "body") or "body"
-        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         status = 422 if request.url.path.startswith(OUR_PATH_PREFIXES) else 400  # vLLM's routes: 400, as OpenAI's
+        first = exc.errors()[0] if exc.errors() else "invalid request"
+        if not isinstance(first, dict):  # vLLM raises some with plain messages (e.g. a body that is not JSON)
+            return _error(status, f"body: {first}", "body")
+        named = getattr(first.get("ctx", {}).get("error"), "parameter", None)  # vLLM's own validators name it
+        field = named or ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+        message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid")
         return _error(status, f"{field}: {message}", field)
 
     async def field_error(_request: Request, exc: FieldError):
@@ -155,6 +161,7 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
     lifecycle = Lifecycle(engine_client, service, settings.shutdown_grace_s)
     app.state.cosmos3 = Cosmos3State(settings=settings, engine_client=engine_client, service=service,
                                      checkpoint_info=CheckpointInfo.load(settings.checkpoint), lifecycle=lifecycle)
+    app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) not in UNSERVED_PATHS]
     app.include_router(nim_routes.router)
     app.include_router(routes.router)
     app.middleware_stack = None  # vLLM's build_app built the stack; rebuild it with our handlers and middleware

@@ -90,6 +90,7 @@ class GenerationService:
         max_prompt_tokens = min(raw["max_prompt_tokens"], self.engine.model_config.max_model_len - 1)
         self.limits = GenerationLimits(**{**raw, "max_shape": tuple(raw["max_shape"]),
                                           "max_prompt_tokens": max_prompt_tokens})  # fmt: skip
+        self.generator_info["limits"] = {**raw, "max_prompt_tokens": max_prompt_tokens}
         self.core = DriverCore(self.limits.state_budget_bytes)
         self._loops = [asyncio.create_task(self._receive_events()), asyncio.create_task(self._flush_commands())]
         if warmup is not None:
@@ -149,6 +150,10 @@ class GenerationService:
         counts = [len(ids) for ids in prompts]
         if request.reason_first:
             counts[0] = len(self.prompts.reasoning_chat(request)) + request.reasoning_max_tokens + 2
+            if counts[0] > self.limits.max_prompt_tokens:
+                raise RequestTooLarge("reasoning_max_tokens", f"the reasoning chat and its answer of up to "
+                                      f"{request.reasoning_max_tokens:,} tokens need {counts[0]:,} prompt tokens; this "
+                                      f"deployment admits at most {self.limits.max_prompt_tokens:,}")  # fmt: skip
         state_bytes = cost.state_bytes(sum(counts), self.limits.kv_bytes_per_token)
         refusal = self.limits.prompt_refusal(counts, state_bytes)
         if refusal is not None:

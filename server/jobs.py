@@ -94,7 +94,10 @@ class Job:
 
 
 def job_output(job: Job, frames: np.ndarray | None, actions: np.ndarray | None) -> JobOutput:
-    """The job's result as the API returns it: PNG for one frame, H.264 MP4 at the request's fps, actions."""
+    """The job's result as the API returns it: PNG for one frame, H.264 MP4 at the request's fps, actions.
+    ValueError when the actions are not finite (JSON cannot carry them, and they are no answer)."""
+    if actions is not None and not np.isfinite(actions).all():
+        raise ValueError("the generated actions are not finite: the denoising diverged")
     content, media_type = None, None
     if frames is not None:
         if frames.shape[0] == 1:

@@ -11,6 +11,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -348,13 +349,18 @@ def test_bad_fields_get_422_naming_the_field(http: httpx.Client, path: str, body
 
 
 @pytest.mark.parametrize(
-    "method, path, content, status",
-    [("GET", "/v1/no-such-route", None, 404), ("POST", "/v1/metadata", None, 405),
-     ("POST", "/v1/video/generate", b'{"prompt": "x",', 422)],
+    "method, path, content, content_type, status",
+    [("GET", "/v1/no-such-route", None, "application/json", 404),
+     ("POST", "/v1/metadata", None, "application/json", 405),
+     ("POST", "/v1/video/generate", b'{"prompt": "x",', "application/json", 422),
+     ("POST", "/v1/chat/completions", b"hello", "text/plain", 400),  # vLLM's plain-text validation error
+     ("POST", "/detokenize", b"hello", "text/plain", 400),
+     ("POST", "/scale_elastic_ep", b"{}", "application/json", 404)],  # an admin route of vLLM's not served
 )  # fmt: skip
 def test_routing_and_parse_errors_answer_in_the_error_envelope(http: httpx.Client, method: str, path: str,
-                                                               content: bytes | None, status: int) -> None:  # fmt: skip
-    response = http.request(method, path, content=content, headers={"Content-Type": "application/json"})
+                                                               content: bytes | None, content_type: str,
+                                                               status: int) -> None:  # fmt: skip
+    response = http.request(method, path, content=content, headers={"Content-Type": content_type})
     assert response.status_code == status
     error = response.json()["error"]
     assert error["code"] == status and error["message"] and set(error) == {"message", "type", "param", "code"}
@@ -524,6 +530,18 @@ def test_a_prompt_over_the_token_limit_is_refused_naming_it(http: httpx.Client, 
     limit = http.get("/v1/metadata").json()["towers"]["generator"]["limits"]["max_prompt_tokens"]
     assert limit == 4095  # --max-model-len 4096: the prefill's one token leaves 4,095 for the prompt
     assert error["param"] == field and refused_by in error["message"] and f"{limit:,}" in error["message"]
+
+
+def test_reasoning_beyond_the_context_is_refused_naming_it(http: httpx.Client) -> None:
+    """Reason-then-generate counts the reasoning's token budget with its prompt, before any work."""
+    body = {"prompt": "A cat.", "num_frames": 1, "height": 32, "width": 32, "reason_first": True,
+            "reasoning_max_tokens": 8000}  # fmt: skip
+    started = time.monotonic()
+    answer = http.post("/v1/video/generate", json=body)
+    assert answer.status_code == 413, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "reasoning_max_tokens" and "4,095" in error["message"]
+    assert time.monotonic() - started < 2.0  # refused before any prefill or reasoning
 
 
 def test_a_job_waits_for_generator_memory_then_runs(http: httpx.Client, server: ServerProcess) -> None:
