@@ -514,6 +514,9 @@ def test_a_request_that_can_never_fit_is_refused_at_once_naming_the_limit(http: 
     assert error["param"] == "num_frames" and "--generation-max-shape 512x512x33" in error["message"]
     image = http.post("/v1/images/generations", json={"prompt": "Too big.", "size": "2048x2048"})
     assert image.status_code == 413 and "generator tokens per step" in image.json()["error"]["message"]
+    huge = http.post("/v1/video/generate", json={"prompt": "Too big.", "num_frames": 1, "height": 100_000,
+                                                 "width": 100_000})  # fmt: skip
+    assert huge.status_code == 413 and huge.json()["error"]["param"] == "num_frames"
 
 
 @pytest.mark.parametrize(
