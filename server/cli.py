@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the URL clients reach this server at (behind a proxy or load balancer): links in "
                             "responses (`response_format: url`) start with it, never with a request's Host header "
                             "(default: http://HOST:PORT of --host and --port) [NIM_PUBLIC_URL]")
+    serve.add_argument("--max-inference-steps", type=_positive_int,
+                       default=_env("NIM_MAX_INFERENCE_STEPS", None, _positive_int),
+                       help="denoising steps of one request; more get 422 (default 1000) [NIM_MAX_INFERENCE_STEPS]")
     serve.add_argument("--max-input-pixels", type=_positive_int,
                        default=_env("NIM_MAX_INPUT_PIXELS", None, _positive_int),
                        help="pixels of a conditioning image or of one frame of a conditioning video, read from the "

@@ -52,6 +52,7 @@ class ServeOptions:
     vae_precision: str = "fp32"  # the VAE's: fp32 (default), bf16 or fp16
     max_input_pixels: int | None = None  # of a conditioning image or video frame; None: `InputLimits`' default
     max_clip_pixels: int | None = None  # of a conditioning video's decoded frames together; None: the default
+    max_inference_steps: int | None = None  # None: `InputLimits`' default
     shutdown_grace_s: float = 30.0  # SIGTERM: how long jobs in flight and open requests get to finish
     job_store: Path | None = None  # None: `default_job_store(port)`
     max_stored_jobs: int = 1000
@@ -88,7 +89,8 @@ def default_job_store(port: int) -> Path:
 
 
 def input_limits(options: ServeOptions) -> InputLimits:
-    given = {"max_image_pixels": options.max_input_pixels, "max_clip_pixels": options.max_clip_pixels}
+    given = {"max_image_pixels": options.max_input_pixels, "max_clip_pixels": options.max_clip_pixels,
+             "max_inference_steps": options.max_inference_steps}  # fmt: skip
     return InputLimits(**{name: value for name, value in given.items() if value is not None})
 
 

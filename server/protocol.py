@@ -53,11 +53,18 @@ class ModeUnavailable(ValueError):
 
 @dataclass(frozen=True)
 class InputLimits:
-    """Bounds on conditioning media, checked from their headers before any pixel is decoded (`--max-input-pixels`,
-    `--max-clip-pixels`)."""
+    """The deployment's bounds on a request's inputs, checked before any work: denoising steps
+    (`--max-inference-steps`), and conditioning media from their headers, before any pixel is decoded
+    (`--max-input-pixels`, `--max-clip-pixels`)."""
 
     max_image_pixels: int = MAX_IMAGE_PIXELS  # of an image, or of one video frame
     max_clip_pixels: int = MAX_CLIP_PIXELS  # of a video's decoded frames together
+    max_inference_steps: int = MAX_STEPS
+
+    def check_steps(self, steps: int, field: str = "num_inference_steps") -> None:
+        if steps > self.max_inference_steps:
+            raise FieldError(field, f"{steps} steps; this deployment runs at most {self.max_inference_steps} "
+                                    "(--max-inference-steps)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,7 @@ def random_seed() -> int:
 def from_video_body(body: VideoGenerateBody, checkpoint: CheckpointInfo,
                     limits: InputLimits = InputLimits()) -> tuple[str, GenerationRequest]:  # fmt: skip
     mode = _mode(body.mode, body.image, body.video, body.num_frames)
+    limits.check_steps(body.num_inference_steps)
     if mode != "inverse_dynamics" and not body.prompt:
         raise FieldError("prompt", f"is required for mode {mode}")
     num_frames = body.num_frames or (1 if mode == "text2image" else DEFAULT_VIDEO_FRAMES)
@@ -278,7 +286,9 @@ def from_video_body(body: VideoGenerateBody, checkpoint: CheckpointInfo,
     return mode, _checked(request, checkpoint)
 
 
-def from_images_body(body: ImagesGenerationsBody, checkpoint: CheckpointInfo) -> list[GenerationRequest]:
+def from_images_body(body: ImagesGenerationsBody, checkpoint: CheckpointInfo,
+                     limits: InputLimits = InputLimits()) -> list[GenerationRequest]:  # fmt: skip
+    limits.check_steps(body.num_inference_steps)
     try:
         width, height = (int(side) for side in body.size.lower().split("x"))
     except ValueError:

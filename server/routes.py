@@ -155,7 +155,7 @@ async def video_job_cancel(job_id: str, request: Request) -> dict:
 async def images_generations(body: ImagesGenerationsBody, request: Request) -> dict:
     """OpenAI's images API, text -> image: `n` images, denoised together in one batch."""
     check_model(request, body.model)
-    generations = from_images_body(body, checkpoint_info(request))
+    generations = from_images_body(body, checkpoint_info(request), input_limits(request))
     service = service_of(request)
     jobs = [service.submit(generation, "text2image") for generation in generations]
     try:

@@ -34,6 +34,7 @@ LONG_JOB = {"num_frames": 33, "height": 512, "width": 512, "num_inference_steps"
 STATE_BUDGET_MIB = 20
 MAX_CLIP_PIXELS = 100_000  # 24 frames of 64x64
 PUBLIC_URL = "https://cosmos3.example.com"  # where a proxy would publish the server
+MAX_STEPS = 200  # --max-inference-steps: LONG_JOB and the progress test's 100 steps run
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def server(tiny_checkpoint: Path, profile_dir: Path) -> Iterator[ServerProcess]:
          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-generation-jobs", str(MAX_JOBS),
          "--generation-state-budget-mib", str(STATE_BUDGET_MIB), "--profile-dir", str(profile_dir),
          "--allowed-media-domains", "localhost", "--max-clip-pixels", str(MAX_CLIP_PIXELS),
-         "--public-url", PUBLIC_URL + "/"],
+         "--public-url", PUBLIC_URL + "/", "--max-inference-steps", str(MAX_STEPS)],
         port,
     )  # fmt: skip
     try:
@@ -382,8 +383,23 @@ def test_a_clip_of_too_many_pixels_is_refused_before_decoding(http: httpx.Client
     answer = http.post("/v1/video/generate", json={**body, "num_frames": 33})
     assert answer.status_code == 422, answer.text
     error = answer.json()["error"]
-    assert error["param"] == "video" and "33 frames of 4,096 pixels" in error["message"] and "100,000" in error["message"]
+    assert error["param"] == "video" and "33 frames of 4,096 pixels" in error["message"]
+    assert "100,000" in error["message"]
     assert http.post("/v1/video/generate", json={**body, "num_frames": 17}).status_code == 200
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/v1/video/generate", {"prompt": "x", "num_frames": 1, "num_inference_steps": MAX_STEPS + 1},
+     "num_inference_steps"),
+    ("/v1/images/generations", {"prompt": "x", "num_inference_steps": MAX_STEPS + 1}, "num_inference_steps"),
+    ("/v1/infer", {"model_mode": "text2image", "prompt": "x", "steps": MAX_STEPS + 1}, "steps"),
+])  # fmt: skip
+def test_steps_over_the_deployment_limit_are_refused_naming_it(http: httpx.Client, path: str, body: dict,
+                                                               field: str) -> None:  # fmt: skip
+    answer = http.post(path, json=body)
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == field and "--max-inference-steps" in error["message"]
 
 
 def test_links_start_with_the_public_url_whatever_the_host_header(http: httpx.Client) -> None:
