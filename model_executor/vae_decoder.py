@@ -192,8 +192,18 @@ def decode(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
     frames_per_chunk = max(1, MAX_CHUNK_LATENT_VOXELS // (batch * height * width))
     chunks = [x[:, :, :1], *x[:, :, 1:].split(frames_per_chunk, dim=2)] if latent_frames > 1 else [x]
     history: History = defaultdict(lambda: None)
-    video = torch.cat([vae.decoder(chunk, feat_cache=history, feat_idx=[0], first_chunk=i == 0)
-                       for i, chunk in enumerate(chunks)], dim=2)  # fmt: skip
-    if vae.config.patch_size is not None:
-        video = unpatchify(video, patch_size=vae.config.patch_size)
-    return video.clamp(-1.0, 1.0)
+    # Each chunk's frames go straight into the video (no list of chunk outputs to concatenate, no unpatchified or
+    # clamped copy of the whole video: at 720p and 189 frames each would be 2 GiB in float32).
+    video, done = None, 0
+    for i, chunk in enumerate(chunks):
+        part = vae.decoder(chunk, feat_cache=history, feat_idx=[0], first_chunk=i == 0)
+        if vae.config.patch_size is not None:
+            part = unpatchify(part, patch_size=vae.config.patch_size)  # frame by frame: per chunk as whole
+        if video is None:
+            frames = 1 + (latent_frames - 1) * vae.config.scale_factor_temporal
+            video = part.new_empty(*part.shape[:2], frames, *part.shape[3:])
+        video[:, :, done : done + part.shape[2]] = part.clamp_(-1.0, 1.0)
+        done += part.shape[2]
+    if done != video.shape[2]:
+        raise RuntimeError(f"the decoder made {done} frames of {latent_frames} latent frames, not {video.shape[2]}")
+    return video

@@ -23,6 +23,8 @@ from cosmos3_serve.model_executor.vae_graphs import VaeDecoder
 from cosmos3_serve.sampling.actions import INVERSE_DYNAMICS
 from cosmos3_serve.sampling.conditioning import action_conditioning_clip, condition_mask, conditioning_clip
 
+PIXEL_SLICE_FRAMES = 16  # frames of a decoded video turned into pixels at a time
+
 
 def latent_shape(vae_config, request: GenerationRequest) -> tuple[int, int, int, int, int]:
     """`[1, z_dim, T', H', W']` of a text / image / video -> image / video request's latents."""
@@ -105,8 +107,7 @@ class VaeCodec:
         for ids, batch in _batches_by_shape(latents, decode_batch_limit):
             with record_function(PROFILE_RANGES["decode"]):
                 video = self.decoder(batch.to(self.vae.dtype) / inv_std + mean)  # [B, 3, T, H, W] in [-1, 1]
-                # In place: a 720p / 189-frame video is 2 GiB per float32 copy.
-                pixels = video.to(torch.float32, copy=True).add_(1).mul_(127.5).round_().to(torch.uint8)
+                pixels = to_pixels(video)
             frames.update(zip(ids, pixels.permute(0, 2, 3, 4, 1).unbind(0)))
         return frames
 
@@ -120,6 +121,16 @@ class VaeCodec:
             inv_std = 1.0 / torch.tensor(config.latents_std, dtype=dtype, device=self.device).view(1, -1, 1, 1, 1)
             self._normalization[dtype] = (mean, inv_std)
         return self._normalization[dtype]
+
+
+def to_pixels(video: torch.Tensor, frames_per_slice: int = PIXEL_SLICE_FRAMES) -> torch.Tensor:
+    """uint8 `[B, 3, T, H, W]` of a video in [-1, 1]: `round((x + 1) * 127.5)` in float32, a slice of frames at a
+    time (a float32 copy of a whole 720p, 189-frame video is 2 GiB)."""
+    pixels = torch.empty(video.shape, dtype=torch.uint8, device=video.device)
+    for start in range(0, video.shape[2], frames_per_slice):
+        part = video[:, :, start : start + frames_per_slice]
+        pixels[:, :, start : start + frames_per_slice] = part.to(torch.float32, copy=True).add_(1).mul_(127.5).round_()
+    return pixels
 
 
 def decode_batch_limit(shape: tuple[int, ...]) -> int:
