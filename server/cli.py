@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-clip-pixels", type=_positive_int,
                        default=_env("NIM_MAX_CLIP_PIXELS", None, _positive_int),
                        help="pixels of the frames of a conditioning video that a request reads, together, counted "
-                            "before decoding; more get 422 (default 189 frames of 1280x720) [NIM_MAX_CLIP_PIXELS]")
+                            "before decoding; more get 422 (default: those of --generation-max-shape) "
+                            "[NIM_MAX_CLIP_PIXELS]")
     serve.add_argument("--shutdown-grace-s", type=float, default=_env("NIM_SHUTDOWN_GRACE_S", 30.0, float),
                        help="on SIGTERM / SIGINT: new work gets 503, and generation jobs in flight and open requests "
                             "get this long to finish; jobs still running then fail (503) [NIM_SHUTDOWN_GRACE_S]")

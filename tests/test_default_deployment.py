@@ -98,3 +98,13 @@ def test_remote_media_urls_are_off_by_default(http: httpx.Client, part: str) -> 
     answer = http.post("/v1/chat/completions", json={"model": model, "max_tokens": 4,
                                                      "messages": [{"role": "user", "content": inline}]})  # fmt: skip
     assert answer.status_code == 200, answer.text
+
+
+def test_a_clip_over_the_largest_video_generated_is_refused_at_the_defaults(http: httpx.Client) -> None:
+    """No flag: a conditioning clip may hold the pixels of the largest video the deployment generates (512x512x33
+    on the CPU); 33 frames of 640x480 read by a 33-frame request hold more."""
+    clip = media.mp4_data_url(media.smooth_video(seed=2, num_frames=33, height=480, width=640), fps=8)
+    body = {"prompt": "x", "video": clip, "num_frames": 33, "height": 64, "width": 64, "num_inference_steps": 1}
+    answer = http.post("/v1/video/generate", json=body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["param"] == "video" and "8,650,752" in answer.json()["error"]["message"]
