@@ -178,7 +178,10 @@ def test_video_sync_mp4_follows_the_reference(http: httpx.Client, diffusers_pipe
 
     as_json = http.post("/v1/video/generate", json={**body, "response_format": "b64_json"}).json()
     assert as_json["media_type"] == "video/mp4" and as_json["status"] == "succeeded"
-    assert np.array_equal(mp4_frames(base64.b64decode(as_json["b64_json"]))[0], frames)  # same seed, same video
+    # Same seed, same video, within one 8-bit level: the second request's prompt K/V partly come from the prefix
+    # cache (its last block recomputed alone), and CPU GEMMs round differently with their row count.
+    again = mp4_frames(base64.b64decode(as_json["b64_json"]))[0]
+    assert np.abs(again.astype(int) - frames.astype(int)).max() <= 1
 
 
 def test_image_to_video_takes_a_data_url(http: httpx.Client, diffusers_pipeline) -> None:
