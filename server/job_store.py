@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from cosmos3_serve.server.jobs import Job, JobOutput, JobStatus
+from cosmos3_serve.server.jobs import Job, JobOutput, JobStatus, job_snapshot
 
 STOPPED_REASON = "the server stopped while the job ran; submit it again"
 SCHEMA = """
@@ -43,11 +43,8 @@ class StoredJob:
 
     def snapshot(self) -> dict[str, Any]:
         row = self.row
-        return {"id": row["id"], "object": "video.generation", "mode": row["mode"], "status": row["status"],
-                "steps_done": row["steps_done"], "steps_total": row["steps_total"],
-                "progress": row["steps_done"] / row["steps_total"], "created": int(row["created"]),
-                "finished_at": None if row["finished_at"] is None else int(row["finished_at"]), "seed": row["seed"],
-                "error": row["error"]}  # fmt: skip
+        return job_snapshot(row["id"], row["mode"], row["status"], row["steps_done"], row["steps_total"],
+                            row["created"], row["finished_at"], row["seed"], row["error"])  # fmt: skip
 
     @property
     def output(self) -> JobOutput | None:

@@ -60,19 +60,8 @@ class Job:
 
     def snapshot(self) -> dict[str, Any]:
         """The job as the API shows it."""
-        return {
-            "id": self.id,
-            "object": "video.generation",
-            "mode": self.mode,
-            "status": self.status.value,
-            "steps_done": self.steps_done,
-            "steps_total": self.steps_total,
-            "progress": self.steps_done / self.steps_total,
-            "created": int(self.created),
-            "finished_at": None if self.finished_at is None else int(self.finished_at),
-            "seed": self.request.seed,
-            "error": self.error,
-        }
+        return job_snapshot(self.id, self.mode, self.status.value, self.steps_done, self.steps_total, self.created,
+                            self.finished_at, self.request.seed, self.error)  # fmt: skip
 
     def publish(self) -> None:
         for queue in self._events:
@@ -91,6 +80,14 @@ class Job:
                 snapshot = await queue.get()
         finally:
             self._events.remove(queue)
+
+
+def job_snapshot(job_id: str, mode: str, status: str, steps_done: int, steps_total: int, created: float,
+                 finished_at: float | None, seed: int | None, error: str | None) -> dict[str, Any]:  # fmt: skip
+    """A job as the API shows it, whether in flight (`Job`) or read back from the store (`StoredJob`)."""
+    return {"id": job_id, "object": "video.generation", "mode": mode, "status": status, "steps_done": steps_done,
+            "steps_total": steps_total, "progress": steps_done / steps_total, "created": int(created),
+            "finished_at": None if finished_at is None else int(finished_at), "seed": seed, "error": error}  # fmt: skip
 
 
 def job_output(job: Job, frames: np.ndarray | None, actions: np.ndarray | None) -> JobOutput:
