@@ -16,6 +16,11 @@ but those kernels ran, back to back. `image720x8` is eight 720p images in one pa
 them one at a time (8 x its single-image forward, timed in the same row).
 diffusers recomputes the reasoner's prompt K/V inside every forward; ours takes them from the export, as in
 serving (the prompt's K/V are captured from diffusers' own forward, so both attend to the same keys).
+
+diffusers is timed at its best: in a process of its own, alone on the card, before this process touches the GPU
+(`--reference-only`). Beside our tower and the floor's operands it has less memory to cache, and the allocator's
+retries (`num_alloc_retries`, printed) slow it down. `--also-in-process` times it in this process too, for the
+comparison.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -149,16 +156,12 @@ def gpu_time_split(fn) -> dict:
             "top_kernels_ms": [{"name": name[:100], "ms": ms} for name, ms in top]}  # fmt: skip
 
 
-def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: float) -> dict:
-    """One (frames, height, width, sequences) shape: diffusers (one sequence at a time), ours eager and graphed,
-    the kernel floor, throughput, our GPU time split and the velocities' difference."""
-    from diffusers.models.transformers import transformer_cosmos3
+def reference_inputs(shape: tuple[int, int, int, int], config) -> tuple[dict, tuple, tuple, torch.Tensor]:
+    """diffusers' forward arguments for one sequence of `shape` (random latents, `PROMPT_TOKENS` random prompt
+    tokens): (inputs, latent shape, token grid, generator positions)."""
+    from cosmos3_serve.model_executor.positions import vision_positions
 
-    from cosmos3_serve.model_executor.positions import patchify, unpatchify, vision_positions
-    from cosmos3_serve.model_executor.generator import GRAPH_MAX_TOKENS, CapturedForward, GeneratorSequence
-    from cosmos3_serve.model_executor.kv_export import PromptKV
-
-    frames, height, width, copies = shape
+    frames, height, width, _ = shape
     latent = (1, 48, (frames - 1) // 4 + 1, height // 16, width // 16)
     grid = (latent[2], -(-latent[3] // 2), -(-latent[4] // 2))
     tokens = grid[0] * grid[1] * grid[2]
@@ -176,6 +179,33 @@ def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: flo
         vision_timesteps=torch.full((tokens,), 500.0, device="cuda"),
         vision_noisy_frame_indexes=[torch.arange(grid[0], device="cuda")], return_dict=False,
     )  # fmt: skip
+    return inputs, latent, grid, gen_positions
+
+
+def time_reference(shape: tuple[int, int, int, int], config, reference) -> dict:
+    """diffusers' forward time of `shape` (its sequences one at a time) and the allocator's retries meanwhile."""
+    inputs = reference_inputs(shape, config)[0]
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    with torch.no_grad():
+        seconds = shape[3] * cuda_time(lambda: reference(**inputs))
+    return {"diffusers_s": seconds, "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries}
+
+
+def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: float, clean: dict,
+            also_in_process: bool) -> dict:  # fmt: skip
+    """One (frames, height, width, sequences) shape: diffusers (its time `clean` from the clean process, and from
+    this one with `also_in_process`), ours eager and graphed, the kernel floor, throughput, our GPU time split and
+    the velocities' difference."""
+    from diffusers.models.transformers import transformer_cosmos3
+
+    from cosmos3_serve.model_executor.positions import patchify, unpatchify
+    from cosmos3_serve.model_executor.generator import GRAPH_MAX_TOKENS, CapturedForward, GeneratorSequence
+    from cosmos3_serve.model_executor.kv_export import PromptKV
+
+    copies = shape[3]
+    inputs, latent, grid, gen_positions = reference_inputs(shape, config)
+    latents = inputs["vision_tokens"][0]
+    tokens = grid[0] * grid[1] * grid[2]
     captured = []
     original = transformer_cosmos3.dispatch_attention_fn
 
@@ -198,7 +228,11 @@ def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: flo
         got = ours(patches, timesteps, noisy, batch)[0][:tokens]
         result["rel_diff"] = _rel_diff(unpatchify(got, latent[1:], 2)[None], expected)
         result["ours_s"] = cuda_time(lambda: ours(patches, timesteps, noisy, batch))
-        result["diffusers_s"] = copies * cuda_time(lambda: reference(**inputs))
+    result.update(diffusers_s=clean["diffusers_s"], diffusers_alloc_retries=clean["alloc_retries"])
+    if also_in_process:
+        shared = time_reference(shape, config, reference)
+        result.update(diffusers_in_process_s=shared["diffusers_s"], in_process_alloc_retries=shared["alloc_retries"])
+    with torch.no_grad():
         result["profile"] = gpu_time_split(lambda: ours(patches, timesteps, noisy, batch))
         if total <= GRAPH_MAX_TOKENS:
             try:
@@ -228,7 +262,13 @@ def main() -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--reference-only", action="store_true",
+                        help="time diffusers alone in this process and write its times to --json")
+    parser.add_argument("--also-in-process", action="store_true",
+                        help="time diffusers beside our tower too (the clean process's time stays the reported one)")
     args = parser.parse_args()
+    if args.reference_only:
+        return run_reference(args)
 
     from vllm.config import CompilationConfig, VllmConfig, set_current_vllm_config
 
@@ -238,29 +278,66 @@ def main() -> int:
         return run(args)
 
 
-def run(args: argparse.Namespace) -> int:
-    from cosmos3_serve.model_executor.checkpoint.generator_config import is_generator_key
-    from cosmos3_serve.model_executor.generator import Cosmos3GeneratorTower, GeneratorConfig
+def build_reference(checkpoint: str):
+    """diffusers' `Cosmos3OmniTransformer` of `checkpoint`'s config on the GPU, bf16, random weights with
+    unit-scale activations."""
     from diffusers import Cosmos3OmniTransformer
 
-    init_vllm_single_process()
-    config = GeneratorConfig.from_checkpoint(args.checkpoint)
-    raw_config = json.loads((Path(args.checkpoint) / "transformer" / "config.json").read_text())
+    raw_config = json.loads((Path(checkpoint) / "transformer" / "config.json").read_text())
     raw_config = {k: v for k, v in raw_config.items() if not k.startswith("_")}
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         reference = Cosmos3OmniTransformer(**raw_config).eval()
-        ours = Cosmos3GeneratorTower(config).eval()
     torch.set_default_dtype(torch.float32)
     with torch.no_grad():
-        for p in reference.parameters():  # random weights with unit-scale activations
+        for p in reference.parameters():
             p.normal_(0, 1.0 / max(p.shape[-1], 1) ** 0.5) if p.ndim > 1 else p.data.normal_(1.0, 0.05)
+    return reference
+
+
+def run_reference(args: argparse.Namespace) -> int:
+    """The clean process: diffusers alone on the card (no vLLM imported), each shape timed, the times written to
+    `args.json`."""
+    from cosmos3_serve.model_executor.checkpoint.generator_config import GeneratorConfig
+
+    config = GeneratorConfig.from_checkpoint(args.checkpoint)
+    reference = build_reference(args.checkpoint)
+    times = {}
+    for name in args.shapes.split(","):
+        times[name] = time_reference(SHAPES[name], config, reference)
+        torch.cuda.empty_cache()
+        Path(args.json).write_text(json.dumps(times))
+    return 0
+
+
+def clean_reference_times(args: argparse.Namespace) -> dict:
+    """diffusers' times from a process of its own (this one has not touched the GPU yet)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "reference.json"
+        subprocess.run([sys.executable, __file__, args.checkpoint, "--reference-only", "--shapes", args.shapes,
+                        "--json", str(out)], check=True)  # fmt: skip
+        return json.loads(out.read_text())
+
+
+def run(args: argparse.Namespace) -> int:
+    from cosmos3_serve.model_executor.checkpoint.generator_config import is_generator_key
+    from cosmos3_serve.model_executor.generator import Cosmos3GeneratorTower, GeneratorConfig
+
+    clean = clean_reference_times(args)
+    init_vllm_single_process()
+    config = GeneratorConfig.from_checkpoint(args.checkpoint)
+    reference = build_reference(args.checkpoint)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        ours = Cosmos3GeneratorTower(config).eval()
+    torch.set_default_dtype(torch.float32)
     ours.load_weights((k, v) for k, v in reference.state_dict().items() if is_generator_key(k))
 
     peak = matmul_peak_flops()
     report = {"device": torch.cuda.get_device_name(), "peak_flops": peak, "results": {}}
     for name in args.shapes.split(","):
-        report["results"][name] = measure(SHAPES[name], config, reference, ours, peak)
+        report["results"][name] = measure(SHAPES[name], config, reference, ours, peak, clean[name],
+                                          args.also_in_process)  # fmt: skip
         torch.cuda.empty_cache()
         if args.json:  # after every shape: a later shape running out of memory keeps the earlier ones
             Path(args.json).write_text(json.dumps(report, indent=2))
@@ -287,6 +364,11 @@ def print_report(report: dict) -> None:
         print(f"{name:14}{r['gemm_s'] * 1e3:11.1f}{r['attention_s'] * 1e3:11.1f}{split.get('gemm', 0):9.1f}"
               f"{split.get('attention', 0):9.1f}{split.get('other', 0):9.1f}{r['profile']['busy_ms']:9.1f}"
               f"{r['ours_s'] * 1e3:9.1f}{r['profile']['kernels']:8d}")  # fmt: skip
+    print("\ndiffusers' forward, s: alone in its own process (reported above) and beside our tower; allocator retries")
+    for name, r in results.items():
+        shared = f"{r['diffusers_in_process_s']:9.4f}{r['in_process_alloc_retries']:9d}" if (
+            "diffusers_in_process_s" in r) else f"{'-':>9}{'-':>9}"
+        print(f"{name:14}{r['diffusers_s']:9.4f}{r['diffusers_alloc_retries']:9d}{shared}")
     if "image720" in results and "image720x8" in results:
         single, batch = results["image720"], results["image720x8"]
         print(f"\n8 images batched: {batch['best_s'] / 8 * 1e3:.1f} ms per image vs the single-image floor "
