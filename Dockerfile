@@ -11,7 +11,8 @@ COPY server ./server
 COPY model_executor ./model_executor
 COPY sampling ./sampling
 COPY quant ./quant
-RUN python3 -m pip install --no-cache-dir '.[gpu]'
+RUN python3 -m pip install --no-cache-dir '.[gpu,quantize]' \
+ && python3 -m pip install --no-cache-dir --no-deps nvidia-modelopt==0.47.0
 
 # NIM-style settings (docs/api.md); flags given to `docker run ... IMAGE --flag` override them.
 ENV HF_HUB_OFFLINE=1 \

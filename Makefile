@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 TINY := build/tiny-checkpoint
 HOST ?= 127.0.0.1
 PORT ?= 8000
+MODELOPT_VERSION := 0.47.0
 .PHONY: install serve test clean
 
 install: $(VENV)/.installed
@@ -14,7 +15,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml deploy/cpu/install_torchvision.py deploy/cpu/cosmos3_torchvision_shim.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -e '.[cpu,test]'
+	$(BIN)/python -m pip install -e '.[cpu,test,quantize]'
+	$(BIN)/python -m pip install --no-deps nvidia-modelopt==$(MODELOPT_VERSION)
 	$(BIN)/python deploy/cpu/install_torchvision.py
 	touch $@
 

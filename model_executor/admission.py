@@ -90,6 +90,7 @@ class GeneratorSettings:
     max_shape: tuple[int, int, int]  # (width, height, frames) of the largest video the deployment admits
     max_prompt_tokens: int  # of one prompt (a CFG branch)
     state_budget_bytes: int  # device bytes of the requests admitted and prefilled (`RequestCost.state_bytes`)
+    a16_steps: int | None = None  # FP8: first and last steps at 16-bit activations; None: the checkpoint's policy
 
     def to_additional_config(self) -> dict:
         return {ADDITIONAL_CONFIG_KEY: asdict(self)}

@@ -40,6 +40,7 @@ from cosmos3_serve.model_executor.profile_ranges import PROFILE_RANGES
 from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.model_executor.results import GenerationOutput, PendingResults
 from cosmos3_serve.model_executor.vae_io import ConditioningClip, VaeCodec
+from cosmos3_serve.quant import step_precision
 from cosmos3_serve.sampling.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -79,8 +80,8 @@ class DiffusionExecutor:
 
     def __init__(self, checkpoint: str | Path, vllm_config, device: torch.device,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, vae_dtype: torch.dtype = torch.float32,
-                 all_reduce: AllReduce | None = None) -> None:  # fmt: skip
-        from vllm.config import CompilationConfig, set_current_vllm_config
+                 all_reduce: AllReduce | None = None, a16_steps: int | None = None) -> None:  # fmt: skip
+        from vllm.config import CompilationConfig, CompilationMode, set_current_vllm_config
         from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
         checkpoint = Path(checkpoint)
@@ -89,7 +90,7 @@ class DiffusionExecutor:
         # The tower is not compiled (eager, or a CUDA graph of eager kernels): build it with vLLM's fused kernels
         # (norms, SiLU), whatever the engine compiles.
         tower_config = copy.copy(vllm_config)
-        tower_config.compilation_config = CompilationConfig(custom_ops=["all"])
+        tower_config.compilation_config = CompilationConfig(mode=CompilationMode.NONE, custom_ops=["all"])
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:  # vLLM's layers read these settings and allocate in the default dtype
@@ -107,6 +108,9 @@ class DiffusionExecutor:
             vae = AutoencoderKLWan.from_pretrained(checkpoint, subfolder="vae")
         keep_aten_cpu_gemm(tower)
         process_weights_after_loading(tower, vllm_config.model_config, self.device)  # quantization
+        # FP8: the steps of a request that run with 16-bit activations (None: every step W8A8, or not FP8)
+        self.activation_switch = step_precision.install(tower, step_precision.deployment_policy(checkpoint, a16_steps),
+                                                        self.dtype)  # fmt: skip
         self.tower = tower.eval()
         vae = vae.to(self.device, vae_dtype).eval()  # float32 by default, whatever the towers' precision
         self.codec = VaeCodec(vae, self.device, use_graphs=not vllm_config.model_config.enforce_eager)
@@ -220,18 +224,26 @@ class DiffusionExecutor:
         return event
 
     def next_batch(self) -> list[DenoisingState]:
-        """The requests in flight, in arrival order, up to `max_batch_tokens` generator tokens (at least one).
+        """The requests in flight, in arrival order, up to `max_batch_tokens` generator tokens (at least one); with
+        16-bit activation steps, only those whose next step runs in the first request's mode (the others step next).
 
         Beyond a few thousand tokens a step's GEMMs run at their peak: a bigger batch only makes every request in it
         wait for the others' work (the throughput stays), so later arrivals wait for a place in the batch instead.
         """
         batch, tokens = [], 0
         for state in self.active:
+            if batch and self._activation_16bit(state) != self._activation_16bit(batch[0]):
+                continue
             if batch and tokens + state.num_tokens > self.max_batch_tokens:
                 break
             batch.append(state)
             tokens += state.num_tokens
         return batch
+
+    def _activation_16bit(self, state: DenoisingState) -> bool:
+        """Whether `state`'s next step runs with 16-bit activations."""
+        switch = self.activation_switch
+        return switch is not None and switch.high_precision(state.step, len(state.timesteps))
 
     @torch.no_grad()
     def take(self, request_ids: list[str]) -> dict[str, GenerationOutput]:
@@ -287,6 +299,10 @@ class DiffusionExecutor:
         at most GRAPH_MAX_TOKENS tokens; else eager. The outputs of a replay are the graph's buffers: consumed before
         the next step."""
         plan = self._batch_plan(active)
+        if self.activation_switch is not None:
+            self.activation_switch.activation_16bit = self._activation_16bit(active[0])
+            if self.activation_switch.activation_16bit:  # a few steps per request: eager, graphs hold the W8A8 path
+                return self.tower(patches_vp, timesteps_n, noisy_n, plan.layout, actions_na)
         steps_left = min(len(state.timesteps) - state.step for state in active)
         if (plan.graph is None and plan.eager_steps > 0 and self.use_cuda_graphs
                 and noisy_n.shape[0] <= GRAPH_MAX_TOKENS and steps_left >= GRAPH_MIN_REPLAYS):  # fmt: skip

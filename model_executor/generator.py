@@ -464,13 +464,19 @@ class Cosmos3GeneratorTower(nn.Module):
         (".mlp_moe_gen.up_proj.", ".mlp.gate_up_proj.", 1),
     )
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load the generator keys of `transformer/`; returns the parameter names loaded."""
+        """Load the generator keys of `transformer/` (with a quantized checkpoint's `weight_scale`, `weight_scale_2`
+        and `input_scale`, into the parameters of its linear method); returns the parameter names loaded."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
+            if "_quantizer." in name:  # ModelOpt's own calibration state, restored by diffusers only
+                continue
             for old, new, shard in self._SHARDS:
                 if old in name:
                     target = name.replace(old, new)
+                    if target not in params:
+                        raise ValueError(f"{name}: the deployment's precision has no such parameter; is the "
+                                         "checkpoint quantized differently from --precision?")  # fmt: skip
                     params[target].weight_loader(params[target], tensor, shard)
                     break
             else:

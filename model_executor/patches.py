@@ -134,6 +134,16 @@ def keep_aten_cpu_gemm(module: nn.Module) -> None:
             layer._cpu_skip_gemm_dispatch = True
 
 
+def replace_linear_method(layer: nn.Module, method) -> None:
+    """Gives one vLLM linear layer of our generator tower another linear method (`layer.quant_method`, which its
+    `forward` calls as `apply(layer, x, bias)`), after its weights are loaded and processed.
+
+    Where: `quant.step_precision` wraps the FP8 linears of the generator. Why: the denoising steps a deployment runs
+    at 16-bit activations use the same FP8 weights through a dequantizing `apply`, with no second copy of the
+    weights. Checked: vLLM 0.32.0 (`ModelOptLinearMethod`), 0.26.0 (`ModelOptFp8LinearMethod`)."""
+    layer.quant_method = method
+
+
 def swap_module_class(module: nn.Module, new_class: type) -> None:
     """Gives a vLLM or diffusers module instance one of our subclasses of its class (weights and state unchanged).
 

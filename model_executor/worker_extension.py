@@ -26,6 +26,8 @@ from cosmos3_serve.model_executor.generator_loop import GeneratorLoop
 from cosmos3_serve.model_executor.generator_memory import GeneratorMemory, measure
 from cosmos3_serve.model_executor.generator_parallel import GeneratorGroup
 from cosmos3_serve.model_executor.wire import Commands
+from cosmos3_serve.quant.precision import nvfp4_kernel
+from cosmos3_serve.quant.tower_precision import describe_tower
 
 # vLLM imports this module (`worker_extension_cls`) in each worker process before it builds the worker: the workers'
 # log records and patches are in place before the worker sizes its KV cache or builds its profiler, and no other
@@ -48,7 +50,8 @@ class Cosmos3WorkerExtension:
             group = GeneratorGroup.of_tensor_parallel_group(torch.device(self.device))
             executor = DiffusionExecutor(self.vllm_config.model_config.model, self.vllm_config, self.device,
                                          settings.max_batch_tokens, getattr(torch, settings.vae_dtype),
-                                         group.all_reduce if group.size > 1 else None)  # fmt: skip
+                                         group.all_reduce if group.size > 1 else None,
+                                         settings.a16_steps)  # fmt: skip
             self.cosmos3_memory: GeneratorMemory = measure(executor, settings)
             kv_export.PROMPT_KV_STORE.max_bytes = settings.state_budget_bytes
             self.cosmos3_loop = GeneratorLoop(executor, group, kv_export.PROMPT_KV_STORE)
@@ -73,7 +76,18 @@ class Cosmos3WorkerExtension:
                 "max_batch_tokens": executor.max_batch_tokens, "limits": limits.__dict__,
                 "memory_gib": self.cosmos3_memory.report(),
                 "kv_cache_gib": round(self._cosmos3_kv_cache_bytes() / 2**30, 3),
-                "kv_cache_tokens": self._cosmos3_kv_cache_tokens()}  # fmt: skip
+                "kv_cache_tokens": self._cosmos3_kv_cache_tokens(),
+                "towers": self._cosmos3_tower_precisions(executor.tower)}  # fmt: skip
+
+    def _cosmos3_tower_precisions(self, generator: torch.nn.Module) -> dict[str, dict[str, Any]]:
+        """Each tower's linear layers by precision, its weight memory, and how a GPU without FP4 tensor cores runs
+        NVFP4 layers."""
+        towers = {"reasoner": describe_tower(self.model_runner.get_model()), "generator": describe_tower(generator)}
+        if any("nvfp4" in tower["linear_layers"] for tower in towers.values()):
+            capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+            for tower in towers.values():
+                tower["nvfp4_kernel"] = nvfp4_kernel(capability)
+        return towers
 
     def cosmos3_submit(self, commands: dict[str, Any]) -> None:
         """Queue commands (`wire.Commands` as a payload) for the loop's next step boundary; returns at once."""

@@ -67,14 +67,16 @@ class Cosmos3State:
     def metadata(self) -> dict[str, Any]:
         transformer = json.loads((self.settings.checkpoint / "transformer" / "config.json").read_text())
         parallel = self.engine_client.vllm_config.parallel_config
+        generator_info = {k: v for k, v in self.service.generator_info.items() if k != "towers"}
+        towers = self.service.generator_info.get("towers", {})
         return {
             "modelInfo": [{"shortName": self.model_name, "modelUrl": self.settings.checkpoint.name}],
             "model": self.model_name,
             "towers": {
                 "reasoner": {"architecture": "Qwen3-VL", "engine": "vLLM", "layers": transformer["num_hidden_layers"],
-                             "hidden_size": transformer["hidden_size"]},  # fmt: skip
+                             "hidden_size": transformer["hidden_size"], **towers.get("reasoner", {})},  # fmt: skip
                 "generator": {"layers": transformer["num_hidden_layers"], "hidden_size": transformer["hidden_size"],
-                              "loaded": self.service.ready, **self.service.generator_info},  # fmt: skip
+                              "loaded": self.service.ready, **generator_info, **towers.get("generator", {})},  # fmt: skip
             },
             "precision": self.settings.precision,
             "dtype": str(self.engine_client.model_config.dtype).removeprefix("torch."),

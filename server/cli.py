@@ -1,4 +1,5 @@
-"""`cosmos3-serve` command line: `serve` a checkpoint, `make-tiny` a random-weight one."""
+"""`cosmos3-serve` command line: `serve` a checkpoint, `make-tiny` a random-weight one, `quantize` one to FP8 or
+NVFP4, `generate` on this machine."""
 
 from __future__ import annotations
 
@@ -14,13 +15,32 @@ from cosmos3_serve.sampling.actions import ACTION_MODES, RESOLUTION_BINS, VIEW_P
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from cosmos3_serve.model_executor.checkpoint.writer import write_checkpoint
+    from cosmos3_serve.model_executor.checkpoint.writer import RANDOM_WEIGHT_SHAPES, write_checkpoint
 
     out = write_checkpoint(
         args.out, shape=args.shape, vocab=args.vocab, seed=args.seed, action=args.action, progress=True
     )
-    kind = "weights, configs and tokenizer" if args.shape == "tiny" else "configs and tokenizer (no weights)"
+    weights = args.shape in RANDOM_WEIGHT_SHAPES
+    kind = "weights, configs and tokenizer" if weights else "configs and tokenizer (no weights)"
     print(f"wrote {args.shape} Cosmos 3 checkpoint ({kind}) to {out}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from cosmos3_serve.quant.calibration import DEFAULT_PROMPTS, CalibrationShape
+    from cosmos3_serve.quant.modelopt_format import StepPolicy
+    from cosmos3_serve.quant.quantize import quantize_checkpoint
+
+    prompts = DEFAULT_PROMPTS
+    if args.calibration is not None:
+        prompts = tuple(line.strip() for line in Path(args.calibration).read_text().splitlines() if line.strip())
+        if not prompts:
+            raise SystemExit(f"--calibration: {args.calibration} holds no prompt (one per line)")
+    out = quantize_checkpoint(Path(args.checkpoint), Path(args.out), args.precision, prompts, args.steps,
+                              CalibrationShape.parse(args.shape), StepPolicy(args.a16_steps, args.a16_steps),
+                              device=args.device)  # fmt: skip
+    print(f"wrote the {args.precision} checkpoint of {args.checkpoint} to {out} ({len(prompts)} calibration prompts "
+          f"x {args.steps} steps)")  # fmt: skip
     return 0
 
 
@@ -73,6 +93,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosmos3-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,9 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--shape",
         choices=sorted(SHAPES),
         default="tiny",
-        help="tiny: random weights; nano / super: real dimensions, configs and tokenizer only",
+        help="tiny (tests) / small (CPU quality benchmarks): random weights; nano / super: real dimensions, configs "
+             "and tokenizer only",
     )
     tiny.set_defaults(func=_make_tiny)
+
+    quantize = sub.add_parser("quantize", help="calibrate a 16-bit checkpoint with NVIDIA ModelOpt and write it in "
+                                               "FP8 or NVFP4 (both towers), in the released layout")  # fmt: skip
+    quantize.add_argument("checkpoint", help="a 16-bit Cosmos 3 checkpoint")
+    quantize.add_argument("out", help="output directory")
+    quantize.add_argument("--precision", choices=["fp8", "nvfp4"], required=True)
+    quantize.add_argument("--calibration", default=None,
+                          help="a text file of calibration prompts, one per line (default: four built-in prompts)")
+    quantize.add_argument("--steps", type=_positive_int, default=10,
+                          help="denoising steps each calibration prompt is generated over (default 10)")
+    quantize.add_argument("--shape", default="832x480x33",
+                          help="WIDTHxHEIGHT[xFRAMES] the calibration prompts generate at (default 832x480x33)")
+    quantize.add_argument("--a16-steps", type=_non_negative_int, default=3,
+                          help="the checkpoint's step policy: the first and last N denoising steps at 16-bit "
+                               "activations (default 3, as the released FP8 checkpoints)")  # fmt: skip
+    quantize.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    quantize.set_defaults(func=_quantize)
 
     gen = sub.add_parser(
         "generate",
@@ -214,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--vae-precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                        help="the VAE's precision, apart from the towers': fp32 (default) encodes and decodes as "
                             "the float32 reference does; bf16 / fp16 as diffusers' pipeline with its VAE in that dtype")
+    serve.add_argument("--a16-steps", type=_non_negative_int, default=None,
+                       help="FP8 checkpoints: the first and last N denoising steps of every request with 16-bit "
+                            "activations (W8A16), the others W8A8 (default: the checkpoint's step policy)")  # fmt: skip
     serve.add_argument("--enforce-eager", action="store_true",
                        help="no CUDA graphs: vLLM's for the reasoner, ours for the generator's denoising steps")
     serve.add_argument("--profile-dir", default=None,

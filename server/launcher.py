@@ -50,6 +50,7 @@ class ServeOptions:
     profile_dir: str | None = None  # the worker's profiler traces; enables /start_profile and /stop_profile
     enforce_eager: bool = False  # no CUDA graphs, in the reasoner (vLLM's) nor in the generator
     vae_precision: str = "fp32"  # the VAE's: fp32 (default), bf16 or fp16
+    a16_steps: int | None = None  # FP8: first and last steps at 16-bit activations; None: the checkpoint's policy
     max_input_pixels: int | None = None  # of a conditioning image or video frame; None: `InputLimits`' default
     max_clip_pixels: int | None = None  # of a conditioning video's decoded frames together; None: the default
     max_inference_steps: int | None = None  # None: `InputLimits`' default
@@ -79,7 +80,8 @@ def generator_settings(options: ServeOptions) -> GeneratorSettings:
         raise ValueError(f"generation-max-shape: {exc}") from None
     budget = None if options.generation_state_budget_mib is None else options.generation_state_budget_mib << 20
     return deployment.generator_settings(shape, options.max_generation_batch_tokens, VAE_DTYPES[options.vae_precision],
-                                         budget, max_model_len=options.max_model_len)  # fmt: skip
+                                         budget, max_model_len=options.max_model_len,
+                                         a16_steps=options.a16_steps)  # fmt: skip
 
 
 def default_job_store(port: int) -> Path:
@@ -102,7 +104,7 @@ def vllm_engine_argv(options: ServeOptions) -> list[str]:
     """vLLM server arguments for `options` (the API key is enforced by our middleware, not vLLM's)."""
     from cosmos3_serve.model_executor.engine_args import generation_engine_args
 
-    engine = {**precision_engine_args(options.precision, options.checkpoint),
+    engine = {**precision_engine_args(options.precision, options.checkpoint, on_cpu=not deployment.on_gpu()),
               **generation_engine_args(generator_settings(options)),
               **vllm_compat.video_pruning_kwargs(options.video_pruning_rate, options.video_pruning_method),
               "served_model_name": options.model_name, "host": options.host, "port": options.port,

@@ -38,11 +38,13 @@ def test_limits_must_be_positive(flag: str, capsys) -> None:
 def test_precision_becomes_engine_arguments(tiny_checkpoint: Path) -> None:
     assert precision_engine_args("bf16", tiny_checkpoint) == {"dtype": "bfloat16"}
     assert precision_engine_args("fp8", tiny_checkpoint) == {"dtype": "bfloat16", "quantization": "fp8"}
+    with pytest.raises(ValueError, match="quantizing a 16-bit checkpoint at load needs a CUDA GPU"):
+        precision_engine_args("fp8", tiny_checkpoint, on_cpu=True)
     with pytest.raises(ValueError, match="nvfp4 needs an NVFP4 checkpoint"):
         precision_engine_args("nvfp4", tiny_checkpoint)
-    argv = vllm_engine_argv(ServeOptions(tiny_checkpoint, precision="fp8", tensor_parallel_size=2))
+    argv = vllm_engine_argv(ServeOptions(tiny_checkpoint, precision="bf16", tensor_parallel_size=2))
     pairs = dict(zip(argv[::2], argv[1::2]))
-    assert (pairs["--quantization"], pairs["--tensor-parallel-size"]) == ("fp8", "2")
+    assert (pairs["--dtype"], pairs["--tensor-parallel-size"]) == ("bfloat16", "2")
     assert json.loads(pairs["--kv-transfer-config"])["kv_connector"] == "Cosmos3KVExportConnector"
     assert pairs["--worker-extension-cls"].endswith("Cosmos3WorkerExtension")
 
