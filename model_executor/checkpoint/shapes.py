@@ -1,4 +1,5 @@
-"""Dimensions of the Cosmos 3 checkpoints: the real Nano and Super, and a tiny one for tests.
+"""Dimensions of the Cosmos 3 checkpoints: the real Nano and Super, a tiny one for tests and a small one for
+quality benchmarks on the CPU.
 
 Both towers of the Mixture-of-Transformers share one shape (the generator's `add_*_proj` and `mlp_moe_gen`
 mirror the reasoner's attention and MLP), so one `TowerShape` describes the text layers of both.
@@ -102,6 +103,28 @@ SHAPES: dict[str, CheckpointShape] = {
             image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=32 * 32, video_max_pixels=32 * 64 * 64
         ),
         action_dim=8,  # pusht (2 wide) fits; its domain id is 4
+        num_embodiment_domains=32,
+    ),
+    # Nano's head layout on a narrower, shallower tower: the largest random stand-in the CPU machine runs in
+    # seconds per step (quality benchmarks of quantized checkpoints).
+    "small": CheckpointShape(
+        tower=TowerShape(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=128,
+            mrope_section=(24, 20, 20),
+        ),
+        vision=VisionShape(
+            depth=2, hidden_size=128, intermediate_size=256, num_heads=2, deepstack_visual_indexes=(1,)
+        ),
+        vae=VaeShape(base_dim=16, decoder_base_dim=16, num_res_blocks=1),
+        processor=ProcessorShape(
+            image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=32 * 32, video_max_pixels=32 * 64 * 64
+        ),
+        action_dim=32,
         num_embodiment_domains=32,
     ),
     "nano": CheckpointShape(

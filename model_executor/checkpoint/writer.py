@@ -35,6 +35,7 @@ from cosmos3_serve.model_executor.checkpoint.tokenizer import VocabKind, build_t
 PIPELINE_CLASS_NAME = "Cosmos3OmniDiffusersPipeline"
 REASONER_ARCHITECTURE = "Cosmos3ForConditionalGeneration"
 FLOW_SHIFT = 10.0
+RANDOM_WEIGHT_SHAPES = ("tiny", "small")
 
 
 def write_checkpoint(
@@ -49,7 +50,8 @@ def write_checkpoint(
     weights: bool | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write the checkpoint to `out` and return its path. `weights` defaults to True for `shape="tiny"` only.
+    """Write the checkpoint to `out` and return its path. `weights` defaults to True for the random-weight shapes
+    (`tiny`, `small`) only.
 
     `und_k_norm_for_gen` writes the attention variant without query / key norms in which the generator
     re-normalises the reasoner's keys (`qk_norm_for_text=False`, `use_und_k_norm_for_gen=True`); `distilled`
@@ -59,7 +61,7 @@ def write_checkpoint(
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
     dims = SHAPES[shape]
-    write_weights = shape == "tiny" if weights is None else weights
+    write_weights = shape in RANDOM_WEIGHT_SHAPES if weights is None else weights
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

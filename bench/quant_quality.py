@@ -1,0 +1,157 @@
+"""What FP8 W8A8 costs in quality against the 16-bit checkpoint, on the same seeds: the relative error of the
+generator's velocities at every denoising step (teacher-forced: each FP8 forward gets the inputs of the 16-bit
+run's forward), of the final latents, and the PSNR / SSIM of the decoded frames; also with the first and last N
+steps at 16-bit activations (W8A16).
+
+    python bench/quant_quality.py CKPT FP8_CKPT [--steps 8] [--shape 128x128x9] [--seeds 0,1,2] [--a16-steps 0,1,2]
+
+CKPT is 16-bit, FP8_CKPT its `cosmos3-serve quantize --precision fp8` checkpoint. Both run in diffusers' reference
+pipeline in bf16 on this machine; the FP8 linears compute the format by hand (inputs scaled by `input_scale` and
+rounded to e4m3, times the e4m3 weight, in float32), which `tests/test_quantize.py` checks vLLM's FP8 kernels
+against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+FP8_MAX = 448.0
+PROMPT = "A robot arm picks up a red cube from a wooden table and places it in a blue bowl."
+
+
+def load(checkpoint: Path):
+    from diffusers import Cosmos3OmniPipeline
+
+    pipeline = Cosmos3OmniPipeline.from_pretrained(checkpoint, enable_safety_checker=False, dtype=torch.bfloat16)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def make_fp8(pipeline, quantized: Path, mode: dict[str, bool]):
+    """`pipeline`'s quantized linears computing FP8 by hand (W8A16 while `mode["a16"]`)."""
+    with safe_open(quantized / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    for name, module in pipeline.transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and f"{name}.weight_scale" in tensors:
+            weight = tensors[f"{name}.weight"].float()
+            scale, input_scale = tensors[f"{name}.weight_scale"], tensors[f"{name}.input_scale"]
+
+            def forward(x, weight=weight, scale=scale, input_scale=input_scale, bias=module.bias):
+                if mode["a16"]:
+                    return F.linear(x, (weight * scale).to(x.dtype), bias)
+                x8 = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+                y = (x8 @ weight.t()) * (input_scale * scale)
+                return (y if bias is None else y + bias.float()).to(x.dtype)
+
+            module.forward = forward
+    return pipeline
+
+
+def first_tensor(output) -> torch.Tensor:
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    return output
+
+
+def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
+
+
+def psnr(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Frames in [0, 1]."""
+    mse = float(((got.float() - expected.float()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def ssim(got: torch.Tensor, expected: torch.Tensor, window: int = 7) -> float:
+    """Mean SSIM over frames and channels ([T, H, W, C] in [0, 1]), uniform `window` x `window` statistics."""
+    x, y = (t.float().permute(0, 3, 1, 2) for t in (got, expected))
+    pool = lambda t: F.avg_pool2d(t, window, stride=1)
+    mx, my = pool(x), pool(y)
+    vx, vy, cov = pool(x * x) - mx**2, pool(y * y) - my**2, pool(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return float((((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean())
+
+
+def run(pipeline, seed: int, steps: int, shape: tuple[int, int, int], policy: int, mode: dict[str, bool],
+        record: list | None = None):  # fmt: skip
+    """Latents and frames of one generation; `policy` first and last steps at 16-bit activations; every transformer
+    call's inputs and output appended to `record`."""
+    width, height, frames = shape
+
+    def schedule(_pipeline, step: int, _timestep, callback_kwargs):
+        mode["a16"] = step + 1 < policy or step + 1 >= steps - policy
+        return callback_kwargs
+
+    hook = None
+    if record is not None:
+        def keep(_module, args, kwargs, output):
+            record.append((args, kwargs, first_tensor(output).detach().clone()))
+        hook = pipeline.transformer.register_forward_hook(keep, with_kwargs=True)
+    mode["a16"] = policy > 0
+    arguments = dict(prompt=PROMPT, num_frames=frames, height=height, width=width, num_inference_steps=steps,
+                     guidance_scale=6.0, callback_on_step_end=schedule)  # fmt: skip
+    latents = pipeline(**arguments, generator=torch.Generator().manual_seed(seed), output_type="latent").video
+    video = pipeline(**arguments, generator=torch.Generator().manual_seed(seed), output_type="pt").video
+    if hook is not None:
+        hook.remove()
+    video = torch.as_tensor(video[0] if isinstance(video, list) else video)
+    return latents, (video[0] if video.ndim == 5 else video).permute(0, 2, 3, 1)  # [T, H, W, C]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("fp8_checkpoint", type=Path)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--shape", default="128x128x9")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--a16-steps", default="0,1,2")
+    args = parser.parse_args()
+    shape = tuple(int(part) for part in args.shape.split("x"))
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    sixteen = load(args.checkpoint)
+    mode = {"a16": False}
+    fp8 = make_fp8(load(args.checkpoint), args.fp8_checkpoint, mode)
+    rows = []
+    for policy in (int(p) for p in args.a16_steps.split(",")):
+        per_step, final, psnrs, ssims = [], [], [], []
+        for seed in seeds:
+            record: list = []
+            latents16, frames16 = run(sixteen, seed, args.steps, shape, 0, {"a16": False}, record)
+            forwards = record[: len(record) // 2]  # the latent run's; the frames' run repeats them
+            per_forward = []
+            with torch.no_grad():
+                for i, (call_args, call_kwargs, expected) in enumerate(forwards):
+                    step = i // (len(forwards) // args.steps)
+                    mode["a16"] = step < policy or step >= args.steps - policy
+                    per_forward.append(relative(first_tensor(fp8.transformer(*call_args, **call_kwargs)), expected))
+            per_step.append(per_forward)
+            latents8, frames8 = run(fp8, seed, args.steps, shape, policy, mode)
+            final.append(relative(latents8, latents16))
+            psnrs.append(psnr(frames8, frames16))
+            ssims.append(ssim(frames8, frames16))
+        steps_mean = [statistics.mean(values) for values in zip(*per_step)]
+        rows.append((policy, steps_mean, statistics.mean(final), statistics.mean(psnrs), statistics.mean(ssims)))
+
+    print(f"\nFP8 W8A8 vs 16-bit (bf16), {args.checkpoint.name}, {args.shape}, {args.steps} steps, guidance 6, seeds "
+          f"{args.seeds}; first / last N steps W8A16")  # fmt: skip
+    print(f"{'N':>3}{'velocity rel. error per forward (teacher-forced), mean over seeds':>70}")
+    for policy, steps_mean, *_ in rows:
+        print(f"{policy:3d}  " + " ".join(f"{v:.3f}" for v in steps_mean))
+    print(f"\n{'N':>3}{'final latents':>15}{'PSNR dB':>10}{'SSIM':>8}")
+    for policy, _steps, final, mean_psnr, mean_ssim in rows:
+        print(f"{policy:3d}{final:15.3f}{mean_psnr:10.2f}{mean_ssim:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
