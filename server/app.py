@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cosmos3_serve.model_executor import vllm_compat
 from cosmos3_serve.model_executor.request import GenerationRequest
-from cosmos3_serve.server import nim_routes, routes
+from cosmos3_serve.server import nim_routes, openai_videos, routes
 from cosmos3_serve.server.media_policy import MediaPolicy, MediaUrlPolicyMiddleware
 from cosmos3_serve.server.generation_service import GenerationService, Overloaded, RequestTooLarge
 from cosmos3_serve.server.job_store import JobStore
@@ -94,7 +94,8 @@ class Cosmos3State:
 # without an API key anyone could ask the engine to rescale), and the structured-decisions API, which vLLM leaves
 # disabled for this model (every call answered 501).
 UNSERVED_PATHS = ("/scale_elastic_ep", "/is_scaling_elastic_ep", "/v1/systemone")
-OUR_PATH_PREFIXES = ("/v1/video/", "/v1/images/", "/v1/infer", "/v1/health/", "/v1/metadata", "/v1/version")
+OUR_PATH_PREFIXES = ("/v1/video/", "/v1/videos", "/v1/images/", "/v1/infer", "/v1/health/", "/v1/metadata",
+                     "/v1/version")  # fmt: skip
 
 
 def _error(status: int, message: str, param: str | None, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -166,6 +167,7 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
     app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) not in UNSERVED_PATHS]
     app.include_router(nim_routes.router)
     app.include_router(routes.router)
+    app.include_router(openai_videos.router)
     app.middleware_stack = None  # vLLM's build_app built the stack; rebuild it with our handlers and middleware
     install_error_handlers(app)
     app.add_middleware(MediaUrlPolicyMiddleware, policy=settings.media_policy, skip_prefixes=OUR_PATH_PREFIXES)

@@ -15,21 +15,22 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cosmos3_serve.server.jobs import Job, JobOutput, JobStatus, job_snapshot
+from cosmos3_serve.server.jobs import Job, JobOutput, JobParams, JobStatus, job_snapshot
 
 STOPPED_REASON = "the server stopped while the job ran; submit it again"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, mode TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL, finished_at REAL,
     steps_done INTEGER NOT NULL, steps_total INTEGER NOT NULL, seed INTEGER, error TEXT, error_status INTEGER,
-    media_type TEXT, actions TEXT, result_bytes INTEGER NOT NULL DEFAULT 0
+    media_type TEXT, actions TEXT, result_bytes INTEGER NOT NULL DEFAULT 0, params TEXT
 )
 """
 COLUMNS = ("id", "mode", "status", "created", "finished_at", "steps_done", "steps_total", "seed", "error",
-           "error_status", "media_type", "actions", "result_bytes")  # fmt: skip
+           "error_status", "media_type", "actions", "result_bytes", "params")  # fmt: skip
 
 
 class StoredJob:
@@ -40,6 +41,8 @@ class StoredJob:
         self.id, self.status = row["id"], JobStatus(row["status"])
         self.error, self.error_status = row["error"], row["error_status"] or 500
         self.steps_done, self.steps_total = row["steps_done"], row["steps_total"]
+        self.created, self.finished_at = row["created"], row["finished_at"]
+        self.params = JobParams(**json.loads(row["params"])) if row["params"] else None
 
     def snapshot(self) -> dict[str, Any]:
         row = self.row
@@ -66,6 +69,8 @@ class JobStore:
         self.db = sqlite3.connect(directory / "jobs.sqlite3", isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(SCHEMA)
+        if "params" not in {column[1] for column in self.db.execute("PRAGMA table_info(jobs)")}:  # an older store
+            self.db.execute("ALTER TABLE jobs ADD COLUMN params TEXT")
         self._lock = threading.Lock()  # the event loop records metadata, encoding threads record results
 
     def recover(self) -> int:
@@ -82,7 +87,7 @@ class JobStore:
         row = {"id": job.id, "mode": job.mode, "status": job.status.value, "created": job.created,
                "finished_at": job.finished_at, "steps_done": job.steps_done, "steps_total": job.steps_total,
                "seed": job.request.seed, "error": job.error, "error_status": job.error_status, "media_type": None,
-               "actions": None, "result_bytes": 0}  # fmt: skip
+               "actions": None, "result_bytes": 0, "params": json.dumps(asdict(job.params))}  # fmt: skip
         if job.output is not None:
             row["media_type"] = job.output.media_type
             row["actions"] = None if job.output.actions is None else json.dumps(job.output.actions)
@@ -104,6 +109,25 @@ class JobStore:
     def delete(self, job_id: str) -> bool:
         with self._lock:
             return self._delete(job_id)
+
+    def list_ids(self, after: str | None, limit: int, ascending: bool) -> tuple[list[str], bool]:
+        """Up to `limit` job ids by creation time (oldest first if `ascending`), after the job `after` (None: from
+        the start); and whether more follow. KeyError when `after` is not a stored job."""
+        order = "ASC" if ascending else "DESC"
+        with self._lock:
+            if after is None:
+                rows = self.db.execute(f"SELECT id FROM jobs ORDER BY created {order}, id {order} LIMIT ?",
+                                       (limit + 1,)).fetchall()  # fmt: skip
+            else:
+                anchor = self.db.execute("SELECT created FROM jobs WHERE id = ?", (after,)).fetchone()
+                if anchor is None:
+                    raise KeyError(after)
+                beyond = ">" if ascending else "<"
+                rows = self.db.execute(
+                    f"SELECT id FROM jobs WHERE (created, id) {beyond} (?, ?) ORDER BY created {order}, id {order} "
+                    "LIMIT ?", (anchor[0], after, limit + 1)).fetchall()  # fmt: skip
+        ids = [row[0] for row in rows]
+        return ids[:limit], len(ids) > limit
 
     def evict(self) -> None:
         with self._lock:

@@ -35,6 +35,21 @@ class JobOutput:
     actions: list[list[float]] | None = None  # [chunk, action width] of policy and inverse dynamics
 
 
+@dataclass(frozen=True)
+class JobParams:
+    """What a job was asked for, as kept with it in the store (the OpenAI video object shows it)."""
+
+    prompt: str
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+
+    @classmethod
+    def of(cls, request: GenerationRequest) -> JobParams:
+        return cls(request.prompt, request.width, request.height, request.num_frames, request.fps)
+
+
 @dataclass
 class Job:
     id: str
@@ -57,6 +72,10 @@ class Job:
     @property
     def steps_total(self) -> int:
         return self.request.num_inference_steps
+
+    @property
+    def params(self) -> JobParams:
+        return JobParams.of(self.request)
 
     def snapshot(self) -> dict[str, Any]:
         """The job as the API shows it."""
