@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cosmos3_serve.model_executor import vllm_compat
 from cosmos3_serve.model_executor.request import GenerationRequest
-from cosmos3_serve.server import nim_routes, openai_videos, routes
+from cosmos3_serve.server import nim_routes, openai_videos, robot_sessions, routes
 from cosmos3_serve.server.media_policy import MediaPolicy, MediaUrlPolicyMiddleware
 from cosmos3_serve.server.generation_service import GenerationService, Overloaded, RequestTooLarge
 from cosmos3_serve.server.job_store import JobStore
@@ -168,6 +168,7 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
     app.include_router(nim_routes.router)
     app.include_router(routes.router)
     app.include_router(openai_videos.router)
+    app.include_router(robot_sessions.router)
     app.middleware_stack = None  # vLLM's build_app built the stack; rebuild it with our handlers and middleware
     install_error_handlers(app)
     app.add_middleware(MediaUrlPolicyMiddleware, policy=settings.media_policy, skip_prefixes=OUR_PATH_PREFIXES)

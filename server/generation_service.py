@@ -116,15 +116,17 @@ class GenerationService:
             return {}
         return capacity(self.limits, self.geometry, self.generator_info.get("kv_cache_tokens"), max_model_len)
 
-    def submit(self, request: GenerationRequest, mode: str) -> Job:
+    def submit(self, request: GenerationRequest, mode: str, decode_video: bool = True) -> Job:
         """A new job, or RequestTooLarge when the request can never run here, or Overloaded when the service is
-        full. Its prompts are tokenized now: their length is part of what the job costs."""
+        full. Its prompts are tokenized now: their length is part of what the job costs. Without `decode_video`
+        (an action mode) the job answers its actions only and its video is never decoded."""
         prompts, state_bytes = self._plan(request)
         in_flight = sum(1 for job in self.jobs.values() if not job.status.final)
         if in_flight >= self.max_jobs:
             metrics.REJECTED.labels(mode=mode).inc()
             raise Overloaded(retry_after_s=max(1, int(self._typical_job_s())))
-        job = Job(id=f"gen-{uuid.uuid4().hex}", mode=mode, request=request, prompts=prompts, state_bytes=state_bytes)
+        job = Job(id=f"gen-{uuid.uuid4().hex}", mode=mode, request=request, prompts=prompts, state_bytes=state_bytes,
+                  decode_video=decode_video)  # fmt: skip
         self.jobs[job.id] = job
         if job.mode != WARMUP_MODE:
             self.store.record(job)
@@ -253,7 +255,7 @@ class GenerationService:
             self._admit_waiting()
             return
         job.phases["prefill"] = time.time() - job.created
-        self.core.prefilled(job.id, request_to_payload(job.request), decode=True)
+        self.core.prefilled(job.id, request_to_payload(job.request), decode=job.decode_video)
         self._flush_wake.set()
 
     async def _prefill(self, prompt_token_ids: list[int], key: str) -> None:
@@ -333,7 +335,7 @@ class GenerationService:
         now = time.time()
         job.phases["denoise"] = now - (job.first_step_at or now)
         try:
-            job.output = await asyncio.to_thread(job_output, job, frames, actions)
+            job.output = await asyncio.to_thread(job_output, job, frames if job.decode_video else None, actions)
         except Exception as exc:  # noqa: BLE001 - a failed encoding fails its job only
             self._finish(job, JobStatus.FAILED, error=f"encoding failed: {exc}")
             return

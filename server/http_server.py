@@ -27,9 +27,12 @@ class SignalFreeServer(uvicorn.Server):
         yield
 
 
-async def serve(app: FastAPI, sock: socket.socket, lifecycle: Lifecycle, *, log_level: str, access_log: bool) -> int:
-    """Serve until a signal (drain, exit code 0) or the engine's or generator's death (exit code 1)."""
-    server = SignalFreeServer(uvicorn.Config(app, log_level=log_level, access_log=access_log))
+async def serve(app: FastAPI, sock: socket.socket, lifecycle: Lifecycle, *, log_level: str, access_log: bool,
+                max_message_bytes: int) -> int:  # fmt: skip
+    """Serve until a signal (drain, exit code 0) or the engine's or generator's death (exit code 1). A websocket
+    message over `max_message_bytes` closes its connection (1009), as a body over it gets 413."""
+    server = SignalFreeServer(uvicorn.Config(app, log_level=log_level, access_log=access_log,
+                                             ws_max_size=max_message_bytes))  # fmt: skip
     app.state.server = server
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()

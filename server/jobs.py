@@ -67,6 +67,7 @@ class Job:
     prompts: list[list[int]] = field(default_factory=list, repr=False)  # token ids of its prompts, once known
     state_bytes: int = 0  # what it holds on the device from its prefill to its result (`RequestCost.state_bytes`)
     memory_wait_since: float | None = None  # when it began to wait for room in the state budget
+    decode_video: bool = True  # False: the actions only (a robot's policy step); the video is never decoded
     _events: list[asyncio.Queue] = field(default_factory=list, repr=False)
 
     @property

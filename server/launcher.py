@@ -185,7 +185,8 @@ async def _serve(options: ServeOptions, vllm_args) -> int:
             announcing = asyncio.create_task(announce())
             exit_code = await http_server.serve(app, sock, state.lifecycle,
                                                 log_level=vllm_args.uvicorn_log_level,
-                                                access_log=not vllm_args.disable_uvicorn_access_log)  # fmt: skip
+                                                access_log=not vllm_args.disable_uvicorn_access_log,
+                                                max_message_bytes=options.max_request_bytes)  # fmt: skip
             announcing.cancel()
             await state.service.stop()
     finally:

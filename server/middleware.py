@@ -29,12 +29,16 @@ class BearerAuthMiddleware:
         self.key_hash = hashlib.sha256(api_key.encode()).digest()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in UNGUARDED_PATHS:
+        if (scope["type"] not in ("http", "websocket") or scope.get("method") == "OPTIONS"
+                or scope["path"] in UNGUARDED_PATHS):  # fmt: skip
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         if scheme.lower() == "bearer" and secrets.compare_digest(hashlib.sha256(token.encode()).digest(), self.key_hash):
             return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":  # closed before the handshake: the client sees HTTP 403
+            await receive()  # websocket.connect
+            return await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong API key"})
         await json_error(send, 401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
 
 

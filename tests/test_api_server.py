@@ -741,3 +741,70 @@ def test_videos_refuse_bad_fields_naming_them(http: httpx.Client, body: dict, fi
     assert response.json()["error"]["param"] == field
     form = http.post("/v1/videos", data={k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in body.items()})
     assert form.status_code == expected_status and form.json()["error"]["param"] == field  # a form: the same
+
+
+# ---- robots: a persistent connection per robot for policy steps --------------------------------------------
+
+
+def test_sixteen_robots_get_their_actions_over_websockets(server: ServerProcess, http: httpx.Client) -> None:
+    import asyncio
+
+    import websockets
+
+    from tests.test_actions import CHUNK, DOMAIN, IMAGE, NEGATIVE as ACTION_NEGATIVE, PROMPT as ACTION_PROMPT
+
+    url = server.base_url.replace("http://", "ws://") + "/v1/robot/session"
+    start = {"type": "start", "prompt": ACTION_PROMPT, "negative_prompt": ACTION_NEGATIVE, "action_domain": DOMAIN,
+             "action_chunk_size": CHUNK, "action_resolution_tier": 256, "fps": 16, "num_inference_steps": 2}  # fmt: skip
+    frame = media.png_data_url(IMAGE)
+
+    async def robot(index: int) -> list[dict]:
+        async with websockets.connect(url, additional_headers=AUTH, max_size=None) as connection:
+            await connection.send(json.dumps(start))
+            assert json.loads(await connection.recv()) == {"type": "started", "actions_only": True}
+            await connection.send(json.dumps({"type": "observation", "id": "bad", "image": frame, "seed": -1}))
+            answers = [json.loads(await connection.recv())]  # the connection stays after a bad message
+            for step in range(2 if index == 0 else 1):
+                observation = {"type": "observation", "id": f"r{index}-{step}", "image": frame, "seed": 100 + index}
+                while True:  # the server runs MAX_JOBS at once: a robot told 429 sends its observation again
+                    await connection.send(json.dumps(observation))
+                    answer = json.loads(await connection.recv())
+                    if answer.get("code") != 429:
+                        break
+                    await asyncio.sleep(0.2)
+                answers.append(answer)
+            return answers
+
+    async def all_robots() -> list[list[dict]]:
+        return await asyncio.gather(*(robot(i) for i in range(16)))
+
+    sessions = asyncio.run(all_robots())
+    for index, answers in enumerate(sessions):
+        error, *actions = answers
+        assert (error["type"], error["id"], error["code"], error["param"]) == ("error", "bad", 422, "seed")
+        assert [a["id"] for a in actions] == [f"r{index}-{step}" for step in range(len(actions))]
+        assert all(a["type"] == "actions" and "b64_video" not in a for a in actions)
+        assert all(np.asarray(a["actions"]).shape == (CHUNK, 2) for a in actions)
+    # The same observation through /v1/video/generate, alone: the same actions (one job model, batching invariant)
+    alone = http.post("/v1/video/generate", json={"mode": "policy", "prompt": ACTION_PROMPT, "image": frame,
+                                                  "negative_prompt": ACTION_NEGATIVE, "action_domain": DOMAIN,
+                                                  "action_chunk_size": CHUNK, "action_resolution_tier": 256, "fps": 16,
+                                                  "num_inference_steps": 2, "seed": 103}).json()  # fmt: skip
+    assert np.abs(np.asarray(sessions[3][1]["actions"]) - np.asarray(alone["actions"])).max() <= 1e-4
+    assert sessions[0][1]["actions"] == sessions[0][2]["actions"]  # the same observation and seed twice
+
+
+def test_a_robot_session_needs_the_api_key(server: ServerProcess) -> None:
+    import asyncio
+
+    import websockets
+
+    url = server.base_url.replace("http://", "ws://") + "/v1/robot/session"
+
+    async def connect() -> None:
+        async with websockets.connect(url):
+            pass
+
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        asyncio.run(connect())
+    assert refused.value.response.status_code == 403
