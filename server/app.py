@@ -95,7 +95,7 @@ class Cosmos3State:
 # disabled for this model (every call answered 501).
 UNSERVED_PATHS = ("/scale_elastic_ep", "/is_scaling_elastic_ep", "/v1/systemone")
 OUR_PATH_PREFIXES = ("/v1/video/", "/v1/videos", "/v1/images/", "/v1/infer", "/v1/health/", "/v1/metadata",
-                     "/v1/version")  # fmt: skip
+                     "/v1/version", "/v1/manifest", "/v1/license", "/v1/robot/")  # fmt: skip
 
 
 def _error(status: int, message: str, param: str | None, headers: dict[str, str] | None = None) -> JSONResponse:

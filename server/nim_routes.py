@@ -1,11 +1,11 @@
-"""NIM-style operational routes: liveness, readiness (both towers loaded and warm), metadata, version, metrics."""
+"""NIM-style operational routes: liveness, readiness (both towers loaded and warm), metadata, manifest, license,
+version, metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
-
 from cosmos3_serve.server import metrics
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
 
 router = APIRouter()
 
@@ -31,6 +31,31 @@ async def health_ready(request: Request) -> JSONResponse:
 async def metadata(request: Request) -> dict:
     """What this server runs: model, towers, precision, modes, parallelism, versions."""
     return request.app.state.cosmos3.metadata()
+
+
+@router.get("/v1/manifest")
+async def manifest(request: Request) -> dict:
+    """What this deployment serves: the model, its checkpoint, the profile it runs (precision, tensor
+    parallelism) and the modes."""
+    state = request.app.state.cosmos3
+    metadata = state.metadata()
+    precision, parallel = metadata["precision"], metadata["tensor_parallel_size"]
+    return {"model": state.model_name, "checkpoint": state.settings.checkpoint.name,
+            "profiles": [{"id": f"{precision}-tp{parallel}", "precision": precision, "tensor_parallel_size": parallel,
+                          "selected": True}],
+            "modes": metadata["modes"], "inference_endpoint": "/v1/infer"}  # fmt: skip
+
+
+@router.get("/v1/license", responses={404: {"description": "the checkpoint carries no license file"}})
+async def license_file(request: Request) -> dict:
+    """The license file the served checkpoint carries (`LICENSE*` at its root)."""
+    checkpoint = request.app.state.cosmos3.settings.checkpoint
+    found = sorted(path for path in checkpoint.iterdir() if path.is_file() and path.name.upper().startswith("LICENSE"))
+    if not found:
+        raise HTTPException(404, "the served checkpoint carries no license file (LICENSE*)")
+    path = found[0]
+    return {"name": path.name, "type": "file", "size": path.stat().st_size,
+            "content": path.read_text(errors="replace")}  # fmt: skip
 
 
 @router.get("/v1/version")

@@ -15,11 +15,6 @@ import io
 import json
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
-from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from cosmos3_serve.server.job_store import StoredJob
 from cosmos3_serve.server.jobs import Job, JobStatus
 from cosmos3_serve.server.protocol import (
@@ -43,6 +38,10 @@ from cosmos3_serve.server.routes import (
     service_of,
     wait_unless_disconnected,
 )
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 router = APIRouter()
 STATUSES = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "in_progress", JobStatus.SUCCEEDED: "completed",

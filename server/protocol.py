@@ -1,8 +1,9 @@
 """Request and response bodies of the generation routes, and their mapping onto `GenerationRequest`.
 
-Three front doors lead to the same engine: `POST /v1/video/generate` (ours, every mode), `POST
-/v1/images/generations` (OpenAI's images shape, text -> image) and `POST /v1/infer` (NIM's shape, `model_mode`).
-Bodies of our and NIM's routes forbid unknown fields; OpenAI's ignores them, as OpenAI's API does.
+Front doors lead to the same engine: `POST /v1/video/generate` (ours, every mode, here), `POST
+/v1/images/generations` (OpenAI's images shape, text -> image, here), `POST /v1/infer` (NIM's, `nim_protocol`) and
+`/v1/videos` (OpenAI's Videos API, `openai_videos`). Bodies of our and NIM's routes forbid unknown fields; OpenAI's
+images route ignores them, as OpenAI's API does.
 """
 
 from __future__ import annotations
@@ -130,36 +131,6 @@ class ImagesGenerationsBody(BaseModel):
     num_inference_steps: int = Field(35, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(6.0, ge=0.0, le=MAX_GUIDANCE_SCALE)
     seed: int | None = Field(None, ge=0, lt=2**63)
-
-
-class NimInferBody(BaseModel):
-    """`POST /v1/infer` (NIM): `model_mode` names the task."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    model_mode: Literal["text2image", "text2world", "image2world", "video2world", "forward_dynamics", "policy",
-                        "inverse_dynamics"]  # fmt: skip
-    prompt: str = ""
-    negative_prompt: str | None = None
-    image: str | None = None
-    video: str | None = None
-    resolution: Literal["480p", "720p"] | None = None
-    height: int | None = Field(None, gt=0)
-    width: int | None = Field(None, gt=0)
-    frames: int | None = Field(None, ge=1)
-    fps: float = Field(24.0, gt=0, le=MAX_FPS)
-    steps: int = Field(35, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(6.0, ge=0.0, le=MAX_GUIDANCE_SCALE)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    prompt_upsampling: bool = False
-    action_domain: str | None = None
-    action_chunk_size: int | None = Field(None, ge=1, le=MAX_ACTION_CHUNK)
-    actions: list[list[float]] | None = None
-    action_resolution_tier: Literal[256, 480, 704, 720] = 480
-
-
-NIM_MODES = {"text2image": "text2image", "text2world": "text2video", "image2world": "image2video",
-             "video2world": "video2video", **{mode: mode for mode in ACTION_MODES}}  # fmt: skip
 
 
 def decode_base64(value: str, field: str) -> bytes:
@@ -305,21 +276,3 @@ def from_images_body(body: ImagesGenerationsBody, checkpoint: CheckpointInfo,
         if invalid is not None:
             raise FieldError("size", invalid[1]) if invalid[0] in ("height", "width") else FieldError(*invalid)
     return requests
-
-
-def from_nim_body(body: NimInferBody, checkpoint: CheckpointInfo,
-                  limits: InputLimits = InputLimits()) -> tuple[str, GenerationRequest]:  # fmt: skip
-    mode = NIM_MODES[body.model_mode]
-    video_body = VideoGenerateBody(
-        mode=mode, prompt=body.prompt, negative_prompt=body.negative_prompt, image=body.image, video=body.video,
-        resolution=body.resolution, height=body.height, width=body.width, num_frames=body.frames, fps=body.fps,
-        num_inference_steps=body.steps, guidance_scale=body.guidance_scale, seed=body.seed,
-        reason_first=body.prompt_upsampling, action_domain=body.action_domain,
-        action_chunk_size=body.action_chunk_size, actions=body.actions,
-        action_resolution_tier=body.action_resolution_tier,
-    )  # fmt: skip
-    try:
-        return from_video_body(video_body, checkpoint, limits)
-    except FieldError as error:  # name NIM's fields
-        renamed = {"num_frames": "frames", "num_inference_steps": "steps", "reason_first": "prompt_upsampling"}
-        raise FieldError(renamed.get(error.field, error.field), error.message) from None

@@ -17,9 +17,6 @@ import json
 import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from cosmos3_serve.server.generation_service import GenerationService, Overloaded, RequestTooLarge
 from cosmos3_serve.server.jobs import Job, JobStatus
 from cosmos3_serve.server.protocol import (
@@ -32,6 +29,8 @@ from cosmos3_serve.server.protocol import (
     VideoGenerateBody,
     from_video_body,
 )
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 router = APIRouter()
 

@@ -8,21 +8,21 @@ import base64
 import json
 import time
 
-from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-
+from cosmos3_serve.server import nim_protocol
 from cosmos3_serve.server.generation_service import GenerationService
 from cosmos3_serve.server.job_store import StoredJob
 from cosmos3_serve.server.jobs import Job, JobStatus
+from cosmos3_serve.server.nim_protocol import NimInferBody
 from cosmos3_serve.server.protocol import (
+    FieldError,
     ImagesGenerationsBody,
     InputLimits,
-    NimInferBody,
     VideoGenerateBody,
     from_images_body,
-    from_nim_body,
     from_video_body,
 )
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 router = APIRouter()
 DISCONNECT_POLL_S = 1.0
@@ -177,15 +177,24 @@ async def images_generations(body: ImagesGenerationsBody, request: Request) -> d
 
 @router.post("/v1/infer")
 async def nim_infer(body: NimInferBody, request: Request) -> dict:
-    """NIM's inference route: `model_mode` text2image / text2world / image2world / video2world."""
-    mode, generation = from_nim_body(body, checkpoint_info(request), input_limits(request))
+    """NIM's inference route, Cosmos 3 names (`nim_protocol`): `model_mode` text2image / text2video / image2video /
+    video2video / forward_dynamics / policy / inverse_dynamics; the older Cosmos NIM names as aliases."""
+    try:
+        mode, generation = from_video_body(nim_protocol.to_video_body(body), checkpoint_info(request),
+                                           input_limits(request))  # fmt: skip
+    except FieldError as error:  # name the request's own fields
+        raise FieldError(nim_protocol.field_name(body, error.field), error.message) from None
     service = service_of(request)
     job = await wait_unless_disconnected(service, service.submit(generation, mode), request)
     output = finished_output(job)
     service.forget(job)
     answer = {"id": job.id, "model_mode": body.model_mode, "seed": output.seed}
     if output.content is not None:
-        answer["b64_image" if output.media_type == "image/png" else "b64_video"] = base64.b64encode(output.content).decode()
+        media_field = "b64_image" if output.media_type == "image/png" else "b64_video"
+        answer[media_field] = base64.b64encode(output.content).decode()
+    if output.media_type != "image/png":
+        answer["action"] = None
     if output.actions is not None:
+        answer["action"] = nim_protocol.action_answer(output.actions, mode, generation.action_domain)
         answer["actions"] = output.actions
     return answer

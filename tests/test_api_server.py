@@ -664,8 +664,8 @@ def test_openai_client_videos_create_retrieve_download_list_delete(server: Serve
                                  height=32, width=64, fps=8, num_inference_steps=3, seed=21)  # fmt: skip
     assert frames.shape == reference.shape == (9, 32, 64, 3) and fps == 8  # 1 s at 8 fps: 4k + 1 = 9 frames
     assert psnr_after_the_same_encoding(frames, reference, fps=8) > 40
-    thumbnail = np.asarray(Image.open(io.BytesIO(client.videos.download_content(created.id,
-                                                                                 variant="thumbnail").read())))  # fmt: skip
+    thumbnail_png = client.videos.download_content(created.id, variant="thumbnail").read()
+    thumbnail = np.asarray(Image.open(io.BytesIO(thumbnail_png)))
     assert np.array_equal(thumbnail, frames[0])
     same_job = httpx.get(f"{server.base_url}/v1/video/generate/{created.id}", headers=AUTH).json()
     assert same_job["status"] == "succeeded"  # one job model behind both routes
@@ -755,7 +755,7 @@ def test_sixteen_robots_get_their_actions_over_websockets(server: ServerProcess,
 
     url = server.base_url.replace("http://", "ws://") + "/v1/robot/session"
     start = {"type": "start", "prompt": ACTION_PROMPT, "negative_prompt": ACTION_NEGATIVE, "action_domain": DOMAIN,
-             "action_chunk_size": CHUNK, "action_resolution_tier": 256, "fps": 16, "num_inference_steps": 2}  # fmt: skip
+             "action_chunk_size": CHUNK, "action_resolution_tier": 256, "fps": 16, "num_inference_steps": 1}  # fmt: skip
     frame = media.png_data_url(IMAGE)
 
     async def robot(index: int) -> list[dict]:
@@ -789,9 +789,10 @@ def test_sixteen_robots_get_their_actions_over_websockets(server: ServerProcess,
     alone = http.post("/v1/video/generate", json={"mode": "policy", "prompt": ACTION_PROMPT, "image": frame,
                                                   "negative_prompt": ACTION_NEGATIVE, "action_domain": DOMAIN,
                                                   "action_chunk_size": CHUNK, "action_resolution_tier": 256, "fps": 16,
-                                                  "num_inference_steps": 2, "seed": 103}).json()  # fmt: skip
+                                                  "num_inference_steps": 1, "seed": 103}).json()  # fmt: skip
     assert np.abs(np.asarray(sessions[3][1]["actions"]) - np.asarray(alone["actions"])).max() <= 1e-4
-    assert sessions[0][1]["actions"] == sessions[0][2]["actions"]  # the same observation and seed twice
+    # the same observation and seed twice, in other batches
+    assert np.abs(np.asarray(sessions[0][1]["actions"]) - np.asarray(sessions[0][2]["actions"])).max() <= 1e-4
 
 
 def test_a_robot_session_needs_the_api_key(server: ServerProcess) -> None:
@@ -808,3 +809,97 @@ def test_a_robot_session_needs_the_api_key(server: ServerProcess) -> None:
     with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
         asyncio.run(connect())
     assert refused.value.response.status_code == 403
+
+
+# ---- NVIDIA's Cosmos 3 NIM names on /v1/infer ------------------------------------------------------------
+
+
+def _nim_case(mode: str) -> tuple[dict, dict]:
+    """A Cosmos 3 NIM request of `mode` and the same request in `/v1/video/generate`'s names."""
+    from tests.test_actions import CHUNK, DOMAIN, IMAGE, VIDEO
+
+    image, clip = media.png_data_url(IMAGE), media.mp4_data_url(np.stack([np.asarray(f) for f in VIDEO]), fps=8)
+    same = {"prompt": "A robot arm moves.", "num_inference_steps": 2, "guidance_scale": 1.0, "seed": 9, "fps": 8.0}
+    nim, ours = {"model_mode": mode, **same}, {"mode": mode, **same}
+    if mode in ("forward_dynamics", "policy", "inverse_dynamics"):
+        reference = clip if mode == "inverse_dynamics" else image
+        nim.update(input_reference=reference, action_params={"domain_name": DOMAIN, "action_chunk_size": CHUNK,
+                                                             "raw_action_dim": 2, "image_size": "256"})  # fmt: skip
+        ours.update({"video" if mode == "inverse_dynamics" else "image": reference, "action_domain": DOMAIN,
+                     "action_chunk_size": CHUNK, "action_resolution_tier": 256})  # fmt: skip
+        if mode == "forward_dynamics":
+            from tests.test_actions import ACTIONS
+
+            nim["action_params"]["action"] = ACTIONS.tolist()
+            ours["actions"] = ACTIONS.tolist()
+        return nim, ours
+    # the older height / width: a resolution tier's outputs take too long on two cores (`resolution_size` is
+    # checked on its own)
+    nim.update(height=32, width=64, num_frames=1 if mode == "text2image" else 5)
+    ours.update(height=32, width=64, num_frames=1 if mode == "text2image" else 5)
+    if mode == "image2video":
+        nim["input_reference"] = ours["image"] = image
+    if mode == "video2video":
+        nim["input_reference"] = ours["video"] = clip
+    return nim, ours
+
+
+@pytest.mark.parametrize("mode", ["text2image", "text2video", "image2video", "video2video", "forward_dynamics",
+                                  "policy", "inverse_dynamics"])  # fmt: skip
+def test_nim_cosmos3_request_equals_the_same_request_on_video_generate(http: httpx.Client, mode: str) -> None:
+    nim_body, our_body = _nim_case(mode)
+    nim = http.post("/v1/infer", json=nim_body)
+    ours = http.post("/v1/video/generate", json={**our_body, "response_format": "b64_json"})
+    assert nim.status_code == ours.status_code == 200, nim.text + ours.text
+    nim, ours = nim.json(), ours.json()
+    if mode in ("policy", "inverse_dynamics", "forward_dynamics") and "actions" in ours:
+        action = nim["action"]
+        assert (action["shape"], action["raw_action_dim"], action["action_mode"]) == ([4, 2], 2, mode)
+        assert action["domain_id"] == 4 and action["dtype"] == "float32"  # pusht
+        assert np.abs(np.asarray(action["data"]) - np.asarray(ours["actions"])).max() <= 1e-4
+    elif mode not in ("text2image",):
+        assert nim["action"] is None
+    media_field = "b64_image" if mode == "text2image" else "b64_video"
+    if ours.get("b64_json") is None:
+        assert media_field not in nim  # inverse dynamics makes no video
+        return
+    theirs, mine = base64.b64decode(nim[media_field]), base64.b64decode(ours["b64_json"])
+    if mode == "text2image":
+        got, expected = (np.asarray(Image.open(io.BytesIO(data))) for data in (theirs, mine))
+        assert got.shape == expected.shape == (32, 64, 3)
+    else:
+        (got, _), (expected, _) = mp4_frames(theirs), mp4_frames(mine)
+        assert got.shape == expected.shape
+    # the same seed and request; the second one's prompt K/V come from the prefix cache (see the Videos API test)
+    mse = np.mean((got.astype(float) - expected.astype(float)) ** 2)
+    assert mse == 0 or 10 * np.log10(255**2 / mse) > 30
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"model_mode": "text2video", "prompt": "x", "num_inference_steps": "35"}, 422, "num_inference_steps"),
+    ({"model_mode": "text2video", "prompt": "x", "num_frames": 9.0}, 422, "num_frames"),
+    ({"model_mode": "text2video", "prompt": "x", "resolution": "1280x720"}, 422, "resolution"),
+    ({"model_mode": "text2video", "prompt": "x", "input_reference": "aGk="}, 422, "input_reference"),
+    ({"model_mode": "policy", "prompt": "x", "input_reference": "aGk=", "num_frames": 5,
+      "action_params": {"domain_name": "pusht", "action_chunk_size": 4}}, 422, "num_frames"),
+    ({"model_mode": "policy", "prompt": "x",
+      "action_params": {"domain_name": "pusht", "action_chunk_size": 4, "raw_action_dim": 7}},
+     422, "action_params.raw_action_dim"),
+    ({"model_mode": "policy", "prompt": "x",
+      "action_params": {"domain_name": "pusht", "action_chunk_size": 4, "use_state": True}},
+     422, "action_params.use_state"),
+    ({"model_mode": "text2video", "prompt": "x", "transfer": {"edge": True}}, 422, "transfer"),
+    ({"model_mode": "text2video", "prompt": "x", "steps": 2, "num_inference_steps": 2}, 422, "steps"),
+])  # fmt: skip
+def test_nim_fields_are_strict_and_named_in_errors(http: httpx.Client, body: dict, status: int, field: str) -> None:
+    response = http.post("/v1/infer", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_nim_manifest_and_license(http: httpx.Client, tiny_checkpoint: Path) -> None:
+    manifest = http.get("/v1/manifest").json()
+    assert manifest["model"] == tiny_checkpoint.name and manifest["inference_endpoint"] == "/v1/infer"
+    assert manifest["profiles"][0]["selected"] and "policy" in manifest["modes"]
+    license_answer = http.get("/v1/license")  # the tiny checkpoint carries no license file
+    assert license_answer.status_code == 404 and "license" in license_answer.json()["error"]["message"]

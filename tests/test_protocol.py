@@ -60,3 +60,18 @@ def test_a_schedule_that_repeats_a_timestep_is_refused_by_field(tiny_checkpoint:
     assert refused.value.field == "num_inference_steps"
     for fine in ({"num_inference_steps": 100}, {"num_inference_steps": 101, "flow_shift": 3.0}):
         from_video_body(VideoGenerateBody(**body, **fine), info)
+
+
+def test_nim_resolution_tiers_keep_their_area_at_each_aspect() -> None:
+    from cosmos3_serve.server.nim_protocol import resolution_size
+
+    assert resolution_size("720") == resolution_size("720_16_9") == (720, 1280)
+    assert resolution_size("720_1_1") == (960, 960) and resolution_size("720_9_16") == (1280, 720)
+    assert resolution_size("480_16_9") == (480, 832) and resolution_size("256_16_9") == (256, 448)
+    for tier in ("256", "480", "720"):
+        for aspect in ("16_9", "1_1", "9_16", "4_3", "3_4"):
+            height, width = resolution_size(f"{tier}_{aspect}")
+            across, down = (int(side) for side in aspect.split("_"))
+            assert height % 16 == 0 and width % 16 == 0
+            assert abs(width / height - across / down) < 0.05  # the aspect, within a 16-pixel rounding
+            assert abs(height * width / resolution_size(tier)[0] / resolution_size(tier)[1] - 1) < 0.05  # the area
