@@ -17,10 +17,10 @@ them one at a time (8 x its single-image forward, timed in the same row).
 diffusers recomputes the reasoner's prompt K/V inside every forward; ours takes them from the export, as in
 serving (the prompt's K/V are captured from diffusers' own forward, so both attend to the same keys).
 
-diffusers is timed at its best: in a process of its own, alone on the card, before this process touches the GPU
-(`--reference-only`). Beside our tower and the floor's operands it has less memory to cache, and the allocator's
-retries (`num_alloc_retries`, printed) slow it down. `--also-in-process` times it in this process too, for the
-comparison.
+diffusers is timed at its best: in a process of its own without vLLM, alone on the card, before this process
+touches the GPU (`--reference-only`), so that neither our tower's memory nor vLLM's settings change its time. The
+allocator's retries (`num_alloc_retries`) of both processes are printed; `--also-in-process` times it in this
+process too, for the comparison.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ steps at 16-bit activations (W8A16).
 
 CKPT is 16-bit, FP8_CKPT its `cosmos3-serve quantize --precision fp8` checkpoint. Both run in diffusers' reference
 pipeline in bf16 on this machine; the FP8 linears compute the format by hand (inputs scaled by `input_scale` and
-rounded to e4m3, times the e4m3 weight, in float32), which `tests/test_quantize.py` checks vLLM's FP8 kernels
-against.
+rounded to e4m3, times the e4m3 weight, in float32: `tests/oracle.py`), which `tests/test_quantize.py` checks vLLM's
+FP8 kernels against.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-FP8_MAX = 448.0
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests import oracle  # noqa: E402
+
 PROMPT = "A robot arm picks up a red cube from a wooden table and places it in a blue bowl."
 
 
@@ -35,23 +37,10 @@ def load(checkpoint: Path):
 
 
 def make_fp8(pipeline, quantized: Path, mode: dict[str, bool]):
-    """`pipeline`'s quantized linears computing FP8 by hand (W8A16 while `mode["a16"]`)."""
+    """`pipeline`'s quantized linears computing FP8 by hand (W8A16 while `mode["now"]`), as the tests' oracle."""
     with safe_open(quantized / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    for name, module in pipeline.transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and f"{name}.weight_scale" in tensors:
-            weight = tensors[f"{name}.weight"].float()
-            scale, input_scale = tensors[f"{name}.weight_scale"], tensors[f"{name}.input_scale"]
-
-            def forward(x, weight=weight, scale=scale, input_scale=input_scale, bias=module.bias):
-                if mode["a16"]:
-                    return F.linear(x, (weight * scale).to(x.dtype), bias)
-                x8 = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-                y = (x8 @ weight.t()) * (input_scale * scale)
-                return (y if bias is None else y + bias.float()).to(x.dtype)
-
-            module.forward = forward
-    return pipeline
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    return oracle.hand_written_fp8(pipeline, tensors, mode)
 
 
 def first_tensor(output) -> torch.Tensor:
@@ -87,7 +76,7 @@ def run(pipeline, seed: int, steps: int, shape: tuple[int, int, int], policy: in
     width, height, frames = shape
 
     def schedule(_pipeline, step: int, _timestep, callback_kwargs):
-        mode["a16"] = step + 1 < policy or step + 1 >= steps - policy
+        mode["now"] = step + 1 < policy or step + 1 >= steps - policy
         return callback_kwargs
 
     hook = None
@@ -95,7 +84,7 @@ def run(pipeline, seed: int, steps: int, shape: tuple[int, int, int], policy: in
         def keep(_module, args, kwargs, output):
             record.append((args, kwargs, first_tensor(output).detach().clone()))
         hook = pipeline.transformer.register_forward_hook(keep, with_kwargs=True)
-    mode["a16"] = policy > 0
+    mode["now"] = policy > 0
     arguments = dict(prompt=PROMPT, num_frames=frames, height=height, width=width, num_inference_steps=steps,
                      guidance_scale=6.0, callback_on_step_end=schedule)  # fmt: skip
     latents = pipeline(**arguments, generator=torch.Generator().manual_seed(seed), output_type="latent").video
@@ -119,20 +108,20 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     sixteen = load(args.checkpoint)
-    mode = {"a16": False}
+    mode = {"now": False}
     fp8 = make_fp8(load(args.checkpoint), args.fp8_checkpoint, mode)
     rows = []
     for policy in (int(p) for p in args.a16_steps.split(",")):
         per_step, final, psnrs, ssims = [], [], [], []
         for seed in seeds:
             record: list = []
-            latents16, frames16 = run(sixteen, seed, args.steps, shape, 0, {"a16": False}, record)
+            latents16, frames16 = run(sixteen, seed, args.steps, shape, 0, {"now": False}, record)
             forwards = record[: len(record) // 2]  # the latent run's; the frames' run repeats them
             per_forward = []
             with torch.no_grad():
                 for i, (call_args, call_kwargs, expected) in enumerate(forwards):
                     step = i // (len(forwards) // args.steps)
-                    mode["a16"] = step < policy or step >= args.steps - policy
+                    mode["now"] = step < policy or step >= args.steps - policy
                     per_forward.append(relative(first_tensor(fp8.transformer(*call_args, **call_kwargs)), expected))
             per_step.append(per_forward)
             latents8, frames8 = run(fp8, seed, args.steps, shape, policy, mode)

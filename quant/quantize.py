@@ -119,7 +119,7 @@ def quantize_checkpoint(checkpoint: Path, out: Path, precision: str, prompts: Se
 
     if precision not in modelopt_format.QUANT_ALGOS:
         raise ValueError(f"precision must be one of {', '.join(modelopt_format.QUANT_ALGOS)}, got {precision!r}")
-    if modelopt_format_of(checkpoint) is not None:
+    if modelopt_format.read_checkpoint_quantization(checkpoint) is not None:
         raise ValueError(f"{checkpoint} is quantized already; quantize a 16-bit checkpoint")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CPU: float32 matmuls (bf16 ones are slow)
@@ -151,11 +151,6 @@ def transformer_dtypes(checkpoint: Path) -> dict[str, torch.dtype]:
                 if dtype is not None:
                     dtypes[key] = dtype
     return dtypes
-
-
-def modelopt_format_of(checkpoint: Path) -> str | None:
-    quantization = modelopt_format.read_checkpoint_quantization(checkpoint)
-    return None if quantization is None else quantization.method
 
 
 def _stored(tensor: torch.Tensor, stored_dtype: torch.dtype | None) -> torch.Tensor:

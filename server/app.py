@@ -26,7 +26,7 @@ from cosmos3_serve.server.generation_service import GenerationService, Overloade
 from cosmos3_serve.server.job_store import JobStore
 from cosmos3_serve.server.lifecycle import Lifecycle, LifecycleMiddleware
 from cosmos3_serve.server.middleware import BearerAuthMiddleware, RequestSizeLimitMiddleware
-from cosmos3_serve.server.protocol import CheckpointInfo, FieldError, InputLimits, ModeUnavailable
+from cosmos3_serve.server.protocol import CheckpointInfo, FieldError, InputLimits, ModeUnavailable, error_field
 
 logger = logging.getLogger(__name__)
 WARMUP = GenerationRequest("warm-up", num_frames=1, height=32, width=32, num_inference_steps=1, guidance_scale=6.0)
@@ -111,9 +111,8 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else "invalid request"
         if not isinstance(first, dict):  # vLLM raises some with plain messages (e.g. a body that is not JSON)
             return _error(status, f"body: {first}", "body")
-        named = getattr(first.get("ctx", {}).get("error"), "parameter", None)  # vLLM's own validators name it
-        field = named or ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-        message = "unknown field" if first.get("type") == "extra_forbidden" else first.get("msg", "invalid")
+        field, message = error_field(first)
+        field = getattr(first.get("ctx", {}).get("error"), "parameter", None) or field  # vLLM's validators name it
         return _error(status, f"{field}: {message}", field)
 
     async def field_error(_request: Request, exc: FieldError):

@@ -26,6 +26,8 @@ from cosmos3_serve.server.protocol import (
     FieldError,
     Mode,
     VideoGenerateBody,
+    decode_base64,
+    error_field,
     from_video_body,
 )
 from cosmos3_serve.server.routes import (
@@ -90,8 +92,6 @@ def _reference_kind(data: bytes) -> str:
 
 
 def _reference_bytes(value: str | dict[str, str], field: str = "input_reference") -> bytes:
-    from cosmos3_serve.server.protocol import decode_base64
-
     if isinstance(value, dict):
         if "file_id" in value:
             raise FieldError(field, "file_id references are not served here; send the file or a data URL")
@@ -134,10 +134,7 @@ async def parse_create(request: Request) -> tuple[VideosCreateBody, bytes | None
     try:
         body = VideosCreateBody.model_validate(fields)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "body"
-        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        raise FieldError(field, message) from None
+        raise FieldError(*error_field(error.errors()[0])) from None
     if body.input_reference is not None:
         if reference is not None:
             raise FieldError("input_reference", "give it once: as a file or as a data URL")

@@ -48,6 +48,13 @@ class FieldError(ValueError):
         self.field, self.message = field, message
 
 
+def error_field(error: dict[str, Any], default: str = "body") -> tuple[str, str]:
+    """(field, message) of one pydantic validation error: its dotted path without `body`, and "unknown field" for
+    a field the model forbids."""
+    field = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or default
+    return field, "unknown field" if error.get("type") == "extra_forbidden" else error.get("msg", "invalid")
+
+
 class ModeUnavailable(ValueError):
     """The checkpoint cannot serve this mode: answered with 400."""
 

@@ -27,6 +27,7 @@ from cosmos3_serve.server.protocol import (
     FieldError,
     ModeUnavailable,
     VideoGenerateBody,
+    error_field,
     from_video_body,
 )
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -67,12 +68,6 @@ class Observation(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
 
 
-def _field_of(error: ValidationError) -> tuple[str, str]:
-    first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "message"
-    return field, "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-
-
 class RobotSession:
     """One robot's connection: its settings, its jobs in flight, and the answers it is sent (one writer at a time)."""
 
@@ -104,7 +99,7 @@ class RobotSession:
             try:
                 self.start = SessionStart.model_validate(message)
             except ValidationError as error:
-                return await self.error(None, 422, *_field_of(error))
+                return await self.error(None, 422, *error_field(error.errors()[0], "message"))
             return await self.send({"type": "started", "actions_only": self.start.actions_only})
         if kind != "observation":
             return await self.error(message.get("id"), 422, "type", "must be 'start' or 'observation'")
@@ -113,7 +108,7 @@ class RobotSession:
         try:
             observation = Observation.model_validate(message)
         except ValidationError as error:
-            return await self.error(message.get("id"), 422, *_field_of(error))
+            return await self.error(message.get("id"), 422, *error_field(error.errors()[0], "message"))
         if observation.id in self.jobs:
             return await self.error(observation.id, 409, "id", "an observation with this id is still running")
         task = asyncio.create_task(self.act(observation))

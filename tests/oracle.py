@@ -1,6 +1,7 @@
 """The reference implementations our outputs are compared against, loaded on a checkpoint as released.
 
 - Generator: diffusers' `Cosmos3OmniPipeline` (`enable_safety_checker=False`: the guardrail needs downloads).
+- FP8: diffusers' pipeline with its linears computing the ModelOpt FP8 format by hand (`hand_written_fp8`).
 - Reasoner: transformers' `Cosmos3OmniForConditionalGeneration` with its own unified-layout key renames. The
   released layout keeps the reasoner's weights in `transformer/` and `vision_encoder/`, not at the root, so a
   view directory links the root files and lists both safetensors in a `model.safetensors.index.json`; the
@@ -83,3 +84,28 @@ def load_transformers_reasoner(checkpoint: Path, view_dir: Path, dtype: torch.dt
     if info["missing_keys"] or info["mismatched_keys"]:
         raise RuntimeError(f"transformers could not load the reasoner: {info}")
     return Reasoner(model=model.eval(), processor=AutoProcessor.from_pretrained(checkpoint))
+
+
+FLOAT8_E4M3_MAX = 448.0
+
+
+def hand_written_fp8(pipeline, quantized: dict[str, torch.Tensor], activation_16bit: dict[str, bool] | None = None):
+    """`pipeline` (diffusers', 16-bit) with every linear that `quantized` (a ModelOpt FP8 checkpoint's
+    `transformer/` tensors) quantizes computing FP8 W8A8 per-tensor by hand: the input scaled by its
+    `input_scale`, rounded to e4m3, times the e4m3 weight, both scales applied to the float32 product; while
+    `activation_16bit["now"]`, W8A16 instead: the 16-bit input times the weight dequantized to the input's dtype."""
+    mode = activation_16bit if activation_16bit is not None else {"now": False}
+    for name, module in pipeline.transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and f"{name}.weight_scale" in quantized:
+            weight = quantized[f"{name}.weight"].float()
+            scale, input_scale = quantized[f"{name}.weight_scale"], quantized[f"{name}.input_scale"]
+
+            def forward(x, weight=weight, scale=scale, input_scale=input_scale, bias=module.bias):
+                if mode["now"]:
+                    return torch.nn.functional.linear(x, (weight * scale).to(x.dtype), bias)
+                x8 = (x.float() / input_scale).clamp(-FLOAT8_E4M3_MAX, FLOAT8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+                y = (x8 @ weight.t()) * (input_scale * scale)
+                return (y if bias is None else y + bias.float()).to(x.dtype)
+
+            module.forward = forward
+    return pipeline

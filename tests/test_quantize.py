@@ -17,6 +17,7 @@ import pytest
 import torch
 from cosmos3_serve.quant.modelopt_format import FP4_MAX, FP8_MAX, FUSED_GROUPS, is_excluded
 from cosmos3_serve.server.cli import main as cli_main
+from tests import oracle
 from safetensors import safe_open
 
 pytest.importorskip("modelopt")
@@ -128,27 +129,6 @@ def fp8_served(fp8_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
                   TEXT)  # fmt: skip
 
 
-def _hand_written_fp8(pipeline, quantized: dict[str, torch.Tensor], activation_16bit: dict[str, bool] | None = None):
-    """`pipeline` with every quantized linear computing FP8 W8A8 per-tensor by hand: the input scaled by its
-    `input_scale`, rounded to e4m3, times the e4m3 weight, both scales applied to the float32 product; while
-    `activation_16bit["now"]`, W8A16 instead: the 16-bit input times the weight dequantized to the input's dtype."""
-    mode = activation_16bit if activation_16bit is not None else {"now": False}
-    for name, module in pipeline.transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and f"{name}.weight_scale" in quantized:
-            weight = quantized[f"{name}.weight"].float()
-            scale, input_scale = quantized[f"{name}.weight_scale"], quantized[f"{name}.input_scale"]
-
-            def forward(x, weight=weight, scale=scale, input_scale=input_scale, bias=module.bias):
-                if mode["now"]:
-                    return torch.nn.functional.linear(x, (weight * scale).to(x.dtype), bias)
-                x8 = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-                y = (x8 @ weight.t()) * (input_scale * scale)
-                return (y if bias is None else y + bias.float()).to(x.dtype)
-
-            module.forward = forward
-    return pipeline
-
-
 def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.float() - expected.float()).norm() / expected.float().norm())
 
@@ -163,13 +143,11 @@ def test_fp8_towers_report_their_quantized_linears(fp8_served: dict) -> None:
 
 def test_fp8_generator_step_follows_a_hand_written_fp8_forward(fp8_served: dict, fp8_checkpoint: Path,
                                                                 tiny_checkpoint: Path) -> None:  # fmt: skip
-    from tests import oracle
-
     ours = fp8_served["latents"][0]
     arguments = {**{k: v for k, v in ONE_STEP.items() if k != "seed"}, "output_type": "latent"}
     reference_16bit = oracle.load_diffusers_pipeline(tiny_checkpoint, torch.bfloat16)
     sixteen = reference_16bit(**arguments, generator=torch.Generator().manual_seed(3)).video
-    by_hand = _hand_written_fp8(reference_16bit, _tensors(fp8_checkpoint))(
+    by_hand = oracle.hand_written_fp8(reference_16bit, _tensors(fp8_checkpoint))(
         **arguments, generator=torch.Generator().manual_seed(3)).video
     assert _relative(ours, by_hand) < 0.03  # same format: bf16 rounding and summation order apart
     assert _relative(ours, by_hand) < 0.75 * _relative(by_hand, sixteen)  # nearer FP8 than FP8 is to 16-bit
@@ -179,8 +157,6 @@ def test_fp8_generator_step_follows_a_hand_written_fp8_forward(fp8_served: dict,
 def test_first_and_last_steps_at_16bit_activations_follow_the_hand_written_schedule(
     fp8_served: dict, fp8_checkpoint: Path, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    from tests import oracle
-
     [mixed] = _serve(fp8_checkpoint, tmp_path / "a16.pt", 1, [FOUR_STEPS])["latents"]
     all_fp8 = fp8_served["latents"][1]
     mode = {"now": True}
@@ -189,7 +165,7 @@ def test_first_and_last_steps_at_16bit_activations_follow_the_hand_written_sched
         mode["now"] = step + 1 == 3  # the next step: the first and the last of 4 at 16-bit activations
         return callback_kwargs
 
-    pipeline = _hand_written_fp8(oracle.load_diffusers_pipeline(tiny_checkpoint, torch.bfloat16),
+    pipeline = oracle.hand_written_fp8(oracle.load_diffusers_pipeline(tiny_checkpoint, torch.bfloat16),
                                  _tensors(fp8_checkpoint), mode)  # fmt: skip
     arguments = {k: v for k, v in FOUR_STEPS.items() if k != "seed"}
     by_hand = pipeline(**arguments, generator=torch.Generator().manual_seed(5), output_type="latent",

@@ -83,6 +83,13 @@ _QWEN3_VL_VISION = VisionShape(
     depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=(8, 16, 24)
 )
 
+# The random-weight checkpoints' vision encoder, VAE and pixel budgets: small enough for seconds on two cores.
+_SMALL_VISION = VisionShape(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, deepstack_visual_indexes=(1,))
+_SMALL_VAE = VaeShape(base_dim=16, decoder_base_dim=16, num_res_blocks=1)
+_SMALL_PROCESSOR = ProcessorShape(
+    image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=32 * 32, video_max_pixels=32 * 64 * 64
+)
+
 SHAPES: dict[str, CheckpointShape] = {
     # Head dims of 64 keep vLLM's CPU attention (needs head_dim >= 32) and real mRoPE interleaving.
     "tiny": CheckpointShape(
@@ -95,13 +102,9 @@ SHAPES: dict[str, CheckpointShape] = {
             head_dim=64,
             mrope_section=(12, 10, 10),
         ),
-        vision=VisionShape(
-            depth=2, hidden_size=128, intermediate_size=256, num_heads=2, deepstack_visual_indexes=(1,)
-        ),
-        vae=VaeShape(base_dim=16, decoder_base_dim=16, num_res_blocks=1),
-        processor=ProcessorShape(
-            image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=32 * 32, video_max_pixels=32 * 64 * 64
-        ),
+        vision=_SMALL_VISION,
+        vae=_SMALL_VAE,
+        processor=_SMALL_PROCESSOR,
         action_dim=8,  # pusht (2 wide) fits; its domain id is 4
         num_embodiment_domains=32,
     ),
@@ -117,13 +120,9 @@ SHAPES: dict[str, CheckpointShape] = {
             head_dim=128,
             mrope_section=(24, 20, 20),
         ),
-        vision=VisionShape(
-            depth=2, hidden_size=128, intermediate_size=256, num_heads=2, deepstack_visual_indexes=(1,)
-        ),
-        vae=VaeShape(base_dim=16, decoder_base_dim=16, num_res_blocks=1),
-        processor=ProcessorShape(
-            image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=32 * 32, video_max_pixels=32 * 64 * 64
-        ),
+        vision=_SMALL_VISION,
+        vae=_SMALL_VAE,
+        processor=_SMALL_PROCESSOR,
         action_dim=32,
         num_embodiment_domains=32,
     ),
