@@ -63,20 +63,28 @@ def measure(executor: DiffusionExecutor, settings: GeneratorSettings) -> Generat
     if executor.device.type != "cuda":
         return GeneratorMemory(weights, 0, 0, 0, 0, settings.state_budget_bytes)
     width, height, frames = settings.max_shape
-    try:
-        largest = settings.largest_request()
-        tokens = RequestCost.of(largest, _geometry(executor)).tokens
-        forward = _peak(_forward(executor, tokens, settings.max_prompt_tokens))
-        graphed_forward = _peak(_forward(executor, min(GRAPH_MAX_TOKENS, tokens), settings.max_prompt_tokens))
-        latents = torch.zeros(latent_shape(executor.codec.config, largest), device=executor.device)
-        decode = _peak(lambda: executor.codec.decode_by_shape({"largest": latents}))
-        clip = torch.zeros(1, 3, frames, height, width)
-        encode = _peak(lambda: executor.codec.encode_by_shape({"largest": clip}))
-    except torch.OutOfMemoryError:
-        raise RuntimeError(
-            f"the generator's largest admitted request ({width}x{height}, {frames} frames, with guidance) does not fit "
-            "on this device beside the reasoner: lower --generation-max-shape or add GPUs (--tensor-parallel-size)"
-        ) from None
+    largest = settings.largest_request()
+    tokens = RequestCost.of(largest, _geometry(executor)).tokens
+    latents = torch.zeros(latent_shape(executor.codec.config, largest), device=executor.device)
+    clip = torch.zeros(1, 3, frames, height, width)
+    phases = {
+        f"tower forward of {tokens} tokens": _forward(executor, tokens, settings.max_prompt_tokens),
+        "graphed tower forward": _forward(executor, min(GRAPH_MAX_TOKENS, tokens), settings.max_prompt_tokens),
+        f"VAE decode of {frames} frames": lambda: executor.codec.decode_by_shape({"largest": latents}),
+        f"VAE encode of {frames} frames": lambda: executor.codec.encode_by_shape({"largest": clip}),
+    }
+    peaks = []
+    for phase, run in phases.items():
+        try:
+            peaks.append(_peak(run))
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(
+                f"the generator's largest admitted request ({width}x{height}, {frames} frames, with guidance) does "
+                f"not fit on this device beside the reasoner ({phase}: {str(error).splitlines()[0]}): lower "
+                "--generation-max-shape or add GPUs (--tensor-parallel-size)"
+            ) from None
+        logger.info("generator memory: %s peaks at %.2f GiB", phase, peaks[-1] / 2**30)
+    forward, graphed_forward, decode, encode = peaks
     graph_output = MAX_GRAPH_LATENT_ELEMENTS * _pixels_per_latent_element(executor) * executor.codec.vae.dtype.itemsize
     memory = GeneratorMemory(weights=weights, forward_peak=forward, decode_peak=decode, encode_peak=encode,
                              graph_pools=graphed_forward + MAX_GRAPHS * graph_output,
