@@ -10,7 +10,6 @@ reasoner's model runner, so a request enters with the K/V that `kv_export` left 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -27,18 +26,16 @@ from cosmos3_serve.model_executor.generator import (
     GRAPH_MAX_TOKENS,
     AllReduce,
     CapturedForward,
-    Cosmos3GeneratorTower,
     ForwardGraphs,
     PackedBatch,
     batch_signature,
-    iter_transformer_weights,
 )
 from cosmos3_serve.model_executor.kv_export import PromptKV
-from cosmos3_serve.model_executor.patches import keep_aten_cpu_gemm
 from cosmos3_serve.model_executor.positions import patchify, unpatchify
 from cosmos3_serve.model_executor.profile_ranges import PROFILE_RANGES
 from cosmos3_serve.model_executor.request import GenerationRequest
 from cosmos3_serve.model_executor.results import GenerationOutput, PendingResults
+from cosmos3_serve.model_executor.tower_loading import load_tower
 from cosmos3_serve.model_executor.vae_io import ConditioningClip, VaeCodec
 from cosmos3_serve.quant import step_precision
 from cosmos3_serve.sampling.schedulers import load_scheduler
@@ -80,37 +77,20 @@ class DiffusionExecutor:
 
     def __init__(self, checkpoint: str | Path, vllm_config, device: torch.device,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, vae_dtype: torch.dtype = torch.float32,
-                 all_reduce: AllReduce | None = None, a16_steps: int | None = None) -> None:  # fmt: skip
-        from vllm.config import CompilationConfig, CompilationMode, set_current_vllm_config
-        from vllm.model_executor.model_loader.utils import process_weights_after_loading
-
+                 all_reduce: AllReduce | None = None, a16_steps: int | None = None,
+                 attention_precision: str = "bf16") -> None:  # fmt: skip
         checkpoint = Path(checkpoint)
         self.config = GeneratorConfig.from_checkpoint(checkpoint)
         self.device, self.dtype = torch.device(device), vllm_config.model_config.dtype
-        # The tower is not compiled (eager, or a CUDA graph of eager kernels): build it with vLLM's fused kernels
-        # (norms, SiLU), whatever the engine compiles.
-        tower_config = copy.copy(vllm_config)
-        tower_config.compilation_config = CompilationConfig(mode=CompilationMode.NONE, custom_ops=["all"])
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:  # vLLM's layers read these settings and allocate in the default dtype
-            with set_current_vllm_config(tower_config), self.device:
-                tower = Cosmos3GeneratorTower(self.config, vllm_config.quant_config, all_reduce)
-        finally:
-            torch.set_default_dtype(default_dtype)
+        tower = load_tower(checkpoint, vllm_config, self.device, all_reduce)
         if vllm_config.load_config.load_format == "dummy":  # configs-only checkpoints (benchmarks): random weights
-            from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
-
-            DummyModelLoader(vllm_config.load_config).load_weights(tower, vllm_config.model_config)
             vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(checkpoint, subfolder="vae"))
         else:
-            tower.load_weights(iter_transformer_weights(checkpoint))
             vae = AutoencoderKLWan.from_pretrained(checkpoint, subfolder="vae")
-        keep_aten_cpu_gemm(tower)
-        process_weights_after_loading(tower, vllm_config.model_config, self.device)  # quantization
         # FP8: the steps of a request that run with 16-bit activations (None: every step W8A8, or not FP8)
         self.activation_switch = step_precision.install(tower, step_precision.deployment_policy(checkpoint, a16_steps),
                                                         self.dtype)  # fmt: skip
+        tower.set_attention_precision(attention_precision)
         self.tower = tower.eval()
         vae = vae.to(self.device, vae_dtype).eval()  # float32 by default, whatever the towers' precision
         self.codec = VaeCodec(vae, self.device, use_graphs=not vllm_config.model_config.enforce_eager)

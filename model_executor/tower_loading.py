@@ -1,0 +1,45 @@
+"""The generator tower built and loaded as vLLM builds a model: its linear layers take the engine's quantization
+config, its weights come from the checkpoint (or vLLM's dummy loader for configs-only checkpoints), and each
+layer's quantization method processes them after loading (online FP8 quantizes here)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from cosmos3_serve.model_executor.checkpoint.generator_config import GeneratorConfig
+from cosmos3_serve.model_executor.generator import AllReduce, Cosmos3GeneratorTower, iter_transformer_weights
+from cosmos3_serve.model_executor.patches import keep_aten_cpu_gemm
+
+
+def load_tower(checkpoint: str | Path, vllm_config, device: torch.device, all_reduce: AllReduce | None = None,
+               weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> Cosmos3GeneratorTower:  # fmt: skip
+    """The tower of `checkpoint` on `device` in the engine's dtype, with `weights` (diffusers' transformer names;
+    None: the checkpoint's, or random ones under `--load-format dummy`)."""
+    from vllm.config import CompilationConfig, CompilationMode, set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    config = GeneratorConfig.from_checkpoint(checkpoint)
+    # The tower is not compiled (eager, or a CUDA graph of eager kernels): build it with vLLM's fused kernels
+    # (norms, SiLU), whatever the engine compiles.
+    tower_config = copy.copy(vllm_config)
+    tower_config.compilation_config = CompilationConfig(mode=CompilationMode.NONE, custom_ops=["all"])
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(vllm_config.model_config.dtype)
+    try:  # vLLM's layers read these settings and allocate in the default dtype
+        with set_current_vllm_config(tower_config), torch.device(device):
+            tower = Cosmos3GeneratorTower(config, vllm_config.quant_config, all_reduce)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if weights is None and vllm_config.load_config.load_format == "dummy":
+        from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+        DummyModelLoader(vllm_config.load_config).load_weights(tower, vllm_config.model_config)
+    else:
+        tower.load_weights(iter_transformer_weights(Path(checkpoint)) if weights is None else weights)
+    keep_aten_cpu_gemm(tower)
+    process_weights_after_loading(tower, vllm_config.model_config, torch.device(device))  # quantization
+    return tower
