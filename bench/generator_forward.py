@@ -2,7 +2,8 @@
 `Cosmos3OmniTransformer` forward on the same inputs and the same random weights, and against the kernel floor,
 all in one run on one card.
 
-    python bench/generator_forward.py CKPT [--shapes image720,image720x8,video480x93,video720x189] [--json OUT]
+    python bench/generator_forward.py CKPT [--shapes image720,image720x8,video480x93,video720x189]
+        [--variants bf16,fp8,fp8-attention] [--json OUT]
 
 CKPT is a configs-only checkpoint (`cosmos3-serve make-tiny CKPT --shape nano`); weights are random (bf16).
 For each shape: median forward time of diffusers, of ours (eager, and as a CUDA graph for batches of up to
@@ -10,9 +11,16 @@ For each shape: median forward time of diffusers, of ours (eager, and as a CUDA 
 relative difference of the velocities (ours vs diffusers, both bf16), the kernel floor and where our forward's GPU
 time goes (profiler: GEMMs, attention, other kernels).
 
+Variants (each its own tower, on the same random weights): `bf16`; `fp8`, the tower as `serve --precision fp8`
+quantizes a 16-bit checkpoint at load (FP8 weights with per-tensor scales, dynamic per-tensor activation scales);
+`fp8-attention`, that tower with `--generator-attention fp8`. For each: forward time against its own kernel floor
+and against bf16, the velocities' difference from diffusers' bf16, weight memory and the forward's peak.
+
 Kernel floor of a shape = layers x (the four GEMMs of a layer at its token count + FA3 varlen attention over its
 packed layout), each timed alone on random operands of the real shapes: what the forward would cost if nothing
-but those kernels ran, back to back. `image720x8` is eight 720p images in one packed forward; diffusers runs
+but those kernels ran, back to back. FP8 GEMMs are the faster of `torch._scaled_mm` and vLLM's CUTLASS kernel on
+e4m3 operands (activations already quantized); FP8 attention is FA3's FP8 kernel on e4m3 inputs.
+`image720x8` is eight 720p images in one packed forward; diffusers runs
 them one at a time (8 x its single-image forward, timed in the same row).
 diffusers recomputes the reasoner's prompt K/V inside every forward; ours takes them from the export, as in
 serving (the prompt's K/V are captured from diffusers' own forward, so both attend to the same keys).
@@ -94,10 +102,10 @@ def forward_flops(config, gen_tokens: int) -> float:
     return layers * (gen_tokens * per_token + attention)
 
 
-def kernel_floor(config, tokens: int, layout) -> dict:
+def kernel_floor(config, tokens: int, layout, fp8_gemms: bool = False, fp8_attention: bool = False) -> dict:
     """Layers x (qkv, o, gate_up and down GEMMs at `tokens` rows + FA3 varlen attention over `layout`), each kernel
-    timed alone on random bf16 operands of the real shapes (seconds)."""
-    from cosmos3_serve.model_executor.generator import varlen_attention
+    timed alone on random operands of the real shapes (seconds): bf16, or e4m3 where asked."""
+    from cosmos3_serve.model_executor.varlen_attention import varlen_attention
 
     h, inter, heads, kv_heads, head_dim = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
                                            config.num_key_value_heads, config.head_dim)  # fmt: skip
@@ -106,11 +114,12 @@ def kernel_floor(config, tokens: int, layout) -> dict:
     times = {}
     with torch.device("cuda"):
         for name, (k, n) in gemms.items():
-            times[name] = gemm_time(tokens, k, n)
+            times[name] = fp8_gemm_time(tokens, k, n) if fp8_gemms else gemm_time(tokens, k, n)
         keys_total = layout.key_order.numel()
         q = torch.randn(tokens, heads, head_dim, dtype=torch.bfloat16)
         keys, values = (torch.randn(keys_total, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
-        times["attention"] = cuda_time(lambda: varlen_attention(q, keys, values, layout), min_total_s=0.3)
+        times["attention"] = (fp8_attention_time(q, keys, values, layout) if fp8_attention else
+                              cuda_time(lambda: varlen_attention(q, keys, values, layout), min_total_s=0.3))
     layer = sum(times.values())
     return {"floor_s": config.num_hidden_layers * layer, "per_layer_s": times,
             "gemm_s": config.num_hidden_layers * (layer - times["attention"]),
@@ -122,6 +131,32 @@ def gemm_time(m: int, k: int, n: int) -> float:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     return cuda_time(lambda: F.linear(x, w), min_total_s=0.3)
+
+
+def fp8_gemm_time(m: int, k: int, n: int) -> float:
+    """Seconds of one e4m3 `[m, k] x [k, n]` GEMM with per-tensor scales and a bf16 output: the faster of
+    PyTorch's `_scaled_mm` and vLLM's CUTLASS kernel."""
+    from vllm import _custom_ops as ops
+
+    x = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+    w_t = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t()  # column-major [k, n], as both kernels want
+    one = torch.ones((), device="cuda")
+    candidates = [lambda: torch._scaled_mm(x, w_t, one, one, out_dtype=torch.bfloat16)]
+    if hasattr(ops, "cutlass_scaled_mm"):
+        candidates.append(lambda: ops.cutlass_scaled_mm(x, w_t, one.view(1, 1), one.view(1, 1), torch.bfloat16))
+    return min(cuda_time(fn, min_total_s=0.3) for fn in candidates)
+
+
+def fp8_attention_time(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout) -> float:
+    """Seconds of FA3's FP8 varlen kernel alone on e4m3 inputs (their quantization not included)."""
+    from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
+
+    q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in (q, keys, values))
+    descale = torch.ones(layout.cu_seqlens_q.shape[0] - 1, keys.shape[1], device="cuda")
+    return cuda_time(lambda: flash_attn_varlen_func(
+        q8, k8, v8, max_seqlen_q=layout.max_seqlen_q, cu_seqlens_q=layout.cu_seqlens_q,
+        max_seqlen_k=layout.max_seqlen_k, cu_seqlens_k=layout.cu_seqlens_k, causal=False, fa_version=3,
+        q_descale=descale, k_descale=descale, v_descale=descale), min_total_s=0.3)  # fmt: skip
 
 
 def kernel_class(name: str) -> str:
@@ -191,15 +226,16 @@ def time_reference(shape: tuple[int, int, int, int], config, reference) -> dict:
     return {"diffusers_s": seconds, "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries}
 
 
-def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: float, clean: dict,
-            also_in_process: bool) -> dict:  # fmt: skip
+VARIANTS = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "bf16"), "fp8-attention": ("fp8", "fp8")}  # (GEMMs, attn)
+
+
+def measure(shape: tuple[int, int, int, int], config, reference, towers: dict, variants: list[str], peak: float,
+            clean: dict, also_in_process: bool) -> dict:  # fmt: skip
     """One (frames, height, width, sequences) shape: diffusers (its time `clean` from the clean process, and from
-    this one with `also_in_process`), ours eager and graphed, the kernel floor, throughput, our GPU time split and
-    the velocities' difference."""
+    this one with `also_in_process`), then each variant of ours (`towers`: by GEMM precision)."""
     from diffusers.models.transformers import transformer_cosmos3
 
-    from cosmos3_serve.model_executor.positions import patchify, unpatchify
-    from cosmos3_serve.model_executor.generator import GRAPH_MAX_TOKENS, CapturedForward, GeneratorSequence
+    from cosmos3_serve.model_executor.generator import GeneratorSequence
     from cosmos3_serve.model_executor.kv_export import PromptKV
 
     copies = shape[3]
@@ -217,40 +253,66 @@ def measure(shape: tuple[int, int, int, int], config, reference, ours, peak: flo
     with torch.no_grad(), mock.patch.object(transformer_cosmos3, "dispatch_attention_fn", recording):
         expected = reference(**inputs)[0][0]
     prompt_kv = PromptKV.from_layers([k for k, _ in captured], [v for _, v in captured])
+    result = {"gen_tokens": tokens * copies, "sequences": copies, "diffusers_s": clean["diffusers_s"],
+              "diffusers_alloc_retries": clean["alloc_retries"], "variants": {}}  # fmt: skip
+    if also_in_process:
+        shared = time_reference(shape, config, reference)
+        result.update(diffusers_in_process_s=shared["diffusers_s"], in_process_alloc_retries=shared["alloc_retries"])
+    flops = forward_flops(config, tokens) * copies
+    sequences = [GeneratorSequence(tokens, prompt_kv)] * copies
+    for name in variants:
+        gemms, attention = VARIANTS[name]
+        tower = towers[gemms]
+        tower.set_attention_precision(attention)
+        row = measure_variant(tower, latents, latent, gen_positions, sequences, expected, config)
+        row.update(kernel_floor(config, tokens * copies, row.pop("layout"), fp8_gemms=gemms == "fp8",
+                                fp8_attention=attention == "fp8"))  # fmt: skip
+        best = min(row["ours_s"], row.get("graphed_s", float("inf")))
+        row.update(best_s=best, speedup=result["diffusers_s"] / best, ours_tflops=flops / best / 1e12,
+                   fraction_of_peak=flops / best / peak, of_floor=best / row["floor_s"])  # fmt: skip
+        result["variants"][name] = row
+        torch.cuda.empty_cache()
+    return result
+
+
+def measure_variant(ours, latents: torch.Tensor, latent: tuple, gen_positions: torch.Tensor, sequences: list,
+                    expected: torch.Tensor, config) -> dict:  # fmt: skip
+    """Our tower on the packed `sequences`: eager and graphed time, GPU time split, velocities vs diffusers' bf16
+    (`expected`), weight bytes and the forward's peak memory beyond what was allocated before it."""
+    from cosmos3_serve.model_executor.generator import GRAPH_MAX_TOKENS, CapturedForward
+    from cosmos3_serve.model_executor.positions import patchify, unpatchify
+
+    copies, tokens = len(sequences), sequences[0].num_tokens
     total = tokens * copies
     patches = patchify(latents[0], 2).repeat(copies, 1)
     timesteps = torch.full((total,), 500.0, device="cuda")
     noisy = torch.ones(total, dtype=torch.bool, device="cuda")
     positions = gen_positions.cuda().repeat(1, copies)
-    batch = ours.pack(positions, [GeneratorSequence(tokens, prompt_kv)] * copies)  # once per batch membership
-    result = {"gen_tokens": total, "sequences": copies}
+    batch = ours.pack(positions, sequences)  # once per batch membership
+    row = {"layout": batch.attention, "weights_gib": sum(t.numel() * t.element_size() for t in
+                                                         [*ours.parameters(), *ours.buffers()]) / 2**30}  # fmt: skip
     with torch.no_grad():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         got = ours(patches, timesteps, noisy, batch)[0][:tokens]
-        result["rel_diff"] = _rel_diff(unpatchify(got, latent[1:], 2)[None], expected)
-        result["ours_s"] = cuda_time(lambda: ours(patches, timesteps, noisy, batch))
-    result.update(diffusers_s=clean["diffusers_s"], diffusers_alloc_retries=clean["alloc_retries"])
-    if also_in_process:
-        shared = time_reference(shape, config, reference)
-        result.update(diffusers_in_process_s=shared["diffusers_s"], in_process_alloc_retries=shared["alloc_retries"])
-    with torch.no_grad():
-        result["profile"] = gpu_time_split(lambda: ours(patches, timesteps, noisy, batch))
+        torch.cuda.synchronize()
+        row["forward_peak_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+        row["rel_diff"] = _rel_diff(unpatchify(got, latent[1:], 2)[None], expected)
+        row["ours_s"] = cuda_time(lambda: ours(patches, timesteps, noisy, batch))
+        row["profile"] = gpu_time_split(lambda: ours(patches, timesteps, noisy, batch))
         if total <= GRAPH_MAX_TOKENS:
             try:
                 graphed = CapturedForward(ours, batch, patches, timesteps, noisy)
             except RuntimeError as error:  # report it; the other measurements stand
-                result["graph_error"] = str(error)[:500]
+                row["graph_error"] = str(error)[:500]
             else:
                 eager = ours(patches, timesteps, noisy, batch)[0]
-                result["graph_vs_eager_rel_diff"] = _rel_diff(graphed(patches, timesteps, noisy)[0], eager)
-                result["graphed_s"] = cuda_time(lambda: graphed(patches, timesteps, noisy))
-                result["graphed_profile"] = gpu_time_split(lambda: graphed(patches, timesteps, noisy))
+                row["graph_vs_eager_rel_diff"] = _rel_diff(graphed(patches, timesteps, noisy)[0], eager)
+                row["graphed_s"] = cuda_time(lambda: graphed(patches, timesteps, noisy))
+                row["graphed_profile"] = gpu_time_split(lambda: graphed(patches, timesteps, noisy))
                 del graphed
-    result.update(kernel_floor(config, total, batch.attention))
-    best = min(result["ours_s"], result.get("graphed_s", float("inf")))
-    flops = forward_flops(config, tokens) * copies
-    result.update(best_s=best, speedup=result["diffusers_s"] / best, ours_tflops=flops / best / 1e12,
-                  fraction_of_peak=flops / best / peak, of_floor=best / result["floor_s"])  # fmt: skip
-    return result
+    return row
 
 
 def _rel_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -261,6 +323,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--variants", default="bf16,fp8,fp8-attention", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--json", default=None)
     parser.add_argument("--reference-only", action="store_true",
                         help="time diffusers alone in this process and write its times to --json")
@@ -319,24 +382,38 @@ def clean_reference_times(args: argparse.Namespace) -> dict:
         return json.loads(out.read_text())
 
 
+def engine_config(checkpoint: str, precision: str):
+    """The vLLM config that `serve CKPT --precision PRECISION --load-format dummy` gives its workers."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    from cosmos3_serve.quant.precision import precision_engine_args
+
+    load_general_plugins()
+    return EngineArgs(model=checkpoint, load_format="dummy", max_model_len=4096,
+                      **precision_engine_args(precision, Path(checkpoint))).create_engine_config()  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from cosmos3_serve.model_executor.checkpoint.generator_config import is_generator_key
-    from cosmos3_serve.model_executor.generator import Cosmos3GeneratorTower, GeneratorConfig
+    from cosmos3_serve.model_executor.generator import GeneratorConfig
+    from cosmos3_serve.model_executor.tower_loading import load_tower
 
+    variants = args.variants.split(",")
     clean = clean_reference_times(args)
     init_vllm_single_process()
     config = GeneratorConfig.from_checkpoint(args.checkpoint)
     reference = build_reference(args.checkpoint)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        ours = Cosmos3GeneratorTower(config).eval()
-    torch.set_default_dtype(torch.float32)
-    ours.load_weights((k, v) for k, v in reference.state_dict().items() if is_generator_key(k))
+    towers = {}
+    for gemms in dict.fromkeys(VARIANTS[name][0] for name in variants):  # the same weights, built as serving builds
+        weights = ((k, v) for k, v in reference.state_dict().items() if is_generator_key(k))
+        towers[gemms] = load_tower(args.checkpoint, engine_config(args.checkpoint, gemms), torch.device("cuda"),
+                                   weights=weights).eval()  # fmt: skip
 
     peak = matmul_peak_flops()
     report = {"device": torch.cuda.get_device_name(), "peak_flops": peak, "results": {}}
     for name in args.shapes.split(","):
-        report["results"][name] = measure(SHAPES[name], config, reference, ours, peak, clean[name],
+        report["results"][name] = measure(SHAPES[name], config, reference, towers, variants, peak, clean[name],
                                           args.also_in_process)  # fmt: skip
         torch.cuda.empty_cache()
         if args.json:  # after every shape: a later shape running out of memory keeps the earlier ones
@@ -347,32 +424,38 @@ def run(args: argparse.Namespace) -> int:
 
 def print_report(report: dict) -> None:
     results = report["results"]
-    print(f"\ngenerator forward, Nano shape, bf16, {PROMPT_TOKENS} prompt tokens per sequence, {report['device']}; "
-          f"matmul peak {report['peak_flops'] / 1e12:.0f} TFLOP/s; seconds per forward")  # fmt: skip
-    print(f"{'shape':14}{'tokens':>8}{'diffusers':>11}{'ours':>9}{'graphed':>9}{'floor':>9}{'of floor':>9}"
-          f"{'speedup':>9}{'TFLOP/s':>9}{'of peak':>8}{'rel diff':>9}")  # fmt: skip
+    print(f"\ngenerator forward, Nano shape, {PROMPT_TOKENS} prompt tokens per sequence, {report['device']}; "
+          f"bf16 matmul peak {report['peak_flops'] / 1e12:.0f} TFLOP/s; seconds per forward; speedup: diffusers "
+          "bf16 / ours; rel diff: velocities vs diffusers bf16")  # fmt: skip
+    print(f"{'shape':14}{'variant':>14}{'tokens':>8}{'diffusers':>11}{'ours':>9}{'graphed':>9}{'floor':>9}"
+          f"{'of floor':>9}{'vs bf16':>8}{'speedup':>9}{'TFLOP/s':>9}{'rel diff':>9}{'weights':>9}{'peak':>7}")
     for name, r in results.items():
-        graphed = f"{r['graphed_s']:9.4f}" if "graphed_s" in r else f"{'-':>9}"
-        print(f"{name:14}{r['gen_tokens']:8d}{r['diffusers_s']:11.4f}{r['ours_s']:9.4f}{graphed}{r['floor_s']:9.4f}"
-              f"{r['of_floor']:9.2f}{r['speedup']:9.2f}{r['ours_tflops']:9.0f}{r['fraction_of_peak']:8.2f}"
-              f"{r['rel_diff']:9.4f}")  # fmt: skip
+        bf16 = r["variants"].get("bf16")
+        for variant, v in r["variants"].items():
+            graphed = f"{v['graphed_s']:9.4f}" if "graphed_s" in v else f"{'-':>9}"
+            versus = f"{bf16['best_s'] / v['best_s']:8.2f}" if bf16 else f"{'-':>8}"
+            print(f"{name:14}{variant:>14}{r['gen_tokens']:8d}{r['diffusers_s']:11.4f}{v['ours_s']:9.4f}{graphed}"
+                  f"{v['floor_s']:9.4f}{v['of_floor']:9.2f}{versus}{v['speedup']:9.2f}{v['ours_tflops']:9.0f}"
+                  f"{v['rel_diff']:9.4f}{v['weights_gib']:9.2f}{v['forward_peak_gib']:7.2f}")  # fmt: skip
     print("\nkernel floor (GEMMs + attention) and our eager forward's GPU time, ms per forward")
-    print(f"{'shape':14}{'floor gemm':>11}{'floor attn':>11}{'gemm':>9}{'attn':>9}{'other':>9}{'busy':>9}{'wall':>9}"
-          f"{'kernels':>8}")  # fmt: skip
+    print(f"{'shape':14}{'variant':>14}{'floor gemm':>11}{'floor attn':>11}{'gemm':>9}{'attn':>9}{'other':>9}"
+          f"{'busy':>9}{'wall':>9}{'kernels':>8}")  # fmt: skip
     for name, r in results.items():
-        split = r["profile"]["class_ms"]
-        print(f"{name:14}{r['gemm_s'] * 1e3:11.1f}{r['attention_s'] * 1e3:11.1f}{split.get('gemm', 0):9.1f}"
-              f"{split.get('attention', 0):9.1f}{split.get('other', 0):9.1f}{r['profile']['busy_ms']:9.1f}"
-              f"{r['ours_s'] * 1e3:9.1f}{r['profile']['kernels']:8d}")  # fmt: skip
-    print("\ndiffusers' forward, s: alone in its own process (reported above) and beside our tower; allocator retries")
+        for variant, v in r["variants"].items():
+            split = v["profile"]["class_ms"]
+            print(f"{name:14}{variant:>14}{v['gemm_s'] * 1e3:11.1f}{v['attention_s'] * 1e3:11.1f}"
+                  f"{split.get('gemm', 0):9.1f}{split.get('attention', 0):9.1f}{split.get('other', 0):9.1f}"
+                  f"{v['profile']['busy_ms']:9.1f}{v['ours_s'] * 1e3:9.1f}{v['profile']['kernels']:8d}")  # fmt: skip
+    print("\ndiffusers' forward, s: alone in its own process (reported above) and beside our towers; allocator retries")
     for name, r in results.items():
         shared = f"{r['diffusers_in_process_s']:9.4f}{r['in_process_alloc_retries']:9d}" if (
             "diffusers_in_process_s" in r) else f"{'-':>9}{'-':>9}"
         print(f"{name:14}{r['diffusers_s']:9.4f}{r['diffusers_alloc_retries']:9d}{shared}")
     if "image720" in results and "image720x8" in results:
-        single, batch = results["image720"], results["image720x8"]
-        print(f"\n8 images batched: {batch['best_s'] / 8 * 1e3:.1f} ms per image vs the single-image floor "
-              f"{single['floor_s'] * 1e3:.1f} ms ({batch['best_s'] / 8 / single['floor_s']:.2f}x)")  # fmt: skip
+        for variant, batch in results["image720x8"]["variants"].items():
+            single = results["image720"]["variants"][variant]
+            print(f"8 images batched, {variant}: {batch['best_s'] / 8 * 1e3:.1f} ms per image vs the single-image "
+                  f"floor {single['floor_s'] * 1e3:.1f} ms ({batch['best_s'] / 8 / single['floor_s']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from cosmos3_serve.model_executor.checkpoint.generator_config import (
 )
 from cosmos3_serve.model_executor.kv_export import PromptKV
 from cosmos3_serve.model_executor.rope import InterleavedMRoPE, apply_rope
+from cosmos3_serve.model_executor.varlen_attention import varlen_attention
+from cosmos3_serve.quant.precision import ATTENTION_PRECISIONS
 
 TIME_PROJ_CHANNELS = 256
 # Tokens per MLP chunk: GEMMs of this many rows still run at the kernels' full rate, and their intermediates are
@@ -131,25 +133,6 @@ class PackedAttention:
         keys = torch.cat([self.prompt_kv[layer, 0].to(k.dtype), k])[self.key_order]
         values = torch.cat([self.prompt_kv[layer, 1].to(v.dtype), v])[self.key_order]
         return keys, values
-
-
-def varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: PackedAttention) -> torch.Tensor:
-    """Full attention of each sequence's queries over its keys. FlashAttention 3 varlen on CUDA; on CPU an exact
-    per-sequence SDPA."""
-    if q.is_cuda:
-        from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
-
-        return flash_attn_varlen_func(
-            q, keys, values, max_seqlen_q=layout.max_seqlen_q, cu_seqlens_q=layout.cu_seqlens_q,
-            max_seqlen_k=layout.max_seqlen_k, cu_seqlens_k=layout.cu_seqlens_k, causal=False, fa_version=3,
-        )  # fmt: skip
-    out = torch.empty_like(q)
-    cu_q, cu_k = layout.cu_seqlens_q.tolist(), layout.cu_seqlens_k.tolist()
-    for i in range(len(cu_q) - 1):
-        q_i, k_i, v_i = (t.transpose(0, 1) for t in (q[cu_q[i] : cu_q[i + 1]], keys[cu_k[i] : cu_k[i + 1]],
-                                                     values[cu_k[i] : cu_k[i + 1]]))  # fmt: skip
-        out[cu_q[i] : cu_q[i + 1]] = F.scaled_dot_product_attention(q_i, k_i, v_i, enable_gqa=True).transpose(0, 1)
-    return out
 
 
 BatchSignature = tuple[tuple[int, int, int], ...]  # per sequence: (prompt tokens, latent patches, action tokens)
@@ -289,6 +272,7 @@ class GeneratorAttention(nn.Module):
         )  # fmt: skip
         self.q_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
+        self.fp8 = False  # attention inputs in e4m3 (`Cosmos3GeneratorTower.set_attention_precision`)
 
     def forward(
         self, hidden_nd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: PackedAttention, layer: int
@@ -304,7 +288,7 @@ class GeneratorAttention(nn.Module):
         else:
             q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         keys, values = layout.keys_values(layer, k, v)
-        return self.all_reduce(self.o_proj(varlen_attention(q, keys, values, layout).reshape(-1, q_size)))
+        return self.all_reduce(self.o_proj(varlen_attention(q, keys, values, layout, self.fp8).reshape(-1, q_size)))
 
 
 class GeneratorMLP(nn.Module):
@@ -388,6 +372,15 @@ class Cosmos3GeneratorTower(nn.Module):
         )
         self.norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = InterleavedMRoPE(config.head_dim, config.rope_theta, config.rope_axes_dim)
+        self.attention_precision = "bf16"
+
+    def set_attention_precision(self, precision: str) -> None:
+        """`"bf16"`: attention in the tower's 16-bit dtype; `"fp8"`: its inputs in e4m3 (`varlen_attention`)."""
+        if precision not in ATTENTION_PRECISIONS:
+            raise ValueError(f"attention precision {precision!r} is not one of {ATTENTION_PRECISIONS}")
+        for layer in self.layers:
+            layer.attn.fp8 = precision == "fp8"
+        self.attention_precision = precision
 
     def time_embedding(self, timesteps_n: torch.Tensor) -> torch.Tensor:
         """diffusers `TimestepEmbedding(Timesteps(256, flip_sin_to_cos=True, shift=0))`, kept in float32."""

@@ -51,7 +51,7 @@ class Cosmos3WorkerExtension:
             executor = DiffusionExecutor(self.vllm_config.model_config.model, self.vllm_config, self.device,
                                          settings.max_batch_tokens, getattr(torch, settings.vae_dtype),
                                          group.all_reduce if group.size > 1 else None,
-                                         settings.a16_steps)  # fmt: skip
+                                         settings.a16_steps, settings.attention_precision)  # fmt: skip
             self.cosmos3_memory: GeneratorMemory = measure(executor, settings)
             kv_export.PROMPT_KV_STORE.max_bytes = settings.state_budget_bytes
             self.cosmos3_loop = GeneratorLoop(executor, group, kv_export.PROMPT_KV_STORE)
@@ -80,9 +80,10 @@ class Cosmos3WorkerExtension:
                 "towers": self._cosmos3_tower_precisions(executor.tower)}  # fmt: skip
 
     def _cosmos3_tower_precisions(self, generator: torch.nn.Module) -> dict[str, dict[str, Any]]:
-        """Each tower's linear layers by precision, its weight memory, and how a GPU without FP4 tensor cores runs
-        NVFP4 layers."""
+        """Each tower's linear layers by precision, its weight memory, how a GPU without FP4 tensor cores runs
+        NVFP4 layers, and the generator's attention precision."""
         towers = {"reasoner": describe_tower(self.model_runner.get_model()), "generator": describe_tower(generator)}
+        towers["generator"]["attention"] = generator.attention_precision
         if any("nvfp4" in tower["linear_layers"] for tower in towers.values()):
             capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
             for tower in towers.values():

@@ -16,6 +16,8 @@ from typing import Any
 from cosmos3_serve.quant.modelopt_format import read_checkpoint_quantization
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8", "nvfp4")
+# The generator's attention inputs (`serve --generator-attention`): the towers' 16-bit dtype, or e4m3.
+ATTENTION_PRECISIONS = ("bf16", "fp8")
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 FP4_TENSOR_CORE_CAPABILITY = (10, 0)  # Blackwell
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cosmos3_serve.model_executor.checkpoint.shapes import SHAPES
-from cosmos3_serve.quant.precision import PRECISIONS
+from cosmos3_serve.quant.precision import ATTENTION_PRECISIONS, PRECISIONS
 from cosmos3_serve.sampling.actions import ACTION_MODES, RESOLUTION_BINS, VIEW_POINT_FRAMING
 
 
@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights and compute of both towers [NIM_PRECISION]")
     serve.add_argument("--tensor-parallel-size", type=int, default=_env("NIM_TENSOR_PARALLEL_SIZE", 1, int),
                        help="[NIM_TENSOR_PARALLEL_SIZE]")
+    serve.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                       default=_env("NIM_DISTRIBUTED_EXECUTOR_BACKEND"),
+                       help="how vLLM runs the tensor-parallel workers, each with its share of both towers: mp, "
+                            "processes on this host; ray, actors on the nodes of the Ray cluster this host belongs "
+                            "to (multi-node; docs/deployment.md) (default: vLLM's choice, mp on one node) "
+                            "[NIM_DISTRIBUTED_EXECUTOR_BACKEND]")  # fmt: skip
     serve.add_argument("--max-model-len", type=int, default=_env("NIM_MAX_MODEL_LEN", None, int),
                        help="[NIM_MAX_MODEL_LEN]")
     serve.add_argument("--gpu-memory-utilization", type=float, default=_env("NIM_GPU_MEMORY_UTILIZATION", None, float),
@@ -262,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--a16-steps", type=_non_negative_int, default=None,
                        help="FP8 checkpoints: the first and last N denoising steps of every request with 16-bit "
                             "activations (W8A16), the others W8A8 (default: the checkpoint's step policy)")  # fmt: skip
+    serve.add_argument("--generator-attention", choices=list(ATTENTION_PRECISIONS), default="bf16",
+                       help="the generator's attention: bf16 (default: the towers' 16-bit dtype) or fp8 (queries, "
+                            "keys and values in e4m3 with dynamic per-tensor scales; FlashAttention 3's FP8 kernel on "
+                            "Hopper and later, emulated elsewhere)")
     serve.add_argument("--enforce-eager", action="store_true",
                        help="no CUDA graphs: vLLM's for the reasoner, ours for the generator's denoising steps")
     serve.add_argument("--profile-dir", default=None,

@@ -35,6 +35,7 @@ class ServeOptions:
     port: int = 8000
     precision: str = "auto"
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # "mp" or "ray" (across nodes); None: vLLM's choice
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     api_key: str | None = None
@@ -51,6 +52,7 @@ class ServeOptions:
     enforce_eager: bool = False  # no CUDA graphs, in the reasoner (vLLM's) nor in the generator
     vae_precision: str = "fp32"  # the VAE's: fp32 (default), bf16 or fp16
     a16_steps: int | None = None  # FP8: first and last steps at 16-bit activations; None: the checkpoint's policy
+    generator_attention: str = "bf16"  # the generator's attention inputs: bf16 (the towers' dtype) or fp8
     max_input_pixels: int | None = None  # of a conditioning image or video frame; None: `InputLimits`' default
     max_clip_pixels: int | None = None  # of a conditioning video's decoded frames together; None: the default
     max_inference_steps: int | None = None  # None: `InputLimits`' default
@@ -81,7 +83,8 @@ def generator_settings(options: ServeOptions) -> GeneratorSettings:
     budget = None if options.generation_state_budget_mib is None else options.generation_state_budget_mib << 20
     return deployment.generator_settings(shape, options.max_generation_batch_tokens, VAE_DTYPES[options.vae_precision],
                                          budget, max_model_len=options.max_model_len,
-                                         a16_steps=options.a16_steps)  # fmt: skip
+                                         a16_steps=options.a16_steps,
+                                         attention_precision=options.generator_attention)  # fmt: skip
 
 
 def default_job_store(port: int) -> Path:
@@ -116,6 +119,8 @@ def vllm_engine_argv(options: ServeOptions) -> list[str]:
         engine["kv_cache_memory_bytes"] = deployment.cpu_kv_cache_bytes()
     if options.enforce_eager:
         engine["enforce_eager"] = True
+    if options.distributed_executor_backend is not None:
+        engine["distributed_executor_backend"] = options.distributed_executor_backend
     media_domains = sorted(MediaPolicy.from_domains(list(options.allowed_media_domains)).allowed_domains)
     if media_domains:  # vLLM checks them too; without any, our policy refuses every remote URL
         engine["allowed_media_domains"] = media_domains

@@ -1,7 +1,8 @@
 """The reference implementations our outputs are compared against, loaded on a checkpoint as released.
 
 - Generator: diffusers' `Cosmos3OmniPipeline` (`enable_safety_checker=False`: the guardrail needs downloads).
-- FP8: diffusers' pipeline with its linears computing the ModelOpt FP8 format by hand (`hand_written_fp8`).
+- FP8: diffusers' pipeline with its linears computing the ModelOpt FP8 format by hand (`hand_written_fp8`), and
+  with its generator attention's inputs rounded to e4m3 by hand (`hand_written_fp8_attention`).
 - Reasoner: transformers' `Cosmos3OmniForConditionalGeneration` with its own unified-layout key renames. The
   released layout keeps the reasoner's weights in `transformer/` and `vision_encoder/`, not at the root, so a
   view directory links the root files and lists both safetensors in a `model.safetensors.index.json`; the
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,3 +111,28 @@ def hand_written_fp8(pipeline, quantized: dict[str, torch.Tensor], activation_16
 
             module.forward = forward
     return pipeline
+
+
+@contextmanager
+def hand_written_fp8_attention():
+    """diffusers' Cosmos 3 transformer with its generator pathway's attention (generator queries over the prompt's
+    and the generator's keys and values) taking FP8 inputs by hand: each of q, k, v rounded to e4m3 with one scale
+    (its largest magnitude maps to e4m3's largest value) and back, the attention itself as diffusers computes it."""
+    from diffusers.models.transformers import transformer_cosmos3
+
+    original = transformer_cosmos3.dispatch_attention_fn
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax().float() / FLOAT8_E4M3_MAX
+        return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+    def fp8_inputs(query, key, value, *args, is_causal: bool = False, **kwargs):
+        if not is_causal:
+            query, key, value = rounded(query), rounded(key), rounded(value)
+        return original(query, key, value, *args, is_causal=is_causal, **kwargs)
+
+    transformer_cosmos3.dispatch_attention_fn = fp8_inputs
+    try:
+        yield
+    finally:
+        transformer_cosmos3.dispatch_attention_fn = original
