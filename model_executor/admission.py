@@ -92,6 +92,7 @@ class GeneratorSettings:
     state_budget_bytes: int  # device bytes of the requests admitted and prefilled (`RequestCost.state_bytes`)
     a16_steps: int | None = None  # FP8: first and last steps at 16-bit activations; None: the checkpoint's policy
     attention_precision: str = "bf16"  # the tower's attention inputs: "bf16" (the towers' dtype) or "fp8"
+    parallel: str = "cfg=1,sp=1"  # `parallel_degrees.ParallelDegrees` over the tensor-parallel ranks
 
     def to_additional_config(self) -> dict:
         return {ADDITIONAL_CONFIG_KEY: asdict(self)}

@@ -24,12 +24,13 @@ from cosmos3_serve.model_executor.checkpoint.generator_config import GeneratorCo
 from cosmos3_serve.model_executor.denoising import DenoisingState, StateFactory, guided
 from cosmos3_serve.model_executor.generator import (
     GRAPH_MAX_TOKENS,
-    AllReduce,
     CapturedForward,
     ForwardGraphs,
     PackedBatch,
     batch_signature,
 )
+from cosmos3_serve.model_executor.cfg_parallel import SequenceRows
+from cosmos3_serve.model_executor.generator_parallel import GeneratorGroup
 from cosmos3_serve.model_executor.kv_export import PromptKV
 from cosmos3_serve.model_executor.positions import patchify, unpatchify
 from cosmos3_serve.model_executor.profile_ranges import PROFILE_RANGES
@@ -77,12 +78,15 @@ class DiffusionExecutor:
 
     def __init__(self, checkpoint: str | Path, vllm_config, device: torch.device,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, vae_dtype: torch.dtype = torch.float32,
-                 all_reduce: AllReduce | None = None, a16_steps: int | None = None,
+                 group: GeneratorGroup | None = None, a16_steps: int | None = None,
                  attention_precision: str = "bf16") -> None:  # fmt: skip
         checkpoint = Path(checkpoint)
         self.config = GeneratorConfig.from_checkpoint(checkpoint)
         self.device, self.dtype = torch.device(device), vllm_config.model_config.dtype
-        tower = load_tower(checkpoint, vllm_config, self.device, all_reduce)
+        self.group = group or GeneratorGroup(rank=0, size=1)
+        whole_tower = self.group.degrees.splits_sequences
+        tower = load_tower(checkpoint, vllm_config, self.device, self.group.tower_all_reduce, replicated=whole_tower)
+        tower.set_sequence_parallel(self.group.ulysses)
         if vllm_config.load_config.load_format == "dummy":  # configs-only checkpoints (benchmarks): random weights
             vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(checkpoint, subfolder="vae"))
         else:
@@ -101,7 +105,10 @@ class DiffusionExecutor:
         self.pending: list[PendingResults] = []  # collected results on their way to the host, oldest first
         self.max_batch_tokens = max_batch_tokens
         self._plan: BatchPlan | None = None  # of the batch stepped last
-        self.use_cuda_graphs = self.device.type == "cuda" and not vllm_config.model_config.enforce_eager
+        # A tower whose work splits by sequence runs eagerly: its collectives inside graphs are not measured yet.
+        self.use_cuda_graphs = (self.device.type == "cuda" and not vllm_config.model_config.enforce_eager
+                                and not whole_tower)  # fmt: skip
+        self._collected = 0  # requests collected so far: their decodes are dealt to the ranks in turn
         self.forward_graphs = ForwardGraphs()
 
     @torch.no_grad()
@@ -142,6 +149,8 @@ class DiffusionExecutor:
         this stream reads them: a driver admits a request only once its prefill has returned its sampled token, which
         the reasoner's stream computes after the export."""
         prompt_kv = prompt_kv.to(self.device)
+        if self.group.degrees.splits_sequences and self.group.size > 1:  # a whole tower: every rank's heads
+            prompt_kv = PromptKV(self.group.gather_heads(prompt_kv.kv, dim=3))
         if prompt_kv.kv.is_cuda:
             prompt_kv.kv.record_stream(torch.cuda.current_stream(self.device))
         return prompt_kv
@@ -240,8 +249,17 @@ class DiffusionExecutor:
 
     def collect(self, request_ids: list[str]) -> None:
         """`take` the results of finished requests without waiting for the device: their decode and their copies to
-        the host are queued behind the step that finished them, and `ready_results` hands them out once done."""
-        self.pending.append(PendingResults.launch(lambda: self.take(request_ids), self.device))
+        the host are queued behind the step that finished them, and `ready_results` hands them out once done. With
+        several ranks the requests are dealt to them in turn (every rank finishes the same requests in the same
+        order): each rank decodes and hands out its own, and forgets the others'."""
+        mine = [request_id for i, request_id in enumerate(request_ids)
+                if (self._collected + i) % self.group.size == self.group.rank]  # fmt: skip
+        self._collected += len(request_ids)
+        for request_id in set(request_ids) - set(mine):
+            self.finished.pop(request_id)
+            self.decoded.discard(request_id)
+        if mine:
+            self.pending.append(PendingResults.launch(lambda: self.take(mine), self.device))
 
     def ready_results(self, wait: bool) -> tuple[dict[str, GenerationOutput], dict[str, float]]:
         """The collected results that have reached the host, all of them with `wait`: (request id -> output on the
@@ -298,6 +316,38 @@ class DiffusionExecutor:
         plan.eager_steps += 1
         return self.tower(patches_vp, timesteps_n, noisy_n, plan.layout, actions_na)
 
+    def _branch_parallel_forward(
+        self,
+        active: list[DenoisingState],
+        patches_vp: torch.Tensor,
+        timesteps_n: torch.Tensor,
+        noisy_n: torch.Tensor,
+        actions_na: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's velocities, each CFG group running the tower over its own sequences (`BranchParallel`)."""
+        branches = self.group.branches
+        sequences = [seq for state in active for seq in state.sequences]
+        owners = branches.owners([[seq.num_tokens for seq in state.sequences] for state in active])
+        rows = SequenceRows.of(sequences, owners, branches.size, self.device)
+        mine = [seq for seq, owner in zip(sequences, owners) if owner == branches.rank]
+        if self._plan is None or not self._plan.serves(active):
+            positions = torch.cat([state.positions_3n for state in active], dim=1)
+            layout = self.tower.pack(positions[:, rows.tokens[branches.rank]], mine) if mine else None
+            self._plan = BatchPlan(list(active), layout)
+        if self.activation_switch is not None:
+            self.activation_switch.activation_16bit = self._activation_16bit(active[0])
+        video, actions = patches_vp.new_empty(0, patches_vp.shape[1]), None
+        if mine:
+            tokens, vision, action_rows = (space[branches.rank] for space in (rows.tokens, rows.vision, rows.actions))
+            video, actions = self.tower(patches_vp[vision], timesteps_n[tokens], noisy_n[tokens], self._plan.layout,
+                                        None if actions_na is None else actions_na[action_rows])  # fmt: skip
+        video = branches.gather_rows(video, rows.vision, patches_vp.shape[0])
+        if actions_na is None:
+            return video, None
+        if actions is None:
+            actions = actions_na.new_empty(0, self.config.action_dim)
+        return video, branches.gather_rows(actions, rows.actions, actions_na.shape[0])
+
     def _step(self, active: list[DenoisingState]) -> None:
         """One packed generator forward for every sequence of every active request, then each request's step."""
         patch = self.config.latent_patch_size
@@ -311,8 +361,9 @@ class DiffusionExecutor:
                     actions.append(state.actions.latents.to(self.dtype))
                 timesteps.append(t.expand(seq.num_tokens))
         noisy = torch.cat([state.noisy for state in active])
-        video_velocity, action_velocity = self._forward(active, torch.cat(patches), torch.cat(timesteps), noisy,
-                                                        torch.cat(actions) if actions else None)  # fmt: skip
+        forward = self._forward if self.group.branches is None else self._branch_parallel_forward
+        video_velocity, action_velocity = forward(active, torch.cat(patches), torch.cat(timesteps), noisy,
+                                                  torch.cat(actions) if actions else None)  # fmt: skip
         patch_offset = action_offset = 0
         for state in active:
             n, branches = state.sequences[0].num_vision_tokens, len(state.sequences)

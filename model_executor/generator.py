@@ -45,6 +45,7 @@ from cosmos3_serve.model_executor.checkpoint.generator_config import (
 )
 from cosmos3_serve.model_executor.kv_export import PromptKV
 from cosmos3_serve.model_executor.rope import InterleavedMRoPE, apply_rope
+from cosmos3_serve.model_executor.ulysses import Ulysses
 from cosmos3_serve.model_executor.varlen_attention import varlen_attention
 from cosmos3_serve.quant.precision import ATTENTION_PRECISIONS
 
@@ -108,9 +109,12 @@ class PackedAttention:
     cu_seqlens_k: torch.Tensor  # int32 [sequences + 1]
     max_seqlen_q: int
     max_seqlen_k: int
+    num_tokens: int  # generator tokens of all sequences (queries)
+    kv_heads: slice  # of the prompt K/V: all, or a sequence-parallel rank's (`ulysses.Ulysses.head_range`)
 
     @classmethod
-    def build(cls, sequences: list[GeneratorSequence], device: torch.device) -> PackedAttention:
+    def build(cls, sequences: list[GeneratorSequence], device: torch.device,
+              kv_heads: slice = slice(None)) -> PackedAttention:  # fmt: skip
         prompt_lens = [seq.prompt_kv.num_tokens for seq in sequences]
         gen_lens = [seq.num_tokens for seq in sequences]
         total_prompt = sum(prompt_lens)
@@ -121,12 +125,14 @@ class PackedAttention:
         lens_q = torch.tensor([0, *gen_lens])
         lens_k = torch.tensor([0, *(p + g for p, g in zip(prompt_lens, gen_lens))])
         return cls(
-            prompt_kv=torch.cat([seq.prompt_kv.kv for seq in sequences], dim=2),
+            prompt_kv=torch.cat([seq.prompt_kv.kv[:, :, :, kv_heads] for seq in sequences], dim=2),
             key_order=torch.cat(order).to(device, non_blocking=True),
             cu_seqlens_q=lens_q.cumsum(0).to(device=device, dtype=torch.int32, non_blocking=True),
             cu_seqlens_k=lens_k.cumsum(0).to(device=device, dtype=torch.int32, non_blocking=True),
             max_seqlen_q=max(gen_lens),
             max_seqlen_k=int(lens_k.max()),
+            num_tokens=sum(gen_lens),
+            kv_heads=kv_heads,
         )
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +170,8 @@ class PackedBatch:
             raise ValueError(f"batch signatures differ: {signature} vs {self.signature}")
         for mine, theirs in zip(self.rope, rope):
             mine.copy_(theirs)
-        torch.cat([seq.prompt_kv.kv for seq in sequences], dim=2, out=self.attention.prompt_kv)
+        heads = self.attention.kv_heads
+        torch.cat([seq.prompt_kv.kv[:, :, :, heads] for seq in sequences], dim=2, out=self.attention.prompt_kv)
         if self.rows is not None:
             self.rows.action_domains.copy_(action_domains(sequences), non_blocking=True)
 
@@ -255,9 +262,9 @@ class DomainAwareLinear(nn.Module):
 
 class GeneratorAttention(nn.Module):
     def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None,
-                 all_reduce: AllReduce) -> None:  # fmt: skip
+                 all_reduce: AllReduce, replicated: bool = False) -> None:  # fmt: skip
         super().__init__()
-        tp = get_tensor_model_parallel_world_size()
+        tp = 1 if replicated else get_tensor_model_parallel_world_size()
         self.all_reduce = all_reduce
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads // tp
@@ -265,14 +272,17 @@ class GeneratorAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, config.head_dim, config.num_attention_heads, config.num_key_value_heads,
             bias=config.attention_bias, quant_config=quant_config, return_bias=False, prefix=f"{prefix}.qkv_proj",
+            disable_tp=replicated,
         )  # fmt: skip
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * config.head_dim, config.hidden_size, bias=config.attention_bias,
             quant_config=quant_config, reduce_results=False, return_bias=False, prefix=f"{prefix}.o_proj",
+            disable_tp=replicated,
         )  # fmt: skip
         self.q_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
         self.fp8 = False  # attention inputs in e4m3 (`Cosmos3GeneratorTower.set_attention_precision`)
+        self.ulysses: Ulysses | None = None  # sequence parallelism (`Cosmos3GeneratorTower.set_sequence_parallel`)
 
     def forward(
         self, hidden_nd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: PackedAttention, layer: int
@@ -287,8 +297,15 @@ class GeneratorAttention(nn.Module):
             k = rms_norm_rope(k, self.k_norm.weight, self.k_norm.eps, *rope)
         else:
             q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        keys, values = layout.keys_values(layer, k, v)
-        return self.all_reduce(self.o_proj(varlen_attention(q, keys, values, layout, self.fp8).reshape(-1, q_size)))
+        if self.ulysses is not None:  # this rank's tokens of all heads -> all tokens of this rank's heads, and back
+            counts = self.ulysses.counts(layout.num_tokens)
+            q, k, v = (self.ulysses.to_heads(x, counts) for x in (q, k, v))
+            keys, values = layout.keys_values(layer, k, v)
+            out = self.ulysses.to_tokens(varlen_attention(q, keys, values, layout, self.fp8), counts)
+        else:
+            keys, values = layout.keys_values(layer, k, v)
+            out = varlen_attention(q, keys, values, layout, self.fp8)
+        return self.all_reduce(self.o_proj(out.reshape(-1, q_size)))
 
 
 class GeneratorMLP(nn.Module):
@@ -297,16 +314,17 @@ class GeneratorMLP(nn.Module):
     guidance at Nano's width) are the largest of a tower forward, and a token's output depends on that token only."""
 
     def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None,
-                 all_reduce: AllReduce, chunk_tokens: int = MLP_CHUNK_TOKENS) -> None:  # fmt: skip
+                 all_reduce: AllReduce, chunk_tokens: int = MLP_CHUNK_TOKENS,
+                 replicated: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.all_reduce, self.chunk_tokens = all_reduce, chunk_tokens
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [config.intermediate_size] * 2, bias=False, quant_config=quant_config,
-            return_bias=False, prefix=f"{prefix}.gate_up_proj",
+            return_bias=False, prefix=f"{prefix}.gate_up_proj", disable_tp=replicated,
         )  # fmt: skip
         self.down_proj = RowParallelLinear(
             config.intermediate_size, config.hidden_size, bias=False, quant_config=quant_config,
-            reduce_results=False, return_bias=False, prefix=f"{prefix}.down_proj",
+            reduce_results=False, return_bias=False, prefix=f"{prefix}.down_proj", disable_tp=replicated,
         )  # fmt: skip
         self.act = SiluAndMul()
 
@@ -322,12 +340,12 @@ class GeneratorMLP(nn.Module):
 
 class GeneratorLayer(nn.Module):
     def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None,
-                 all_reduce: AllReduce) -> None:  # fmt: skip
+                 all_reduce: AllReduce, replicated: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.input_norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = GeneratorAttention(config, f"{prefix}.attn", quant_config, all_reduce)
+        self.attn = GeneratorAttention(config, f"{prefix}.attn", quant_config, all_reduce, replicated)
         self.post_attention_norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GeneratorMLP(config, f"{prefix}.mlp", quant_config, all_reduce)
+        self.mlp = GeneratorMLP(config, f"{prefix}.mlp", quant_config, all_reduce, replicated=replicated)
 
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, rope, layout: PackedAttention, layer: int
@@ -349,7 +367,7 @@ class Cosmos3GeneratorTower(nn.Module):
     the generator's own process group (not the reasoner's: the towers step concurrently)."""
 
     def __init__(self, config: GeneratorConfig, quant_config: QuantizationConfig | None = None,
-                 all_reduce: AllReduce | None = None) -> None:  # fmt: skip
+                 all_reduce: AllReduce | None = None, replicated: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.config = config
         self.proj_in = ReplicatedLinear(config.patch_latent_dim, config.hidden_size, bias=True, return_bias=False)
@@ -367,12 +385,21 @@ class Cosmos3GeneratorTower(nn.Module):
                                                      config.num_embodiment_domains)  # fmt: skip
             self.action_modality_embed = nn.Parameter(torch.empty(config.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(
-            GeneratorLayer(config, f"layers.{i}", quant_config, all_reduce or _unreduced)
+            GeneratorLayer(config, f"layers.{i}", quant_config, all_reduce or _unreduced, replicated)
             for i in range(config.num_hidden_layers)
         )
         self.norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = InterleavedMRoPE(config.head_dim, config.rope_theta, config.rope_axes_dim)
         self.attention_precision = "bf16"
+        self.ulysses: Ulysses | None = None
+
+    def set_sequence_parallel(self, ulysses: Ulysses | None) -> None:
+        """Run the layers on `ulysses`' shard of the tokens (None: all of them). The tower must be `replicated`."""
+        if ulysses is not None:
+            ulysses.head_range(self.config.num_key_value_heads)  # the heads divide among the ranks
+        for layer in self.layers:
+            layer.attn.ulysses = ulysses
+        self.ulysses = ulysses
 
     def set_attention_precision(self, precision: str) -> None:
         """`"bf16"`: attention in the tower's 16-bit dtype; `"fp8"`: its inputs in e4m3 (`varlen_attention`)."""
@@ -398,10 +425,11 @@ class Cosmos3GeneratorTower(nn.Module):
             into.refill((cos, sin), sequences)
             return into
         dtype = self.proj_in.weight.dtype
+        kv_heads = slice(None) if self.ulysses is None else self.ulysses.head_range(self.config.num_key_value_heads)
         rows = TokenRows.build(sequences, cos.device) if any(seq.num_action_tokens for seq in sequences) else None
         lengths = torch.tensor([seq.num_tokens for seq in sequences])
         return PackedBatch(signature=batch_signature(sequences), rope=(cos.to(dtype), sin.to(dtype)),
-                           attention=PackedAttention.build(sequences, cos.device),
+                           attention=PackedAttention.build(sequences, cos.device, kv_heads),
                            rows=rows, first_tokens=(lengths.cumsum(0) - lengths).to(cos.device, non_blocking=True),
                            token_sequences=torch.arange(len(sequences)).repeat_interleave(lengths).to(
                                cos.device, non_blocking=True))  # fmt: skip
@@ -424,10 +452,15 @@ class Cosmos3GeneratorTower(nn.Module):
         # The float32 time MLP once per sequence, not per token (at 44k tokens per token it was a 33 ms float32 GEMM).
         time = self.time_embedding(timesteps_n[batch.first_tokens]).to(hidden.dtype)[batch.token_sequences]
         hidden = hidden + time * noisy_n[:, None].to(hidden.dtype)
-        residual = None
+        residual, rope = None, batch.rope
+        if self.ulysses is not None:  # the layers run on this rank's tokens
+            shard = self.ulysses.shard(hidden.shape[0])
+            hidden, rope = hidden[shard], (rope[0][shard], rope[1][shard])
         for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, batch.rope, batch.attention, i)
+            hidden, residual = layer(hidden, residual, rope, batch.attention, i)
         hidden, _ = self.norm(hidden, residual)
+        if self.ulysses is not None:
+            hidden = self.ulysses.gather_tokens(hidden, self.ulysses.counts(batch.attention.num_tokens))
         if rows is None:
             return self.proj_out(hidden), None
         return self.proj_out(hidden[rows.vision]), self.action_proj_out(hidden[rows.actions], rows.action_domains)

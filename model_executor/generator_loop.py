@@ -11,9 +11,11 @@ on vLLM's stream, the generator's (compute-bound) on this loop's. The host side 
 at a lower OS priority, and the worker switches Python threads more often, so the engine core's thread gets the
 interpreter back within a millisecond.
 
-With tensor parallelism every rank runs a loop over its shard; the ranks' loops agree at every step on how many of
-the commands they have received they apply (`GeneratorGroup.agree`), so their batches stay equal, and only the
-first rank sends events.
+With several ranks every rank runs a loop (over its shard of the tower, or its share of the sequences); the ranks'
+loops agree at every step on how many of the commands they have received they apply (`GeneratorGroup.agree`), so
+their batches stay equal. The first rank sends the events of the batch (admissions, progress, failures); every rank
+sends the results it decoded itself (the executor deals finished requests to the ranks in turn), and a rank whose
+loop stops says so.
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ class GeneratorLoop:
         self.steps = 0
 
     def start(self, events_address: str | None) -> None:
-        """Start the loop (once), the first rank sending its events to `events_address` (a ZeroMQ PULL socket's).
-        Called again, the events go to the new address from then on: one driver at a time, the last one started."""
-        if self.group.is_leader and events_address is not None:
+        """Start the loop (once), sending its events to `events_address` (a ZeroMQ PULL socket's). Called again, the
+        events go to the new address from then on: one driver at a time, the last one started."""
+        if events_address is not None:
             import zmq
 
             socket = zmq.Context.instance().socket(zmq.PUSH)
@@ -92,7 +94,7 @@ class GeneratorLoop:
                 self._step()
         except Exception as exc:  # noqa: BLE001 - the loop is gone: say so, the driver fails what it waits for
             logger.exception("the generator loop stopped")
-            self._send({"kind": "fatal", "error": f"{type(exc).__name__}: {exc}"})
+            self._send({"kind": "fatal", "error": f"{type(exc).__name__}: {exc}"}, every_rank=True)
 
     def _take(self, wait: bool) -> list[Commands]:
         """The commands to apply at this step boundary, the same on every rank (the first rank's count)."""
@@ -156,9 +158,12 @@ class GeneratorLoop:
         for request_id, output in outputs.items():
             arrays = {"video": None if output.video is None else output.video.numpy(),
                       "actions": None if output.actions is None else output.actions.numpy()}  # fmt: skip
-            self._send({"kind": "result", "id": request_id, "decode_s": decode_s[request_id]}, arrays)
+            self._send({"kind": "result", "id": request_id, "decode_s": decode_s[request_id]}, arrays, every_rank=True)
 
-    def _send(self, header: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
+    def _send(self, header: dict[str, Any], arrays: dict[str, Any] | None = None, every_rank: bool = False) -> None:
+        """Send an event: the batch's from the first rank only, `every_rank`'s (a rank's own results) from any."""
+        if not (every_rank or self.group.is_leader):
+            return
         with self._sending:
             if self._socket is not None:
                 self._socket.send_multipart(encode_event(header, arrays), copy=False)

@@ -16,9 +16,11 @@ from cosmos3_serve.model_executor.patches import keep_aten_cpu_gemm
 
 
 def load_tower(checkpoint: str | Path, vllm_config, device: torch.device, all_reduce: AllReduce | None = None,
-               weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> Cosmos3GeneratorTower:  # fmt: skip
+               weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+               replicated: bool = False) -> Cosmos3GeneratorTower:  # fmt: skip
     """The tower of `checkpoint` on `device` in the engine's dtype, with `weights` (diffusers' transformer names;
-    None: the checkpoint's, or random ones under `--load-format dummy`)."""
+    None: the checkpoint's, or random ones under `--load-format dummy`); `replicated`: whole on every
+    tensor-parallel rank, not a shard."""
     from vllm.config import CompilationConfig, CompilationMode, set_current_vllm_config
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
@@ -31,7 +33,7 @@ def load_tower(checkpoint: str | Path, vllm_config, device: torch.device, all_re
     torch.set_default_dtype(vllm_config.model_config.dtype)
     try:  # vLLM's layers read these settings and allocate in the default dtype
         with set_current_vllm_config(tower_config), torch.device(device):
-            tower = Cosmos3GeneratorTower(config, vllm_config.quant_config, all_reduce)
+            tower = Cosmos3GeneratorTower(config, vllm_config.quant_config, all_reduce, replicated)
     finally:
         torch.set_default_dtype(default_dtype)
     if weights is None and vllm_config.load_config.load_format == "dummy":

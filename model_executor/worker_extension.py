@@ -25,6 +25,7 @@ from cosmos3_serve.model_executor.diffusion_executor import DiffusionExecutor
 from cosmos3_serve.model_executor.generator_loop import GeneratorLoop
 from cosmos3_serve.model_executor.generator_memory import GeneratorMemory, measure
 from cosmos3_serve.model_executor.generator_parallel import GeneratorGroup
+from cosmos3_serve.model_executor.parallel_degrees import ParallelDegrees
 from cosmos3_serve.model_executor.wire import Commands
 from cosmos3_serve.quant.precision import nvfp4_kernel
 from cosmos3_serve.quant.tower_precision import describe_tower
@@ -47,10 +48,11 @@ class Cosmos3WorkerExtension:
         if settings is None:
             return None
         if getattr(self, "cosmos3_loop", None) is None:
-            group = GeneratorGroup.of_tensor_parallel_group(torch.device(self.device))
+            group = GeneratorGroup.of_tensor_parallel_group(torch.device(self.device),
+                                                            ParallelDegrees.parse(settings.parallel))  # fmt: skip
             executor = DiffusionExecutor(self.vllm_config.model_config.model, self.vllm_config, self.device,
                                          settings.max_batch_tokens, getattr(torch, settings.vae_dtype),
-                                         group.all_reduce if group.size > 1 else None,
+                                         group,
                                          settings.a16_steps, settings.attention_precision)  # fmt: skip
             self.cosmos3_memory: GeneratorMemory = measure(executor, settings)
             kv_export.PROMPT_KV_STORE.max_bytes = settings.state_budget_bytes

@@ -41,7 +41,8 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def generator_settings(max_shape: tuple[int, int, int] | None = None, max_batch_tokens: int | None = None,
                        vae_dtype: str = "float32", state_budget_bytes: int | None = None,
                        gpu: bool | None = None, max_model_len: int | None = None,
-                       a16_steps: int | None = None, attention_precision: str = "bf16") -> GeneratorSettings:  # fmt: skip
+                       a16_steps: int | None = None, attention_precision: str = "bf16",
+                       parallel: str = "cfg=1,sp=1") -> GeneratorSettings:  # fmt: skip
     """The settings of a deployment, each left as None taking its default for the device. A prompt's prefill
     computes one token, so a prompt holds at most `max_model_len - 1` tokens (the engine's context)."""
     gpu = on_gpu() if gpu is None else gpu
@@ -53,6 +54,7 @@ def generator_settings(max_shape: tuple[int, int, int] | None = None, max_batch_
         state_budget_bytes=state_budget_bytes or (GPU_STATE_BUDGET_BYTES if gpu else CPU_STATE_BUDGET_BYTES),
         a16_steps=a16_steps,
         attention_precision=attention_precision,
+        parallel=parallel,
     )
 
 

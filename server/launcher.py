@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cosmos3_serve.model_executor import log_routing, patches, vllm_compat
 from cosmos3_serve.model_executor.admission import GeneratorSettings
+from cosmos3_serve.model_executor.parallel_degrees import ParallelDegrees
 from cosmos3_serve.quant.precision import precision_engine_args
 from cosmos3_serve.server import deployment
 from cosmos3_serve.server.deployment import parse_shape
@@ -53,6 +54,7 @@ class ServeOptions:
     vae_precision: str = "fp32"  # the VAE's: fp32 (default), bf16 or fp16
     a16_steps: int | None = None  # FP8: first and last steps at 16-bit activations; None: the checkpoint's policy
     generator_attention: str = "bf16"  # the generator's attention inputs: bf16 (the towers' dtype) or fp8
+    generator_parallel: str | None = None  # cfg=C,sp=S over the tensor-parallel ranks; None: a sharded tower
     max_input_pixels: int | None = None  # of a conditioning image or video frame; None: `InputLimits`' default
     max_clip_pixels: int | None = None  # of a conditioning video's decoded frames together; None: the default
     max_inference_steps: int | None = None  # None: `InputLimits`' default
@@ -81,10 +83,16 @@ def generator_settings(options: ServeOptions) -> GeneratorSettings:
     except ValueError as exc:
         raise ValueError(f"generation-max-shape: {exc}") from None
     budget = None if options.generation_state_budget_mib is None else options.generation_state_budget_mib << 20
+    try:
+        degrees = ParallelDegrees.parse(options.generator_parallel or "")
+        degrees.check(options.tensor_parallel_size)
+    except ValueError as exc:
+        raise ValueError(f"generator-parallel: {exc}") from None
     return deployment.generator_settings(shape, options.max_generation_batch_tokens, VAE_DTYPES[options.vae_precision],
                                          budget, max_model_len=options.max_model_len,
                                          a16_steps=options.a16_steps,
-                                         attention_precision=options.generator_attention)  # fmt: skip
+                                         attention_precision=options.generator_attention,
+                                         parallel=str(degrees))  # fmt: skip
 
 
 def default_job_store(port: int) -> Path:

