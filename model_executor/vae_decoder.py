@@ -8,8 +8,8 @@ RMSNorm + SiLU, residual adds and an up block's shortcut (a channel repeat and a
 
 - `ImplicitPaddingCausalConv3d`: the spatial zero padding is the convolution's own.
 - `BufferedResidualBlock`: RMSNorm + SiLU writes straight into the next convolution's input buffer, after the two
-  frames of history (the previous chunk's last, or zeros), and the next chunk's history is a view of that buffer's
-  last two frames: no concatenation, pad or clone. The convolutions run without bias; conv1's is added inside
+  frames of history (the previous chunk's last, or zeros), and the next chunk's history is a copy of that buffer's
+  last two frames (a view where the chunk has no more frames than that): no concatenation or pad. The convolutions run without bias; conv1's is added inside
   conv2's RMSNorm, conv2's and the shortcut's inside the residual add (`vae_kernels.py`).
 - `FusedResidualUpBlock`: the shortcut is added by one kernel that reads the block's input where `DupUp3D` would
   have copied it twice.
@@ -45,9 +45,9 @@ from cosmos3_serve.model_executor import patches
 from cosmos3_serve.model_executor.vae_kernels import add_bias_and_residual, add_dup_up, rms_norm_silu
 
 # Latent voxels (batch x frames x height x width) per chunk after the first frame: a policy clip batch of 8 (8 x 4
-# x 11 x 20) in one chunk; 720p latent frames (45 x 80) two at a time. At the decoder's last level one activation
-# holds 4 frames x 8 x 8 positions x 256 channels per latent voxel: 2 GiB in float32 at this budget, and a residual
-# block holds about three at once (diffusers' one frame at a time: a quarter of that at 720p).
+# x 11 x 20) in one chunk; 720p latent frames (45 x 80) two at a time. At the decoder's last level the first
+# residual block's input holds 4 frames x 8 x 8 positions x 512 channels per latent voxel: 4 GiB in float32 at this
+# budget, and its convolution's time-padded buffer 5 GiB more (diffusers' one frame at a time: a quarter of that).
 MAX_CHUNK_LATENT_VOXELS = 1 << 13
 
 # Diffusers' feat_cache, indexed as a list: per causal convolution (by its place in the decoder's order), its last
@@ -84,8 +84,8 @@ class ImplicitPaddingCausalConv3d(WanCausalConv3d):
 
 def _history_buffer(x: torch.Tensor, conv: ImplicitPaddingCausalConv3d, history: History, idx: int) -> torch.Tensor:
     """An empty input buffer `[B, C, history + T, H, W]` for `conv` over chunk `x`, in the layout of conv's weight
-    (channels innermost or not), its history frames filled from `history[idx]` (zeros before the first chunk);
-    `history[idx]` becomes a view of its last frames."""
+    (channels innermost or not), its history frames filled from `history[idx]` (zeros before the first chunk). The
+    caller fills the rest and convolves it with `_convolve_keeping_history`."""
     batch, channels, frames, height, width = x.shape
     before = conv.history_frames
     layout = torch.channels_last_3d if conv.weight.stride(1) == 1 else torch.contiguous_format
@@ -95,8 +95,19 @@ def _history_buffer(x: torch.Tensor, conv: ImplicitPaddingCausalConv3d, history:
         buffer[:, :, :before].zero_()
     else:
         buffer[:, :, :before].copy_(history[idx])
-    history[idx] = buffer[:, :, frames:]
     return buffer
+
+
+def _convolve_keeping_history(conv: ImplicitPaddingCausalConv3d, buffer: torch.Tensor, history: History, idx: int,
+                              with_bias: bool = False) -> torch.Tensor:  # fmt: skip
+    """`conv` over a filled `_history_buffer`; its last frames become `history[idx]`, the next chunk's history. A view
+    of them would keep the whole buffer alive until the next chunk: with several frames per chunk that is most of
+    the decoder's memory (every causal convolution's input at once), so they are copied unless the buffer holds no
+    more than them."""
+    frames = buffer.shape[2] - conv.history_frames
+    tail = buffer[:, :, frames:]
+    history[idx] = tail.clone() if frames > conv.history_frames else tail
+    return conv.over_history(buffer, with_bias)
 
 
 class BufferedResidualBlock(WanResidualBlock):
@@ -116,9 +127,9 @@ class BufferedResidualBlock(WanResidualBlock):
                         conv: ImplicitPaddingCausalConv3d, feat_cache: History, feat_idx: list[int]) -> torch.Tensor:
         """conv(silu(norm(x + in_bias))) without conv's bias, over the cached history."""
         buffer = _history_buffer(x, conv, feat_cache, feat_idx[0])
-        feat_idx[0] += 1
         rms_norm_silu(x, norm, buffer[:, :, conv.history_frames :], in_bias)
-        return conv.over_history(buffer)
+        feat_idx[0] += 1
+        return _convolve_keeping_history(conv, buffer, feat_cache, feat_idx[0] - 1)
 
 
 class FusedResidualUpBlock(WanResidualUpBlock):
@@ -152,16 +163,16 @@ class BufferedDecoder3d(WanDecoder3d):
         self, x: torch.Tensor, feat_cache: History, feat_idx: list[int], first_chunk: bool = False
     ) -> torch.Tensor:
         buffer = _history_buffer(x, self.conv_in, feat_cache, feat_idx[0])
-        feat_idx[0] += 1
         buffer[:, :, self.conv_in.history_frames :].copy_(x)
-        x = self.conv_in.over_history(buffer, with_bias=True)
+        x = _convolve_keeping_history(self.conv_in, buffer, feat_cache, feat_idx[0], with_bias=True)
+        feat_idx[0] += 1
         x = self.mid_block(x, feat_cache=feat_cache, feat_idx=feat_idx)
         for up_block in self.up_blocks:
             x = up_block(x, feat_cache=feat_cache, feat_idx=feat_idx, first_chunk=first_chunk)
         buffer = _history_buffer(x, self.conv_out, feat_cache, feat_idx[0])
-        feat_idx[0] += 1
         rms_norm_silu(x, self.norm_out, buffer[:, :, self.conv_out.history_frames :])
-        return self.conv_out.over_history(buffer, with_bias=True)
+        feat_idx[0] += 1
+        return _convolve_keeping_history(self.conv_out, buffer, feat_cache, feat_idx[0] - 1, with_bias=True)
 
 
 SWAPS = {WanCausalConv3d: ImplicitPaddingCausalConv3d, WanResidualBlock: BufferedResidualBlock,
