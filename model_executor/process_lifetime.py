@@ -4,6 +4,12 @@ The API server starts vLLM's engine core as a child process, and the engine core
 parallelism). When a parent is killed (the kernel's OOM killer, `kill -9`), its children would live on, orphaned,
 holding the device and host memory a restarted server needs. Each child asks Linux to kill it when its parent dies
 (`PR_SET_PDEATHSIG`), so the whole tree goes with the process at its root.
+
+With vLLM's Ray executor (`--distributed-executor-backend ray`) the workers are Ray actors: the raylet of their node
+starts them, not `multiprocessing`, and on nodes other than the engine core's, so no parent of theirs stands for the
+engine. Ray ties their lifetime to their owner instead: when the engine core (the Ray driver that created them)
+dies, Ray ends its actors on every node. The request is therefore made only in processes that `multiprocessing`
+started, which leaves Ray's actors to Ray.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 def die_with_parent() -> None:
     """In a child started by `multiprocessing` (vLLM's engine core and workers): SIGKILL this process when its
     parent exits, and at once if the parent is already gone. A no-op in a process not started that way (a server,
-    a script, a test) and off Linux."""
+    a script, a test, a Ray actor) and off Linux."""
     parent = multiprocessing.parent_process()
     if parent is None or not sys.platform.startswith("linux"):
         return
