@@ -250,10 +250,12 @@ class DiffusionExecutor:
     def collect(self, request_ids: list[str]) -> None:
         """`take` the results of finished requests without waiting for the device: their decode and their copies to
         the host are queued behind the step that finished them, and `ready_results` hands them out once done. With
-        several ranks the requests are dealt to them in turn (every rank finishes the same requests in the same
-        order): each rank decodes and hands out its own, and forgets the others'."""
+        several ranks the requests are dealt in turn to those on the first rank's host (`GeneratorGroup.decode_ranks`;
+        every rank finishes the same requests in the same order): each decodes and hands out its own, and forgets the
+        others'."""
+        dealers = self.group.decode_ranks
         mine = [request_id for i, request_id in enumerate(request_ids)
-                if (self._collected + i) % self.group.size == self.group.rank]  # fmt: skip
+                if dealers[(self._collected + i) % len(dealers)] == self.group.rank]  # fmt: skip
         self._collected += len(request_ids)
         for request_id in set(request_ids) - set(mine):
             self.finished.pop(request_id)

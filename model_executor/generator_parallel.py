@@ -11,6 +11,7 @@ ranks of one `s` trade their groups' velocities (`cfg_parallel.BranchParallel`).
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,6 +36,9 @@ class GeneratorGroup:
     degrees: ParallelDegrees = ParallelDegrees()
     branches: BranchParallel | None = None  # with degrees.cfg > 1
     ulysses: Ulysses | None = None  # with degrees.sp > 1
+    # Ranks (in the group) on the first rank's host: they decode finished requests and send their results to the
+    # driver's socket, which is local to that host (a Ray cluster places the others on other nodes).
+    decode_ranks: tuple[int, ...] = (0,)
 
     @classmethod
     def of_tensor_parallel_group(cls, device: torch.device,
@@ -65,8 +69,11 @@ class GeneratorGroup:
             groups = [dist.new_group([ranks[c * degrees.sp + s] for s in range(degrees.sp)], backend=backend)
                       for c in range(degrees.cfg)]  # fmt: skip
             ulysses = Ulysses(sp_rank, degrees.sp, groups[cfg_rank])
+        hosts: list[str | None] = [None] * tp.world_size
+        dist.all_gather_object(hosts, socket.gethostname(), group=host_group)
+        decode_ranks = tuple(r for r, host in enumerate(hosts) if host == hosts[0])
         return cls(rank=rank, size=tp.world_size, device_group=device_group, host_group=host_group, leader=ranks[0],
-                   degrees=degrees, branches=branches, ulysses=ulysses)  # fmt: skip
+                   degrees=degrees, branches=branches, ulysses=ulysses, decode_ranks=decode_ranks)  # fmt: skip
 
     @property
     def is_leader(self) -> bool:
