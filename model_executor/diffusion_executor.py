@@ -96,7 +96,9 @@ class DiffusionExecutor:
                                                         self.dtype)  # fmt: skip
         tower.set_attention_precision(attention_precision)
         self.tower = tower.eval()
-        vae = vae.to(self.device, vae_dtype).eval()  # float32 by default, whatever the towers' precision
+        # float32 by default, whatever the towers' precision; no autograd state (a VAE encode that records it holds
+        # every activation of every frame chunk)
+        vae = vae.to(self.device, vae_dtype).eval().requires_grad_(False)
         self.codec = VaeCodec(vae, self.device, use_graphs=not vllm_config.model_config.enforce_eager)
         self.new_state = StateFactory(self.config, vae.config, load_scheduler(checkpoint), self.device)
         self.active: list[DenoisingState] = []

@@ -57,6 +57,7 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+@torch.no_grad()
 def measure(executor: DiffusionExecutor, settings: GeneratorSettings) -> GeneratorMemory:
     """The reservation of `executor` for `settings` (on CUDA: measured; its caches emptied afterwards)."""
     weights = parameter_bytes(executor.tower) + parameter_bytes(executor.codec.vae)

@@ -416,3 +416,13 @@ def test_flow_shift_per_request_equals_the_reference_with_that_shift(generator, 
                                                            seed=6))  # fmt: skip
     assert (ours - reference).abs().max() <= LATENT_ATOL
     assert (ours - default).abs().max() > 1e-2  # the shift changes the schedule
+
+
+def test_the_executor_holds_no_autograd_state(tiny_checkpoint: Path, vllm_reasoner) -> None:
+    """diffusers builds the VAE with parameters that require gradients; an encode outside `no_grad` (the memory
+    measurement's, at startup) then keeps every activation of every frame chunk for a backward pass."""
+    [device] = vllm_reasoner.collective_rpc(lambda worker: worker.device)
+    executor = DiffusionExecutor(tiny_checkpoint, vllm_reasoner.llm_engine.vllm_config, device)
+    assert not any(p.requires_grad for p in (*executor.codec.vae.parameters(), *executor.tower.parameters()))
+    clip = torch.zeros(1, 3, 5, 32, 32)
+    assert not executor.codec.encode_by_shape({"clip": clip})["clip"].requires_grad
