@@ -28,7 +28,8 @@ serving (the prompt's K/V are captured from diffusers' own forward, so both atte
 diffusers is timed at its best: in a process of its own without vLLM, alone on the card, before this process
 touches the GPU (`--reference-only`), so that neither our tower's memory nor vLLM's settings change its time. The
 allocator's retries (`num_alloc_retries`) of both processes are printed; `--also-in-process` times it in this
-process too, for the comparison.
+process too, for the comparison, as vLLM leaves PyTorch (cuDNN's attention kernel turned off at vLLM's import) and
+with cuDNN's attention turned back on.
 """
 
 from __future__ import annotations
@@ -258,6 +259,12 @@ def measure(shape: tuple[int, int, int, int], config, reference, towers: dict, v
     if also_in_process:
         shared = time_reference(shape, config, reference)
         result.update(diffusers_in_process_s=shared["diffusers_s"], in_process_alloc_retries=shared["alloc_retries"])
+        # vLLM's CUDA platform turns PyTorch's cuDNN attention off at import; diffusers' native attention uses it
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        try:
+            result["diffusers_in_process_cudnn_sdp_s"] = time_reference(shape, config, reference)["diffusers_s"]
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(False)
     flops = forward_flops(config, tokens) * copies
     sequences = [GeneratorSequence(tokens, prompt_kv)] * copies
     for name in variants:
@@ -446,10 +453,12 @@ def print_report(report: dict) -> None:
             print(f"{name:14}{variant:>14}{v['gemm_s'] * 1e3:11.1f}{v['attention_s'] * 1e3:11.1f}"
                   f"{split.get('gemm', 0):9.1f}{split.get('attention', 0):9.1f}{split.get('other', 0):9.1f}"
                   f"{v['profile']['busy_ms']:9.1f}{v['ours_s'] * 1e3:9.1f}{v['profile']['kernels']:8d}")  # fmt: skip
-    print("\ndiffusers' forward, s: alone in its own process (reported above) and beside our towers; allocator retries")
+    print("\ndiffusers' forward, s: alone in its own process (reported above), beside our towers (vLLM imported: "
+          "cuDNN attention off), and beside them with cuDNN attention back on; allocator retries")
     for name, r in results.items():
-        shared = f"{r['diffusers_in_process_s']:9.4f}{r['in_process_alloc_retries']:9d}" if (
-            "diffusers_in_process_s" in r) else f"{'-':>9}{'-':>9}"
+        shared = (f"{r['diffusers_in_process_s']:9.4f}{r['in_process_alloc_retries']:9d}"
+                  f"{r['diffusers_in_process_cudnn_sdp_s']:9.4f}") if (
+            "diffusers_in_process_s" in r) else f"{'-':>9}{'-':>9}{'-':>9}"
         print(f"{name:14}{r['diffusers_s']:9.4f}{r['diffusers_alloc_retries']:9d}{shared}")
     if "image720" in results and "image720x8" in results:
         for variant, batch in results["image720x8"]["variants"].items():
