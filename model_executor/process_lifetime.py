@@ -28,10 +28,24 @@ def die_with_parent() -> None:
     parent exits, and at once if the parent is already gone. A no-op in a process not started that way (a server,
     a script, a test, a Ray actor) and off Linux."""
     parent = multiprocessing.parent_process()
-    if parent is None or not sys.platform.startswith("linux"):
-        return
+    if parent is not None and sys.platform.startswith("linux"):
+        _killed_with(parent.pid)
+
+
+def killed_with_parent(parent_pid: int):
+    """A `subprocess.Popen(preexec_fn=...)` for a child of the process `parent_pid` (the caller): the child is
+    SIGKILLed when that process exits (the request survives the child's exec). A no-op off Linux."""
+
+    def request() -> None:
+        if sys.platform.startswith("linux"):
+            _killed_with(parent_pid)
+
+    return request
+
+
+def _killed_with(parent_pid: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent.pid:  # the parent died before the request took effect
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)

@@ -40,6 +40,7 @@ class ServerSettings:
     api_key: str | None = None
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
+    job_id_prefix: str = "gen-"  # of every job id (a replica's number behind `serve --replicas`)
     media_policy: MediaPolicy = MediaPolicy()
     shutdown_grace_s: float = 30.0
     input_limits: InputLimits = InputLimits()
@@ -159,7 +160,8 @@ async def build_cosmos3_app(engine_client, args: Namespace, settings: ServerSett
     recovered = store.recover()
     if recovered:
         logger.warning("%d generation jobs were running when the server last stopped: marked failed", recovered)
-    service = GenerationService(engine_client, settings.checkpoint, store, max_jobs=settings.max_generation_jobs)
+    service = GenerationService(engine_client, settings.checkpoint, store, max_jobs=settings.max_generation_jobs,
+                                job_id_prefix=settings.job_id_prefix)  # fmt: skip
     lifecycle = Lifecycle(engine_client, service, settings.shutdown_grace_s)
     app.state.cosmos3 = Cosmos3State(settings=settings, engine_client=engine_client, service=service,
                                      checkpoint_info=CheckpointInfo.load(settings.checkpoint), lifecycle=lifecycle)

@@ -77,7 +77,15 @@ def _serve(args: argparse.Namespace) -> int:
         print("error: give a checkpoint directory (or set NIM_MODEL_PATH)", file=sys.stderr)
         return 2
     fields = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServeOptions)}
-    return serve(ServeOptions(**{**fields, "checkpoint": Path(args.checkpoint)}))
+    options = ServeOptions(**{**fields, "checkpoint": Path(args.checkpoint)})
+    if args.replicas > 1:
+        from cosmos3_serve.server.replicas import serve_replicas
+
+        public_url = (options.public_url or options.base_url).rstrip("/")
+        return serve_replicas(args.argv[1:], args.replicas, options.tensor_parallel_size, options.host, options.port,
+                              public_url, options.shutdown_grace_s,
+                              None if options.job_store is None else str(options.job_store))  # fmt: skip
+    return serve(options)
 
 
 def _env(name: str, default=None, kind=str):
@@ -210,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-generation-jobs", type=_positive_int,
                        default=_env("NIM_MAX_GENERATION_JOBS", 64, _positive_int),
                        help="generation jobs queued or running at once; more get 429 [NIM_MAX_GENERATION_JOBS]")
+    serve.add_argument("--replicas", type=_positive_int, default=_env("NIM_REPLICAS", 1, _positive_int),
+                       help="whole deployments side by side, each on its own --tensor-parallel-size GPUs, behind one "
+                            "front end on --host / --port: new requests go to the replica with the fewest in flight, "
+                            "a job's requests to its replica (docs/deployment.md) [NIM_REPLICAS]")
+    serve.add_argument("--job-id-prefix", default="gen-",
+                       help="what every generation job's id starts with (a front end routes by it)")
     serve.add_argument("--max-generation-batch-tokens", type=_positive_int,
                        default=_env("NIM_MAX_GENERATION_BATCH_TOKENS", None, _positive_int),
                        help="generator tokens per denoising step (default 2048); later jobs wait for a place in "
@@ -289,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -56,7 +56,8 @@ class RequestTooLarge(ValueError):
 class GenerationService:
     """Jobs over the generator loop of an async vLLM engine built with `generation_engine_args(...)`."""
 
-    def __init__(self, engine_client, checkpoint: Path, store: JobStore, max_jobs: int = 64) -> None:
+    def __init__(self, engine_client, checkpoint: Path, store: JobStore, max_jobs: int = 64,
+                 job_id_prefix: str = "gen-") -> None:  # fmt: skip
         self.engine = engine_client
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
         self.prompts = GenerationPrompts(self.tokenizer)
@@ -64,7 +65,7 @@ class GenerationService:
         # merge up to two into one): a longer text has more tokens than a prompt may hold, known without tokenizing.
         self.chars_per_token_bound = 2 * max(len(token) for token in self.tokenizer.get_vocab())
         self.geometry = LatentGeometry.from_checkpoint(checkpoint)
-        self.store, self.max_jobs = store, max_jobs
+        self.store, self.max_jobs, self.job_id_prefix = store, max_jobs, job_id_prefix
         self.jobs: dict[str, Job] = {}  # from submission until the store holds their final state
         self._delivered: set[str] = set()  # jobs whose result a synchronous response carried: not stored
         self._recent_job_s: collections.deque[float] = collections.deque(maxlen=32)
@@ -125,8 +126,8 @@ class GenerationService:
         if in_flight >= self.max_jobs:
             metrics.REJECTED.labels(mode=mode).inc()
             raise Overloaded(retry_after_s=max(1, int(self._typical_job_s())))
-        job = Job(id=f"gen-{uuid.uuid4().hex}", mode=mode, request=request, prompts=prompts, state_bytes=state_bytes,
-                  decode_video=decode_video)  # fmt: skip
+        job = Job(id=f"{self.job_id_prefix}{uuid.uuid4().hex}", mode=mode, request=request, prompts=prompts,
+                  state_bytes=state_bytes, decode_video=decode_video)  # fmt: skip
         self.jobs[job.id] = job
         if job.mode != WARMUP_MODE:
             self.store.record(job)

@@ -45,6 +45,7 @@ class ServeOptions:
     video_pruning_method: str = "evs"
     max_request_bytes: int = 64 << 20
     max_generation_jobs: int = 64
+    job_id_prefix: str = "gen-"  # of every generation job's id
     max_generation_batch_tokens: int | None = None  # None: the executor's default
     generation_max_shape: str | None = None  # WIDTHxHEIGHTxFRAMES of the largest video admitted; None: the device's
     generation_state_budget_mib: int | None = None  # device memory of the jobs in flight; None: the device's
@@ -174,6 +175,7 @@ async def _serve(options: ServeOptions, vllm_args) -> int:
                               precision=options.precision, api_key=options.api_key,
                               max_request_bytes=options.max_request_bytes,
                               max_generation_jobs=options.max_generation_jobs,
+                              job_id_prefix=options.job_id_prefix,
                               media_policy=MediaPolicy.from_domains(list(options.allowed_media_domains)),
                               shutdown_grace_s=options.shutdown_grace_s,
                               input_limits=input_limits(options),
