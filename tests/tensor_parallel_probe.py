@@ -2,9 +2,7 @@
 tokens of a prompt, the prompt's exported K/V shards of both ranks, and the latents of a text -> image generation
 (the generator in both ranks' workers, sharded like the reasoner).
 
-    python -m tests.tensor_parallel_probe CKPT OUT.pt '[ids...]' '{generation request fields}' [cfg=C,sp=S]
-
-With the last argument the generator's work splits by sequence over the ranks (`--generator-parallel`) instead.
+    python -m tests.tensor_parallel_probe CKPT OUT.pt '[ids...]' '{generation request fields}'
 """
 
 from __future__ import annotations
@@ -29,9 +27,9 @@ def main() -> None:
     from cosmos3_serve.server.deployment import generator_settings
 
     checkpoint, out, token_ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    settings = generator_settings(gpu=False, parallel=sys.argv[5] if len(sys.argv) > 5 else "cfg=1,sp=1")
     llm = LLM(checkpoint, dtype="float32", enforce_eager=True, max_model_len=2048, tensor_parallel_size=2,
-              gpu_memory_utilization=0.2, **generation_engine_args(settings))  # fmt: skip
+              gpu_memory_utilization=0.2,
+              **generation_engine_args(generator_settings(gpu=False)))  # fmt: skip
     greedy = llm.generate({"prompt_token_ids": token_ids}, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     export = SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args("tp"))
     llm.generate({"prompt_token_ids": token_ids}, export, use_tqdm=False)

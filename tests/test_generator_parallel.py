@@ -57,12 +57,19 @@ def one_rank(tiny_checkpoint: Path, vllm_reasoner, requests, prompt_kv) -> dict:
     return {request_id: (o.video, o.actions) for request_id, o in executor.take(list(requests)).items()}
 
 
-def _two_ranks(checkpoint: Path, degrees: str, requests, prompt_kv, folder: Path) -> list[dict]:
+DEGREES = ("cfg=2", "sp=2")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_checkpoint: Path, requests, prompt_kv, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Per degrees, each rank's results (one probe: both executors in the same two processes)."""
+    folder = tmp_path_factory.mktemp("two-ranks")
     torch.save({"requests": requests, "prompt_kv": prompt_kv}, folder / "in.pt")
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    subprocess.run([sys.executable, "-m", "tests.generator_parallel_probe", str(checkpoint), degrees,
-                    str(folder / "in.pt"), str(folder / "out.pt")], check=True, env=env, timeout=600)  # fmt: skip
-    return [torch.load(folder / f"out.pt.{rank}", weights_only=False) for rank in range(2)]
+    subprocess.run([sys.executable, "-m", "tests.generator_parallel_probe", str(tiny_checkpoint), str(folder / "in.pt"),
+                    str(folder / "out"), *DEGREES], check=True, env=env, timeout=600)  # fmt: skip
+    return {degrees: [torch.load(folder / f"out.{degrees}.{rank}", weights_only=False) for rank in range(2)]
+            for degrees in DEGREES}  # fmt: skip
 
 
 def _close(got: torch.Tensor | None, expected: torch.Tensor | None) -> bool:
@@ -71,10 +78,9 @@ def _close(got: torch.Tensor | None, expected: torch.Tensor | None) -> bool:
     return float((got - expected).abs().max()) <= ATOL
 
 
-@pytest.mark.parametrize("degrees", ["cfg=2", "sp=2"])
-def test_two_ranks_split_by_sequence_equal_one(degrees: str, tiny_checkpoint: Path, requests, prompt_kv, one_rank,
-                                               tmp_path: Path) -> None:  # fmt: skip
-    ranks = _two_ranks(tiny_checkpoint, degrees, requests, prompt_kv, tmp_path)
+@pytest.mark.parametrize("degrees", DEGREES)
+def test_two_ranks_split_by_sequence_equal_one(degrees: str, two_ranks, requests, one_rank) -> None:
+    ranks = two_ranks[degrees]
     assert all(rank["errors"] == {} for rank in ranks)
     assert ranks[0]["split"] == {"ulysses": degrees == "sp=2", "branches": degrees == "cfg=2"}
     if degrees == "sp=2":

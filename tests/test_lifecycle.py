@@ -113,23 +113,10 @@ def test_a_dead_engine_fails_every_job_and_exits_nonzero(tiny_checkpoint: Path) 
         server.stop()
 
 
-def test_a_killed_server_leaves_no_process_behind(tiny_checkpoint: Path) -> None:
-    server = start_server(tiny_checkpoint)
-    try:
-        children = psutil.Process(server.process.pid).children(recursive=True)
-        assert children, "vLLM's engine core runs in a child process"
-        server.process.kill()  # as the kernel's OOM killer does: no handler runs
-        server.process.wait(timeout=30)
-        gone, alive = psutil.wait_procs(children, timeout=30)
-        assert not alive, [(p.pid, p.name()) for p in alive]
-    finally:
-        server.stop()
-
-
-
 def test_jobs_survive_a_crash_and_a_finished_one_is_freed_by_delete(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """Killed with -9 mid-job and started again on the same store: the finished job and its result are served,
-    the running one is failed with the reason, and DELETE frees the finished one."""
+    """Killed with -9 mid-job (as the kernel's OOM killer does: no handler runs), the server leaves no process
+    behind; started again on the same store: the finished job and its result are served, the running one is failed
+    with the reason, and DELETE frees the finished one."""
     store = ["--job-store", str(tmp_path / "jobs")]
     first = start_server(tiny_checkpoint, *store)
     try:
@@ -140,8 +127,12 @@ def test_jobs_survive_a_crash_and_a_finished_one_is_freed_by_delete(tiny_checkpo
         assert follower.events[-1][1]["status"] == "succeeded"
         content = httpx.get(f"{first.base_url}/v1/video/generate/{done['id']}/content", timeout=30).content
         running = start_async(first, LONG_VIDEO)
+        children = psutil.Process(first.process.pid).children(recursive=True)
+        assert children, "vLLM's engine core runs in a child process"
         first.process.kill()
         first.process.wait(timeout=30)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [(p.pid, p.name()) for p in alive]
     finally:
         first.stop()
     second = start_server(tiny_checkpoint, *store)

@@ -37,12 +37,6 @@ def front(tiny_checkpoint: Path):
         server.stop()
 
 
-def _replica_pids(front: ServerProcess) -> list[int]:
-    """The front end's children (the replicas' servers)."""
-    children = Path(f"/proc/{front.process.pid}/task/{front.process.pid}/children").read_text().split()
-    return [int(pid) for pid in children]
-
-
 def test_chat_through_the_front_end(front: ServerProcess) -> None:
     from openai import OpenAI
 
@@ -108,11 +102,13 @@ def test_a_robot_session_is_relayed(front: ServerProcess) -> None:
 
 
 def test_the_replicas_die_with_the_front_end(front: ServerProcess) -> None:
-    replicas = _replica_pids(front)
-    assert len(replicas) == 2
+    """kill -9 of the front end (no handler runs): the replicas' servers, their engine cores and workers all go."""
+    import psutil
+
+    replicas = psutil.Process(front.process.pid).children()
+    descendants = psutil.Process(front.process.pid).children(recursive=True)
+    assert len(replicas) == 2 and len(descendants) > 2  # the replicas' servers and their engine processes
     os.kill(front.process.pid, signal.SIGKILL)
     front.process.wait()
-    deadline = time.monotonic() + 60
-    while any(Path(f"/proc/{pid}").exists() for pid in replicas) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(Path(f"/proc/{pid}").exists() for pid in replicas)
+    gone, alive = psutil.wait_procs(descendants, timeout=60)
+    assert not alive, [(p.pid, p.name()) for p in alive]
