@@ -58,12 +58,14 @@ Admission = tuple[str, GenerationRequest, list[PromptKV], bool]  # (request id, 
 class BatchPlan:
     """What the executor keeps of the batch it stepped last, for as long as the same requests step together: their
     packed layout (rotary tables, attention over their prompt K/V) and their forward's CUDA graph, if it has one
-    (then the layout is the graph's)."""
+    (then the layout is the graph's). With CFG parallelism the layout is of this rank group's sequences only (None
+    if it has none) and `rows` says which rows of the batch each group runs."""
 
     states: list[DenoisingState]
-    layout: PackedBatch
+    layout: PackedBatch | None
     graph: CapturedForward | None = None
     eager_steps: int = 0
+    rows: SequenceRows | None = None
 
     def serves(self, batch: list[DenoisingState]) -> bool:
         """Whether `batch` is the same requests, in the same order."""
@@ -107,7 +109,7 @@ class DiffusionExecutor:
         self.pending: list[PendingResults] = []  # collected results on their way to the host, oldest first
         self.max_batch_tokens = max_batch_tokens
         self._plan: BatchPlan | None = None  # of the batch stepped last
-        # A tower whose work splits by sequence runs eagerly: its collectives inside graphs are not measured yet.
+        # A tower whose work splits by sequence runs eagerly (its all-to-alls and gathers are not captured).
         self.use_cuda_graphs = (self.device.type == "cuda" and not vllm_config.model_config.enforce_eager
                                 and not whole_tower)  # fmt: skip
         self._collected = 0  # requests collected so far: their decodes are dealt to the ranks in turn
@@ -278,14 +280,22 @@ class DiffusionExecutor:
 
     def _batch_plan(self, active: list[DenoisingState]) -> BatchPlan:
         """The plan of `active`: the last one if the same requests step together again, else a new layout (the last
-        plan's released first), in the graph of its signature if one was captured."""
+        plan's released first), in the graph of its signature if one was captured. With CFG parallelism, the layout
+        of the sequences that this rank's group runs (`BranchParallel.owners`)."""
         if self._plan is None or not self._plan.serves(active):
             self._plan = None
             positions = torch.cat([state.positions_3n for state in active], dim=1)
             sequences = [seq for state in active for seq in state.sequences]
+            branches, rows = self.group.branches, None
+            if branches is not None:
+                owners = branches.owners([[seq.num_tokens for seq in state.sequences] for state in active])
+                rows = SequenceRows.of(sequences, owners, branches.size, self.device)
+                positions = positions[:, rows.tokens[branches.rank]]
+                sequences = [seq for seq, owner in zip(sequences, owners) if owner == branches.rank]
             graph = self.forward_graphs.get(batch_signature(sequences)) if self.use_cuda_graphs else None
-            layout = self.tower.pack(positions, sequences, into=None if graph is None else graph.batch)
-            self._plan = BatchPlan(list(active), layout, graph)
+            layout = self.tower.pack(positions, sequences, into=None if graph is None else graph.batch) if (
+                sequences) else None
+            self._plan = BatchPlan(list(active), layout, graph, rows=rows)
         return self._plan
 
     def _forward(
@@ -329,21 +339,14 @@ class DiffusionExecutor:
         actions_na: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's velocities, each CFG group running the tower over its own sequences (`BranchParallel`)."""
-        branches = self.group.branches
-        sequences = [seq for state in active for seq in state.sequences]
-        owners = branches.owners([[seq.num_tokens for seq in state.sequences] for state in active])
-        rows = SequenceRows.of(sequences, owners, branches.size, self.device)
-        mine = [seq for seq, owner in zip(sequences, owners) if owner == branches.rank]
-        if self._plan is None or not self._plan.serves(active):
-            positions = torch.cat([state.positions_3n for state in active], dim=1)
-            layout = self.tower.pack(positions[:, rows.tokens[branches.rank]], mine) if mine else None
-            self._plan = BatchPlan(list(active), layout)
+        branches, plan = self.group.branches, self._batch_plan(active)  # the rows: once per batch membership
+        rows = plan.rows
         if self.activation_switch is not None:
             self.activation_switch.activation_16bit = self._activation_16bit(active[0])
         video, actions = patches_vp.new_empty(0, patches_vp.shape[1]), None
-        if mine:
+        if plan.layout is not None:
             tokens, vision, action_rows = (space[branches.rank] for space in (rows.tokens, rows.vision, rows.actions))
-            video, actions = self.tower(patches_vp[vision], timesteps_n[tokens], noisy_n[tokens], self._plan.layout,
+            video, actions = self.tower(patches_vp[vision], timesteps_n[tokens], noisy_n[tokens], plan.layout,
                                         None if actions_na is None else actions_na[action_rows])  # fmt: skip
         video = branches.gather_rows(video, rows.vision, patches_vp.shape[0])
         if actions_na is None:

@@ -12,6 +12,7 @@ ranks of one `s` trade their groups' velocities (`cfg_parallel.BranchParallel`).
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,7 +81,7 @@ class GeneratorGroup:
         return self.rank == 0
 
     @property
-    def tower_all_reduce(self):
+    def tower_all_reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The all-reduce of a tensor-parallel tower's row-parallel outputs; None for a whole tower."""
         return self.all_reduce if self.size > 1 and not self.degrees.splits_sequences else None
 

@@ -81,28 +81,16 @@ def test_per_tensor_scale_maps_the_largest_magnitude_to_e4m3_max() -> None:
 def test_denoising_with_fp8_attention_follows_diffusers_with_rounded_attention_inputs(
     tiny_checkpoint: Path, vllm_reasoner
 ) -> None:
-    from vllm import SamplingParams
-
-    from cosmos3_serve.model_executor import kv_export
     from cosmos3_serve.model_executor.diffusion_executor import DiffusionExecutor
-    from cosmos3_serve.model_executor.generation_client import GenerationPrompts, new_export_keys
     from cosmos3_serve.model_executor.request import GenerationRequest
-    from transformers import AutoTokenizer
+    from tests.test_generation import run_alone
 
     [device] = vllm_reasoner.collective_rpc(lambda worker: worker.device)
     executor = DiffusionExecutor(tiny_checkpoint, vllm_reasoner.llm_engine.vllm_config, device,
                                  attention_precision="fp8")  # fmt: skip
     request = GenerationRequest(PROMPT, NEGATIVE, height=32, width=64, num_inference_steps=3, seed=7,
                                 guidance_scale=1.0)  # fmt: skip
-    prompts = GenerationPrompts(AutoTokenizer.from_pretrained(tiny_checkpoint / "text_tokenizer")).context(request)
-    keys = new_export_keys(len(prompts))
-    vllm_reasoner.generate([{"prompt_token_ids": ids} for ids in prompts],
-                           [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(k)) for k in keys],
-                           use_tqdm=False)  # fmt: skip
-    assert executor.admit([("fp8", request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys], False)]) == {}
-    while "fp8" not in executor.finished:
-        executor.step()
-    ours = executor.take(["fp8"])["fp8"].video
+    ours = run_alone(executor, vllm_reasoner, tiny_checkpoint, request).video
 
     pipeline = load_diffusers_pipeline(tiny_checkpoint)
     arguments = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=1, height=32, width=64,

@@ -348,11 +348,7 @@ def test_reason_then_generate_conditions_on_the_answer_without_recomputing_it(ge
 def test_distilled_checkpoint_uses_its_euler_scheduler(tmp_path: Path, vllm_reasoner) -> None:
     """A few-step checkpoint whose scheduler/ is `FlowMatchEulerDiscreteScheduler` (same weights: seed 0), run by
     its own executor on prompt K/V that the session's engine exports."""
-    from vllm import SamplingParams
-
-    from cosmos3_serve.model_executor import kv_export
     from cosmos3_serve.model_executor.checkpoint.writer import write_checkpoint
-    from cosmos3_serve.model_executor.generation_client import GenerationPrompts, new_export_keys
     from tests.oracle import load_diffusers_pipeline
 
     checkpoint = write_checkpoint(tmp_path / "distilled", vocab="compact", action=True, distilled=True,
@@ -361,25 +357,31 @@ def test_distilled_checkpoint_uses_its_euler_scheduler(tmp_path: Path, vllm_reas
     executor = DiffusionExecutor(checkpoint, vllm_reasoner.llm_engine.vllm_config, worker_device)
     assert type(executor.new_state.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     request = GenerationRequest(PROMPT, NEGATIVE, height=32, width=64, num_inference_steps=4, seed=4)
-    prompts = GenerationPrompts(executor_tokenizer(checkpoint)).context(request)
-    keys = new_export_keys(len(prompts))
-    vllm_reasoner.generate([{"prompt_token_ids": ids} for ids in prompts],
-                           [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(k)) for k in keys],
-                           use_tqdm=False)  # fmt: skip
-    assert executor.admit([("distilled", request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys], False)]) == {}
-    while "distilled" not in executor.finished:
-        executor.step()
     reference = load_diffusers_pipeline(checkpoint)(
         PROMPT, negative_prompt=NEGATIVE, num_frames=1, height=32, width=64, num_inference_steps=4,
         generator=torch.Generator().manual_seed(4), output_type="latent",
     ).video  # fmt: skip
-    assert (executor.take(["distilled"])["distilled"].video - reference).abs().max() <= LATENT_ATOL
+    assert (run_alone(executor, vllm_reasoner, checkpoint, request).video - reference).abs().max() <= LATENT_ATOL
 
 
-def executor_tokenizer(checkpoint: Path):
+def run_alone(executor: DiffusionExecutor, vllm_reasoner, checkpoint: Path, request: GenerationRequest):
+    """`request`'s output from `executor` (not the engine's own generator): its prompts prefilled by the session's
+    engine, their K/V admitted, stepped until it finishes."""
     from transformers import AutoTokenizer
+    from vllm import SamplingParams
 
-    return AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")
+    from cosmos3_serve.model_executor import kv_export
+    from cosmos3_serve.model_executor.generation_client import GenerationPrompts, new_export_keys
+
+    prompts = GenerationPrompts(AutoTokenizer.from_pretrained(checkpoint / "text_tokenizer")).context(request)
+    keys = new_export_keys(len(prompts))
+    vllm_reasoner.generate([{"prompt_token_ids": ids} for ids in prompts],
+                           [SamplingParams(max_tokens=1, extra_args=kv_export.generation_context_args(k)) for k in keys],
+                           use_tqdm=False)  # fmt: skip
+    assert executor.admit([("alone", request, [kv_export.PROMPT_KV_STORE.take(k) for k in keys], False)]) == {}
+    while "alone" not in executor.finished:
+        executor.step()
+    return executor.take(["alone"])["alone"]
 
 
 def test_requests_arriving_mid_run_join_the_batch(generator) -> None:

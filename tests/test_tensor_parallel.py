@@ -20,22 +20,13 @@ GENERATION = {"prompt": "A robot arm picks up a red cube.", "negative_prompt": "
               "height": 32, "width": 64, "fps": 8.0, "num_inference_steps": 3, "seed": 3}  # fmt: skip
 
 
-def _two_ranks(checkpoint: Path, out: Path) -> dict:
+def test_two_ranks_match_one(vllm_reasoner, diffusers_pipeline, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tp2.pt"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    subprocess.run([sys.executable, "-m", "tests.tensor_parallel_probe", str(checkpoint), str(out),
+    subprocess.run([sys.executable, "-m", "tests.tensor_parallel_probe", str(tiny_checkpoint), str(out),
                     json.dumps(TOKEN_IDS), json.dumps(GENERATION)], check=True, capture_output=True, env=env,
                    timeout=600)  # fmt: skip
-    return torch.load(out)
-
-
-def _reference_latents(diffusers_pipeline) -> torch.Tensor:
-    fields = dict(GENERATION)
-    return diffusers_pipeline(fields.pop("prompt"), generator=torch.Generator().manual_seed(fields.pop("seed")),
-                              output_type="latent", **fields).video  # fmt: skip
-
-
-def test_two_ranks_match_one(vllm_reasoner, diffusers_pipeline, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    tp2 = _two_ranks(tiny_checkpoint, tmp_path / "tp2.pt")
+    tp2 = torch.load(out)
 
     single = vllm_reasoner.generate({"prompt_token_ids": TOKEN_IDS}, SamplingParams(temperature=0, max_tokens=8),
                                     use_tqdm=False)[0]  # fmt: skip
@@ -51,5 +42,7 @@ def test_two_ranks_match_one(vllm_reasoner, diffusers_pipeline, tiny_checkpoint:
             joined = torch.cat([rank0[name][layer], rank1[name][layer]], dim=1)  # heads are split in order
             torch.testing.assert_close(joined, full, rtol=0, atol=1e-5, msg=f"{name} of layer {layer}")
 
-    assert (tp2["latents"] - _reference_latents(diffusers_pipeline)).abs().max() <= 1e-4
-
+    fields = dict(GENERATION)
+    reference = diffusers_pipeline(fields.pop("prompt"), generator=torch.Generator().manual_seed(fields.pop("seed")),
+                                   output_type="latent", **fields).video  # fmt: skip
+    assert (tp2["latents"] - reference).abs().max() <= 1e-4
