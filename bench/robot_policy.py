@@ -1,16 +1,20 @@
 """Robots in a closed loop over `WS /v1/robot/session`: per-robot action latency at 1, 4 and 16 robots, actions only
-and with the predicted video, against the bound that a request's own work puts on it.
+and with the predicted video, against the bound that the GPU work per request puts on it.
 
-    python bench/robot_policy.py CKPT [--robots 1,4,16] [--observations 8] [--steps 4] [--json OUT]
+    python bench/robot_policy.py CKPT [--robots 1,4,16] [--observations 8] [--steps 4] [--profile] [--json OUT]
 
 Starts `cosmos3-serve serve CKPT` at its defaults (bf16 with dummy weights on a GPU, float32 on the CPU). Each robot
 connects once, sends its session, then `--observations` observations one after the other (its next camera frame
 once the last action chunk arrived: the closed loop), each a policy request (`--policy-domain`, 16 actions, the
 256 tier, `--steps` steps, guidance 6). Per robot count and mode: the latency of every observation from the robot's
-send to its answer (p50, p95), the actions per second of all robots together, and `bound`: a robot's latency when
-it runs alone, times (N + 1) / 2, the median's finish time if the N robots' requests shared no work (every request
-waits for the half of the others before it); batching the requests' forwards in one step beats it once the GPU has
-room to spare.
+send to its answer (p50, p95), the actions per second of all robots together, and two references:
+
+- `serial`: N x a robot's latency alone, a robot's latency when N robots' requests run one after another sharing
+  no work (in a closed loop every request waits for the N - 1 others).
+- `bound` (`--profile`, a GPU): N x the GPU's busy seconds per request, from the same fleet run once more under the
+  worker's PyTorch profiler (`serve --profile-dir`). With N robots in the loop, a robot's mean latency is N / the
+  answers per second (Little's law), and the GPU answers no faster than one request per its busy seconds per
+  request; what a robot waits beyond the bound is host time: HTTP, scheduling, launches, idle GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mixed_load import on_gpu  # noqa: E402
-from serving import PROMPT, Server, first_frame  # noqa: E402
+from serving import PROMPT, Server, first_frame, gpu_time_split  # noqa: E402
 
 POLICY_CHUNK, POLICY_TIER = 16, 256
 
@@ -69,6 +73,19 @@ async def fleet(url: str, start: dict, frame: str, robots: int, observations: in
             "actions_per_s": len(latencies) * POLICY_CHUNK / wall, "observations": len(latencies)}  # fmt: skip
 
 
+def profiled_fleet(server: Server, profiles: Path, url: str, start: dict, frame: str, robots: int,
+                   observations: int) -> float:
+    """The fleet once more under the worker's profiler: the GPU's busy seconds per request."""
+    import httpx
+
+    before = set(profiles.rglob("*.pt.trace.json*"))
+    httpx.post(f"{server.base_url}/start_profile", timeout=60).raise_for_status()
+    done = asyncio.run(fleet(url, start, frame, robots, observations))
+    httpx.post(f"{server.base_url}/stop_profile", timeout=600).raise_for_status()
+    [trace] = set(profiles.rglob("*.pt.trace.json*")) - before  # one worker (no tensor parallelism)
+    return gpu_time_split(trace)["gpu_busy_s"] / done["observations"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -79,11 +96,15 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8131)
     parser.add_argument("--server-log", default="robot-policy-server.log")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="rerun each fleet under the worker's profiler for `bound` (traces next to the server log)")
     args = parser.parse_args()
 
     precision = ["--precision", "bf16", "--load-format", "dummy"] if on_gpu() else ["--precision", "fp32"]
+    profiles = Path(args.server_log).resolve().with_suffix(".profiles")
+    profiling = ["--profile-dir", str(profiles)] if args.profile else []
     server = Server([sys.executable, "-m", "cosmos3_serve.server.cli", "serve", args.checkpoint, "--port",
-                     str(args.port), *precision], args.port, args.server_log)  # fmt: skip
+                     str(args.port), *precision, *profiling], args.port, args.server_log)  # fmt: skip
     try:
         server.wait_ready(1800)
         png = io.BytesIO()
@@ -97,21 +118,29 @@ def main() -> int:
                      "num_inference_steps": args.steps, "actions_only": actions_only}  # fmt: skip
             asyncio.run(fleet(url, start, frame, 1, 2))  # warm-up: the batch shapes' first steps
             for robots in (int(n) for n in args.robots.split(",")):
-                rows[(actions_only, robots)] = asyncio.run(fleet(url, start, frame, robots, args.observations))
+                row = asyncio.run(fleet(url, start, frame, robots, args.observations))
+                if args.profile:
+                    row["gpu_s_per_request"] = profiled_fleet(server, profiles, url, start, frame, robots,
+                                                              args.observations)  # fmt: skip
+                rows[(actions_only, robots)] = row
     finally:
         server.stop()
 
     print(f"\nrobots over WS /v1/robot/session, policy {args.policy_domain}, {POLICY_CHUNK} actions, tier {POLICY_TIER}, "
           f"{args.steps} steps, guidance 6; {args.observations} observations per robot, closed loop")  # fmt: skip
-    print(f"{'output':14}{'robots':>7}{'p50 s':>9}{'p95 s':>9}{'bound s':>9}{'p50/bound':>10}{'actions/s':>11}")
+    print(f"{'output':14}{'robots':>7}{'p50 s':>9}{'p95 s':>9}{'serial s':>10}{'GPU s/req':>10}{'bound s':>9}"
+          f"{'p50/bound':>10}{'actions/s':>11}")  # fmt: skip
     for (actions_only, robots), row in rows.items():
         alone = rows.get((actions_only, 1))
-        bound = None if alone is None else alone["p50_s"] * (robots + 1) / 2
-        row["bound_s"] = bound
-        ratio = f"{row['p50_s'] / bound:10.2f}" if bound else f"{'-':>10}"
-        bound_text = f"{bound:9.3f}" if bound else f"{'-':>9}"
+        row["serial_s"] = None if alone is None else alone["p50_s"] * robots
+        gpu_s = row.get("gpu_s_per_request")
+        row["bound_s"] = None if gpu_s is None else gpu_s * robots
+        cells = [f"{row['serial_s']:10.3f}" if row["serial_s"] else f"{'-':>10}",
+                 f"{gpu_s * 1e3:8.1f}ms" if gpu_s else f"{'-':>10}",
+                 f"{row['bound_s']:9.3f}" if row["bound_s"] else f"{'-':>9}",
+                 f"{row['p50_s'] / row['bound_s']:10.2f}" if row["bound_s"] else f"{'-':>10}"]  # fmt: skip
         print(f"{'actions only' if actions_only else 'with video':14}{robots:7d}{row['p50_s']:9.3f}{row['p95_s']:9.3f}"
-              f"{bound_text}{ratio}{row['actions_per_s']:11.1f}")  # fmt: skip
+              f"{''.join(cells)}{row['actions_per_s']:11.1f}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps([{"actions_only": a, **row} for (a, _), row in rows.items()], indent=2))
     return 0
