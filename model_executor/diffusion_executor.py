@@ -86,8 +86,7 @@ class DiffusionExecutor:
         self.config = GeneratorConfig.from_checkpoint(checkpoint)
         self.device, self.dtype = torch.device(device), vllm_config.model_config.dtype
         self.group = group or GeneratorGroup(rank=0, size=1)
-        whole_tower = self.group.degrees.splits_sequences
-        tower = load_tower(checkpoint, vllm_config, self.device, self.group.tower_all_reduce, replicated=whole_tower)
+        tower = load_tower(checkpoint, vllm_config, self.device, self.group.tower_all_reduce, shard=self.group.tower)
         tower.set_sequence_parallel(self.group.ulysses)
         if vllm_config.load_config.load_format == "dummy":  # configs-only checkpoints (benchmarks): random weights
             vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(checkpoint, subfolder="vae"))
@@ -111,7 +110,7 @@ class DiffusionExecutor:
         self._plan: BatchPlan | None = None  # of the batch stepped last
         # A tower whose work splits by sequence runs eagerly (its all-to-alls and gathers are not captured).
         self.use_cuda_graphs = (self.device.type == "cuda" and not vllm_config.model_config.enforce_eager
-                                and not whole_tower)  # fmt: skip
+                                and not self.group.degrees.splits_sequences)  # fmt: skip
         self._collected = 0  # requests collected so far: their decodes are dealt to the ranks in turn
         self.forward_graphs = ForwardGraphs()
 
@@ -153,8 +152,7 @@ class DiffusionExecutor:
         this stream reads them: a driver admits a request only once its prefill has returned its sampled token, which
         the reasoner's stream computes after the export."""
         prompt_kv = prompt_kv.to(self.device)
-        if self.group.degrees.splits_sequences and self.group.size > 1:  # a whole tower: every rank's heads
-            prompt_kv = PromptKV(self.group.gather_heads(prompt_kv.kv, dim=3))
+        prompt_kv = PromptKV(self.group.tower_heads(prompt_kv.kv, dim=3, num_heads=self.config.num_key_value_heads))
         if prompt_kv.kv.is_cuda:
             prompt_kv.kv.record_stream(torch.cuda.current_stream(self.device))
         return prompt_kv

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
-from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.linear import (
@@ -44,6 +43,7 @@ from cosmos3_serve.model_executor.checkpoint.generator_config import (
     transformer_tensors,
 )
 from cosmos3_serve.model_executor.kv_export import PromptKV
+from cosmos3_serve.model_executor.parallel_degrees import TowerShard
 from cosmos3_serve.model_executor.rope import InterleavedMRoPE, apply_rope
 from cosmos3_serve.model_executor.ulysses import Ulysses
 from cosmos3_serve.model_executor.varlen_attention import varlen_attention
@@ -262,9 +262,9 @@ class DomainAwareLinear(nn.Module):
 
 class GeneratorAttention(nn.Module):
     def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None,
-                 all_reduce: AllReduce, replicated: bool = False) -> None:  # fmt: skip
+                 all_reduce: AllReduce, shard: TowerShard) -> None:  # fmt: skip
         super().__init__()
-        tp = 1 if replicated else get_tensor_model_parallel_world_size()
+        tp = shard.size
         self.all_reduce = all_reduce
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads // tp
@@ -272,12 +272,12 @@ class GeneratorAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, config.head_dim, config.num_attention_heads, config.num_key_value_heads,
             bias=config.attention_bias, quant_config=quant_config, return_bias=False, prefix=f"{prefix}.qkv_proj",
-            disable_tp=replicated,
+            disable_tp=tp == 1,
         )  # fmt: skip
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * config.head_dim, config.hidden_size, bias=config.attention_bias,
             quant_config=quant_config, reduce_results=False, return_bias=False, prefix=f"{prefix}.o_proj",
-            disable_tp=replicated,
+            disable_tp=tp == 1,
         )  # fmt: skip
         self.q_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = GeneratorRMSNorm(config.head_dim, config.rms_norm_eps)
@@ -314,17 +314,17 @@ class GeneratorMLP(nn.Module):
     guidance at Nano's width) are the largest of a tower forward, and a token's output depends on that token only."""
 
     def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None,
-                 all_reduce: AllReduce, chunk_tokens: int = MLP_CHUNK_TOKENS,
-                 replicated: bool = False) -> None:  # fmt: skip
+                 all_reduce: AllReduce, shard: TowerShard,
+                 chunk_tokens: int = MLP_CHUNK_TOKENS) -> None:  # fmt: skip
         super().__init__()
         self.all_reduce, self.chunk_tokens = all_reduce, chunk_tokens
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [config.intermediate_size] * 2, bias=False, quant_config=quant_config,
-            return_bias=False, prefix=f"{prefix}.gate_up_proj", disable_tp=replicated,
+            return_bias=False, prefix=f"{prefix}.gate_up_proj", disable_tp=shard.size == 1,
         )  # fmt: skip
         self.down_proj = RowParallelLinear(
             config.intermediate_size, config.hidden_size, bias=False, quant_config=quant_config,
-            reduce_results=False, return_bias=False, prefix=f"{prefix}.down_proj", disable_tp=replicated,
+            reduce_results=False, return_bias=False, prefix=f"{prefix}.down_proj", disable_tp=shard.size == 1,
         )  # fmt: skip
         self.act = SiluAndMul()
 
@@ -340,12 +340,12 @@ class GeneratorMLP(nn.Module):
 
 class GeneratorLayer(nn.Module):
     def __init__(self, config: GeneratorConfig, prefix: str, quant_config: QuantizationConfig | None,
-                 all_reduce: AllReduce, replicated: bool = False) -> None:  # fmt: skip
+                 all_reduce: AllReduce, shard: TowerShard) -> None:  # fmt: skip
         super().__init__()
         self.input_norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = GeneratorAttention(config, f"{prefix}.attn", quant_config, all_reduce, replicated)
+        self.attn = GeneratorAttention(config, f"{prefix}.attn", quant_config, all_reduce, shard)
         self.post_attention_norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GeneratorMLP(config, f"{prefix}.mlp", quant_config, all_reduce, replicated=replicated)
+        self.mlp = GeneratorMLP(config, f"{prefix}.mlp", quant_config, all_reduce, shard)
 
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, rope, layout: PackedAttention, layer: int
@@ -363,13 +363,16 @@ class GeneratorLayer(nn.Module):
 class Cosmos3GeneratorTower(nn.Module):
     """Latent patches and action tokens (+ timestep embedding) in, their velocities out. `quant_config` (the
     deployment's precision, e.g. FP8) applies to the layers' projections and MLPs; the patch, time and action
-    embeddings stay in the compute dtype. With tensor parallelism `all_reduce` sums the row-parallel outputs over
-    the generator's own process group (not the reasoner's: the towers step concurrently)."""
+    embeddings stay in the compute dtype. `shard`: this rank's tensor-parallel shard of the layers (build it in
+    `tower_loading.load_tower`, which shards vLLM's linear layers alike); `all_reduce` sums the row-parallel
+    outputs over the shards' ranks in the generator's own process group (not the reasoner's: the towers step
+    concurrently)."""
 
     def __init__(self, config: GeneratorConfig, quant_config: QuantizationConfig | None = None,
-                 all_reduce: AllReduce | None = None, replicated: bool = False) -> None:  # fmt: skip
+                 all_reduce: AllReduce | None = None, shard: TowerShard = TowerShard()) -> None:  # fmt: skip
         super().__init__()
         self.config = config
+        self.shard = shard
         self.proj_in = ReplicatedLinear(config.patch_latent_dim, config.hidden_size, bias=True, return_bias=False)
         self.proj_out = ReplicatedLinear(config.hidden_size, config.patch_latent_dim, bias=True, return_bias=False)
         # The time embedding stays in float32 at every precision, as in the reference.
@@ -385,7 +388,7 @@ class Cosmos3GeneratorTower(nn.Module):
                                                      config.num_embodiment_domains)  # fmt: skip
             self.action_modality_embed = nn.Parameter(torch.empty(config.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(
-            GeneratorLayer(config, f"layers.{i}", quant_config, all_reduce or _unreduced, replicated)
+            GeneratorLayer(config, f"layers.{i}", quant_config, all_reduce or _unreduced, shard)
             for i in range(config.num_hidden_layers)
         )
         self.norm = GeneratorRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -394,12 +397,17 @@ class Cosmos3GeneratorTower(nn.Module):
         self.ulysses: Ulysses | None = None
 
     def set_sequence_parallel(self, ulysses: Ulysses | None) -> None:
-        """Run the layers on `ulysses`' shard of the tokens (None: all of them). The tower must be `replicated`."""
+        """Run the layers on `ulysses`' shard of the tokens (None: all of them)."""
         if ulysses is not None:
-            ulysses.head_range(self.config.num_key_value_heads)  # the heads divide among the ranks
+            ulysses.head_range(self.num_kv_heads)  # the shard's heads divide among the ranks
         for layer in self.layers:
             layer.attn.ulysses = ulysses
         self.ulysses = ulysses
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key / value heads of this shard."""
+        return self.layers[0].attn.num_kv_heads
 
     def set_attention_precision(self, precision: str) -> None:
         """`"bf16"`: attention in the tower's 16-bit dtype; `"fp8"`: its inputs in e4m3 (`varlen_attention`)."""
@@ -425,7 +433,7 @@ class Cosmos3GeneratorTower(nn.Module):
             into.refill((cos, sin), sequences)
             return into
         dtype = self.proj_in.weight.dtype
-        kv_heads = slice(None) if self.ulysses is None else self.ulysses.head_range(self.config.num_key_value_heads)
+        kv_heads = slice(None) if self.ulysses is None else self.ulysses.head_range(self.num_kv_heads)
         rows = TokenRows.build(sequences, cos.device) if any(seq.num_action_tokens for seq in sequences) else None
         lengths = torch.tensor([seq.num_tokens for seq in sequences])
         return PackedBatch(signature=batch_signature(sequences), rope=(cos.to(dtype), sin.to(dtype)),

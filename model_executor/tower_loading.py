@@ -12,16 +12,18 @@ import torch
 
 from cosmos3_serve.model_executor.checkpoint.generator_config import GeneratorConfig
 from cosmos3_serve.model_executor.generator import AllReduce, Cosmos3GeneratorTower, iter_transformer_weights
-from cosmos3_serve.model_executor.patches import keep_aten_cpu_gemm
+from cosmos3_serve.model_executor.parallel_degrees import TowerShard
+from cosmos3_serve.model_executor.patches import keep_aten_cpu_gemm, linear_layers_sharded_as
 
 
 def load_tower(checkpoint: str | Path, vllm_config, device: torch.device, all_reduce: AllReduce | None = None,
                weights: Iterable[tuple[str, torch.Tensor]] | None = None,
-               replicated: bool = False) -> Cosmos3GeneratorTower:  # fmt: skip
+               shard: TowerShard | None = None) -> Cosmos3GeneratorTower:  # fmt: skip
     """The tower of `checkpoint` on `device` in the engine's dtype, with `weights` (diffusers' transformer names;
-    None: the checkpoint's, or random ones under `--load-format dummy`); `replicated`: whole on every
-    tensor-parallel rank, not a shard."""
+    None: the checkpoint's, or random ones under `--load-format dummy`); `shard`: this rank's tensor-parallel shard
+    (None: sharded like the reasoner, over vLLM's tensor-parallel group)."""
     from vllm.config import CompilationConfig, CompilationMode, set_current_vllm_config
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
     config = GeneratorConfig.from_checkpoint(checkpoint)
@@ -29,11 +31,12 @@ def load_tower(checkpoint: str | Path, vllm_config, device: torch.device, all_re
     # (norms, SiLU), whatever the engine compiles.
     tower_config = copy.copy(vllm_config)
     tower_config.compilation_config = CompilationConfig(mode=CompilationMode.NONE, custom_ops=["all"])
+    shard = shard or TowerShard(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(vllm_config.model_config.dtype)
     try:  # vLLM's layers read these settings and allocate in the default dtype
-        with set_current_vllm_config(tower_config), torch.device(device):
-            tower = Cosmos3GeneratorTower(config, vllm_config.quant_config, all_reduce, replicated)
+        with set_current_vllm_config(tower_config), torch.device(device), linear_layers_sharded_as(shard):
+            tower = Cosmos3GeneratorTower(config, vllm_config.quant_config, all_reduce, shard)
     finally:
         torch.set_default_dtype(default_dtype)
     if weights is None and vllm_config.load_config.load_format == "dummy":

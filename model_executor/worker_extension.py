@@ -76,6 +76,8 @@ class Cosmos3WorkerExtension:
                 "vae_dtype": str(executor.codec.vae.dtype).removeprefix("torch."),
                 "generator_parameters": sum(p.numel() for p in executor.tower.parameters()),
                 "max_batch_tokens": executor.max_batch_tokens, "limits": limits.__dict__,
+                "parallel": {"cfg": executor.group.degrees.cfg, "sp": executor.group.degrees.sp,
+                             "tower_shards": executor.group.tower.size},
                 "memory_gib": self.cosmos3_memory.report(),
                 "kv_cache_gib": round(self._cosmos3_kv_cache_bytes() / 2**30, 3),
                 "kv_cache_tokens": self._cosmos3_kv_cache_tokens(),

@@ -287,11 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "keys and values in e4m3 with dynamic per-tensor scales; FlashAttention 3's FP8 kernel on "
                             "Hopper and later, emulated elsewhere)")
     serve.add_argument("--generator-parallel", default=None, metavar="cfg=C,sp=S",
-                       help="split the generator's work over the --tensor-parallel-size ranks (C x S of them) by "
-                            "sequence instead of by layer shard: each rank holds the whole tower, a request's CFG "
-                            "branches run on different rank groups (C) and each group splits its tokens by Ulysses "
-                            "sequence parallelism (S, dividing the key-value heads); default: the tower sharded like "
-                            "the reasoner (tensor parallelism)")
+                       help="split the generator's work over the --tensor-parallel-size ranks by sequence as well as "
+                            "by layer shard: a request's CFG branches run on different rank groups (C) and each group "
+                            "splits its tokens by Ulysses sequence parallelism (S, dividing the key-value heads); the "
+                            "ranks left over (--tensor-parallel-size / (C x S)) shard the tower; default: the tower "
+                            "sharded like the reasoner (tensor parallelism)")
     serve.add_argument("--enforce-eager", action="store_true",
                        help="no CUDA graphs: vLLM's for the reasoner, ours for the generator's denoising steps")
     serve.add_argument("--profile-dir", default=None,

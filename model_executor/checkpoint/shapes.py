@@ -108,6 +108,23 @@ SHAPES: dict[str, CheckpointShape] = {
         action_dim=8,  # pusht (2 wide) fits; its domain id is 4
         num_embodiment_domains=32,
     ),
+    # Four key / value heads: enough for tests that shard heads over four ranks (tower shards x Ulysses ranks).
+    "tiny-kv4": CheckpointShape(
+        tower=TowerShape(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=64,
+            mrope_section=(12, 10, 10),
+        ),
+        vision=_SMALL_VISION,
+        vae=_SMALL_VAE,
+        processor=_SMALL_PROCESSOR,
+        action_dim=8,
+        num_embodiment_domains=32,
+    ),
     # Nano's head layout on a narrower, shallower tower: the largest random stand-in the CPU machine runs in
     # seconds per step (quality benchmarks of quantized checkpoints).
     "small": CheckpointShape(

@@ -35,7 +35,7 @@ from cosmos3_serve.model_executor.checkpoint.tokenizer import VocabKind, build_t
 PIPELINE_CLASS_NAME = "Cosmos3OmniDiffusersPipeline"
 REASONER_ARCHITECTURE = "Cosmos3ForConditionalGeneration"
 FLOW_SHIFT = 10.0
-RANDOM_WEIGHT_SHAPES = ("tiny", "small")
+RANDOM_WEIGHT_SHAPES = ("tiny", "tiny-kv4", "small")
 
 
 def write_checkpoint(
@@ -51,7 +51,7 @@ def write_checkpoint(
     progress: bool = True,
 ) -> Path:
     """Write the checkpoint to `out` and return its path. `weights` defaults to True for the random-weight shapes
-    (`tiny`, `small`) only.
+    (`RANDOM_WEIGHT_SHAPES`) only.
 
     `und_k_norm_for_gen` writes the attention variant without query / key norms in which the generator
     re-normalises the reasoner's keys (`qk_norm_for_text=False`, `use_und_k_norm_for_gen=True`); `distilled`
@@ -68,7 +68,7 @@ def write_checkpoint(
     tokenizer = build_tokenizer(vocab)
     vocab_rows = embedding_rows(tokenizer)
     special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
-    dtype = "float32" if shape == "tiny" else "bfloat16"
+    dtype = "float32" if shape.startswith("tiny") else "bfloat16"
 
     reasoner_config = _reasoner_config(dims, tokenizer, vocab_rows, dtype)
     transformer_kwargs = _transformer_kwargs(dims, vocab_rows, action, dtype)
