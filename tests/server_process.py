@@ -13,6 +13,11 @@ from collections.abc import Iterator
 
 import httpx
 
+# For servers whose tests are about the API, jobs and process lifetime, not the reasoner's compiled graph: vLLM's
+# CPU backend compiles the reasoner with Inductor at each start, which these tests do not need. The tests of the
+# defaults (test_serve_options, test_default_deployment) start without it.
+EAGER = ("--enforce-eager",)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from tests import media
-from tests.server_process import MediaOrigin, ServerProcess, free_port, sse_events
+from tests.server_process import EAGER, MediaOrigin, ServerProcess, free_port, sse_events
 
 API_KEY = "sk-cosmos3-test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -47,7 +47,7 @@ def server(tiny_checkpoint: Path, profile_dir: Path) -> Iterator[ServerProcess]:
     port = free_port()
     running = ServerProcess(
         [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint), "--port", str(port),
-         "--precision", "fp32", "--max-model-len", "4096", "--api-key", API_KEY,
+         "--precision", "fp32", "--max-model-len", "4096", *EAGER, "--api-key", API_KEY,
          "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-generation-jobs", str(MAX_JOBS),
          "--generation-state-budget-mib", str(STATE_BUDGET_MIB), "--profile-dir", str(profile_dir),
          "--allowed-media-domains", "localhost", "--max-clip-pixels", str(MAX_CLIP_PIXELS),

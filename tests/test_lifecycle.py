@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.server_process import ServerProcess, free_port, sse_events
+from tests.server_process import EAGER, ServerProcess, free_port, sse_events
 
 LONG_VIDEO = {"prompt": "A long one.", "num_frames": 33, "height": 512, "width": 512, "num_inference_steps": 100}
 SHORT_VIDEO = {**LONG_VIDEO, "prompt": "A short one.", "num_inference_steps": 4}  # seconds on a CPU
@@ -24,7 +24,8 @@ GRACE_S = 30  # the short video finishes within it, the long one (minutes on a C
 def start_server(checkpoint: Path, *flags: str) -> ServerProcess:
     port = free_port()
     server = ServerProcess([sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(checkpoint),
-                            "--port", str(port), "--precision", "fp32", "--max-model-len", "2048", *flags], port)  # fmt: skip
+                            "--port", str(port), "--precision", "fp32", "--max-model-len", "2048",
+                            *EAGER, *flags], port)  # fmt: skip
     server.wait_ready(path="/v1/health/ready")
     return server
 

@@ -17,7 +17,7 @@ from cosmos3_serve.model_executor import vllm_compat
 from cosmos3_serve.model_executor.kv_export import EXPORT_PARAM
 from cosmos3_serve.model_executor.plugin import KV_EXPORT_CONNECTOR
 from tests import media
-from tests.server_process import ServerProcess, free_port
+from tests.server_process import EAGER, ServerProcess, free_port
 
 FRAMES, SIDE, FPS = 16, 64, 4
 TOKENS_PER_PATCH = (SIDE // 32) ** 2  # 16 px patches merged 2x2
@@ -94,7 +94,8 @@ def test_vidcom2_through_cosmos3_serve(tiny_checkpoint: Path, unpruned: Unpruned
     port = free_port()
     server = ServerProcess(
         [sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint), "--port", str(port),
-         "--precision", "fp32", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2", "--video-pruning-rate", "0.5",
+         "--precision", "fp32", "--max-model-len", "4096", *EAGER, "--gpu-memory-utilization", "0.2",
+         "--video-pruning-rate", "0.5",
          "--video-pruning-method", "vidcom2"],
         port,
     )  # fmt: skip

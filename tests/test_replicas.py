@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests import media
-from tests.server_process import ServerProcess, free_port
+from tests.server_process import EAGER, ServerProcess, free_port
 
 API_KEY = "replica-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -29,7 +29,7 @@ def front(tiny_checkpoint: Path):
     port = free_port()
     server = ServerProcess([sys.executable, "-m", "cosmos3_serve.server.cli", "serve", str(tiny_checkpoint),
                             "--replicas", "2", "--port", str(port), "--precision", "fp32", "--api-key", API_KEY,
-                            "--served-model-name", "cosmos3", "--max-model-len", "2048"], port)  # fmt: skip
+                            "--served-model-name", "cosmos3", "--max-model-len", "2048", *EAGER], port)  # fmt: skip
     try:
         server.wait_ready(timeout_s=600, path="/v1/health/ready")
         yield server
