@@ -1,14 +1,17 @@
-"""What FP8 W8A8 costs in quality against the 16-bit checkpoint, on the same seeds: the relative error of the
-generator's velocities at every denoising step (teacher-forced: each FP8 forward gets the inputs of the 16-bit
-run's forward), of the final latents, and the PSNR / SSIM of the decoded frames; also with the first and last N
-steps at 16-bit activations (W8A16).
+"""What FP8 W8A8 or NVFP4 W4A4 costs in quality against the 16-bit checkpoint, on the same seeds: the relative error
+of the generator's velocities at every denoising step (teacher-forced: each quantized forward gets the inputs of the
+16-bit run's forward), of the final latents, and the PSNR / SSIM of the decoded frames; also with the first and last
+N steps at 16-bit activations (W8A16 / W4A16). Then the reasoner (transformers', float32, its linears in the
+format by hand): teacher-forced top-1 agreement with the float32 reasoner over a text prompt's positions.
 
-    python bench/quant_quality.py CKPT FP8_CKPT [--steps 8] [--shape 128x128x9] [--seeds 0,1,2] [--a16-steps 0,1,2]
+    python bench/quant_quality.py CKPT QUANTIZED_CKPT [--steps 8] [--shape 128x128x9] [--seeds 0,1,2]
+                                  [--a16-steps 0,1,2]
 
-CKPT is 16-bit, FP8_CKPT its `cosmos3-serve quantize --precision fp8` checkpoint. Both run in diffusers' reference
-pipeline in bf16 on this machine; the FP8 linears compute the format by hand (inputs scaled by `input_scale` and
-rounded to e4m3, times the e4m3 weight, in float32: `tests/oracle.py`), which `tests/test_quantize.py` checks vLLM's
-FP8 kernels against.
+CKPT is 16-bit, QUANTIZED_CKPT its `cosmos3-serve quantize --precision fp8|nvfp4` checkpoint. Both run in
+diffusers' reference pipeline in bf16 on this machine; the quantized linears compute the format by hand
+(`tests/oracle.py`): FP8 inputs scaled by `input_scale` and rounded to e4m3, times the e4m3 weight, in float32
+(which `tests/test_quantize.py` checks vLLM's FP8 kernels against); NVFP4 inputs and weights through their e2m1
+blocks of 16 with e4m3 block scales, their product in float32 (`oracle.linears_by_hand`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +27,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cosmos3_serve.quant.modelopt_format import read_checkpoint_quantization  # noqa: E402
 from tests import oracle  # noqa: E402
+
+FORMATS = {"fp8": ("FP8 W8A8", "W8A16"), "nvfp4": ("NVFP4 W4A4", "W4A16")}
+# The reasoner's prompt: long enough for a few hundred teacher-forced positions.
+TEXT = ("A robot arm picks up a red cube from a wooden table and places it in a blue bowl. Then it sorts parcels "
+        "on a conveyor belt while a scanner reads their labels, and stacks the boxes by size. ") * 3  # fmt: skip
 
 PROMPT = "A robot arm picks up a red cube from a wooden table and places it in a blue bowl."
 
@@ -36,11 +46,25 @@ def load(checkpoint: Path):
     return pipeline
 
 
-def make_fp8(pipeline, quantized: Path, mode: dict[str, bool]):
-    """`pipeline`'s quantized linears computing FP8 by hand (W8A16 while `mode["now"]`), as the tests' oracle."""
-    with safe_open(quantized / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    return oracle.hand_written_fp8(pipeline, tensors, mode)
+def transformer_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    with safe_open(checkpoint / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+
+
+def reasoner_agreement(checkpoint: Path, quantized: Path, view: Path) -> tuple[float, int, int]:
+    """Teacher-forced top-1 agreement of the reasoner with its linears in the quantized format (by hand) with the
+    float32 reasoner, over the positions of `TEXT` in the chat template: (agreement, positions, linears
+    quantized)."""
+    reference = oracle.load_transformers_reasoner(checkpoint, view / "reference")
+    by_hand = oracle.load_transformers_reasoner(checkpoint, view / "by-hand")
+    names = oracle.checkpoint_names(by_hand.model, transformer_tensors(checkpoint))
+    count = oracle.linears_by_hand(names, transformer_tensors(quantized))
+    prompt = reference.render([{"role": "user", "content": [{"type": "text", "text": TEXT}]}])
+    inputs = reference.inputs(prompt)
+    with torch.no_grad():
+        expected = reference.model(**inputs).logits[0].argmax(-1)
+        got = by_hand.model(**inputs).logits[0].argmax(-1)
+    return float((expected == got).float().mean()), int(expected.numel()), count
 
 
 def first_tensor(output) -> torch.Tensor:
@@ -98,7 +122,7 @@ def run(pipeline, seed: int, steps: int, shape: tuple[int, int, int], policy: in
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("fp8_checkpoint", type=Path)
+    parser.add_argument("quantized_checkpoint", type=Path)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--shape", default="128x128x9")
     parser.add_argument("--seeds", default="0,1,2")
@@ -107,9 +131,14 @@ def main() -> int:
     shape = tuple(int(part) for part in args.shape.split("x"))
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    quantization = read_checkpoint_quantization(args.quantized_checkpoint)
+    precision = None if quantization is None else quantization.precision
+    if precision not in FORMATS:
+        parser.error(f"{args.quantized_checkpoint} is not an FP8 or NVFP4 checkpoint of `cosmos3-serve quantize`")
     sixteen = load(args.checkpoint)
     mode = {"now": False}
-    fp8 = make_fp8(load(args.checkpoint), args.fp8_checkpoint, mode)
+    quantized = oracle.hand_written_quantized(load(args.checkpoint), transformer_tensors(args.quantized_checkpoint),
+                                              mode)  # fmt: skip
     rows = []
     for policy in (int(p) for p in args.a16_steps.split(",")):
         per_step, final, psnrs, ssims = [], [], [], []
@@ -122,23 +151,29 @@ def main() -> int:
                 for i, (call_args, call_kwargs, expected) in enumerate(forwards):
                     step = i // (len(forwards) // args.steps)
                     mode["now"] = step < policy or step >= args.steps - policy
-                    per_forward.append(relative(first_tensor(fp8.transformer(*call_args, **call_kwargs)), expected))
+                    per_forward.append(relative(first_tensor(quantized.transformer(*call_args, **call_kwargs)),
+                                                expected))  # fmt: skip
             per_step.append(per_forward)
-            latents8, frames8 = run(fp8, seed, args.steps, shape, policy, mode)
-            final.append(relative(latents8, latents16))
-            psnrs.append(psnr(frames8, frames16))
-            ssims.append(ssim(frames8, frames16))
+            latents_q, frames_q = run(quantized, seed, args.steps, shape, policy, mode)
+            final.append(relative(latents_q, latents16))
+            psnrs.append(psnr(frames_q, frames16))
+            ssims.append(ssim(frames_q, frames16))
         steps_mean = [statistics.mean(values) for values in zip(*per_step)]
         rows.append((policy, steps_mean, statistics.mean(final), statistics.mean(psnrs), statistics.mean(ssims)))
 
-    print(f"\nFP8 W8A8 vs 16-bit (bf16), {args.checkpoint.name}, {args.shape}, {args.steps} steps, guidance 6, seeds "
-          f"{args.seeds}; first / last N steps W8A16")  # fmt: skip
+    name, a16 = FORMATS[precision]
+    print(f"\n{name} vs 16-bit (bf16), {args.checkpoint.name}, {args.shape}, {args.steps} steps, guidance 6, seeds "
+          f"{args.seeds}; first / last N steps {a16}")  # fmt: skip
     print(f"{'N':>3}{'velocity rel. error per forward (teacher-forced), mean over seeds':>70}")
     for policy, steps_mean, *_ in rows:
         print(f"{policy:3d}  " + " ".join(f"{v:.3f}" for v in steps_mean))
     print(f"\n{'N':>3}{'final latents':>15}{'PSNR dB':>10}{'SSIM':>8}")
     for policy, _steps, final, mean_psnr, mean_ssim in rows:
         print(f"{policy:3d}{final:15.3f}{mean_psnr:10.2f}{mean_ssim:8.3f}")
+    with tempfile.TemporaryDirectory() as view:
+        agreement, positions, count = reasoner_agreement(args.checkpoint, args.quantized_checkpoint, Path(view))
+    print(f"\nreasoner, {count} linears {name} by hand: teacher-forced top-1 agreement with the float32 reasoner "
+          f"{agreement:.3f} over {positions} positions")  # fmt: skip
     return 0
 
 

@@ -1,8 +1,10 @@
 """The reference implementations our outputs are compared against, loaded on a checkpoint as released.
 
 - Generator: diffusers' `Cosmos3OmniPipeline` (`enable_safety_checker=False`: the guardrail needs downloads).
-- FP8: diffusers' pipeline with its linears computing the ModelOpt FP8 format by hand (`hand_written_fp8`), and
-  with its generator attention's inputs rounded to e4m3 by hand (`hand_written_fp8_attention`).
+- FP8 and NVFP4: diffusers' pipeline (or transformers' reasoner) with its linears computing the ModelOpt format by
+  hand (`hand_written_quantized`, `linears_by_hand`: FP8 per tensor; NVFP4 e2m1 weights and inputs in blocks of 16
+  with e4m3 block scales and a float32 global scale each), and with its generator attention's inputs rounded to
+  e4m3 by hand (`hand_written_fp8_attention`).
 - Reasoner: transformers' `Cosmos3OmniForConditionalGeneration` with its own unified-layout key renames. The
   released layout keeps the reasoner's weights in `transformer/` and `vision_encoder/`, not at the root, so a
   view directory links the root files and lists both safetensors in a `model.safetensors.index.json`; the
@@ -91,26 +93,95 @@ def load_transformers_reasoner(checkpoint: Path, view_dir: Path, dtype: torch.dt
 FLOAT8_E4M3_MAX = 448.0
 
 
-def hand_written_fp8(pipeline, quantized: dict[str, torch.Tensor], activation_16bit: dict[str, bool] | None = None):
-    """`pipeline` (diffusers', 16-bit) with every linear that `quantized` (a ModelOpt FP8 checkpoint's
-    `transformer/` tensors) quantizes computing FP8 W8A8 per-tensor by hand: the input scaled by its
-    `input_scale`, rounded to e4m3, times the e4m3 weight, both scales applied to the float32 product; while
-    `activation_16bit["now"]`, W8A16 instead: the 16-bit input times the weight dequantized to the input's dtype."""
-    mode = activation_16bit if activation_16bit is not None else {"now": False}
-    for name, module in pipeline.transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and f"{name}.weight_scale" in quantized:
-            weight = quantized[f"{name}.weight"].float()
-            scale, input_scale = quantized[f"{name}.weight_scale"], quantized[f"{name}.input_scale"]
-
-            def forward(x, weight=weight, scale=scale, input_scale=input_scale, bias=module.bias):
-                if mode["now"]:
-                    return torch.nn.functional.linear(x, (weight * scale).to(x.dtype), bias)
-                x8 = (x.float() / input_scale).clamp(-FLOAT8_E4M3_MAX, FLOAT8_E4M3_MAX).to(torch.float8_e4m3fn).float()
-                y = (x8 @ weight.t()) * (input_scale * scale)
-                return (y if bias is None else y + bias.float()).to(x.dtype)
-
-            module.forward = forward
+def hand_written_quantized(pipeline, quantized: dict[str, torch.Tensor],
+                           activation_16bit: dict[str, bool] | None = None):  # fmt: skip
+    """`pipeline` (diffusers', 16-bit) with every linear that `quantized` (a ModelOpt FP8 or NVFP4 checkpoint's
+    `transformer/` tensors) quantizes computing its format by hand (`linears_by_hand`)."""
+    linears_by_hand(dict(pipeline.transformer.named_modules()), quantized, activation_16bit)
     return pipeline
+
+
+def linears_by_hand(modules: dict[str, torch.nn.Module], quantized: dict[str, torch.Tensor],
+                    activation_16bit: dict[str, bool] | None = None) -> int:  # fmt: skip
+    """Every `torch.nn.Linear` of `modules` (by its checkpoint name) that `quantized` (a ModelOpt checkpoint's
+    `transformer/` tensors) quantizes computes the checkpoint's format by hand; returns how many. FP8: the input
+    scaled by its `input_scale`, rounded to e4m3, times the e4m3 weight, both scales applied to the float32
+    product. NVFP4: the input and the weight each through their e2m1 blocks (`nvfp4_round_trip`, `nvfp4_weight`),
+    their product in float32. While `activation_16bit["now"]`, W8A16 / W4A16 instead: the 16-bit input times the
+    weight dequantized to the input's dtype."""
+    mode = activation_16bit if activation_16bit is not None else {"now": False}
+    count = 0
+    for name, module in modules.items():
+        if not isinstance(module, torch.nn.Linear) or f"{name}.input_scale" not in quantized:
+            continue
+        input_scale = quantized[f"{name}.input_scale"]
+        if f"{name}.weight_scale_2" in quantized:  # NVFP4
+            weight = nvfp4_weight(quantized[f"{name}.weight"], quantized[f"{name}.weight_scale"],
+                                  quantized[f"{name}.weight_scale_2"])  # fmt: skip
+
+            def activations(x: torch.Tensor, input_scale=input_scale) -> torch.Tensor:
+                return nvfp4_round_trip(x, input_scale)
+        else:
+            weight = quantized[f"{name}.weight"].float() * quantized[f"{name}.weight_scale"]
+
+            def activations(x: torch.Tensor, input_scale=input_scale) -> torch.Tensor:
+                scaled = (x.float() / input_scale).clamp(-FLOAT8_E4M3_MAX, FLOAT8_E4M3_MAX)
+                return scaled.to(torch.float8_e4m3fn).float() * input_scale
+
+        def forward(x, weight=weight, activations=activations, bias=module.bias):
+            if mode["now"]:
+                return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+            y = activations(x) @ weight.t()
+            return (y if bias is None else y + bias.float()).to(x.dtype)
+
+        module.forward = forward
+        count += 1
+    return count
+
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # the magnitudes of a float4 e2m1
+NVFP4_BLOCK = 16
+
+
+def nvfp4_weight(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """A ModelOpt NVFP4 weight `[out, in]` in float32: two e2m1 codes per byte of `packed` (`[out, in / 2]`, the
+    even element in the low nibble, the sign in each nibble's high bit) times its block's e4m3 scale
+    (`[out, in / 16]`) times the tensor's `global_scale` (`weight_scale_2`)."""
+    out_features = packed.shape[0]
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(out_features, -1).long()
+    values = E2M1_VALUES[codes & 0x7] * torch.where(codes >= 8, -1.0, 1.0)
+    return values * block_scales.float().repeat_interleave(NVFP4_BLOCK, dim=1) * global_scale.float()
+
+
+def nvfp4_round_trip(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """`x` (last dim a multiple of 16) quantized to NVFP4 as an activation is at run time, and back, in float32:
+    each block of 16 gets the e4m3 scale that maps its largest magnitude to e2m1's largest (6) over `global_scale`
+    (the checkpoint's `input_scale`), and each element the nearest e2m1 value of its scaled magnitude."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, NVFP4_BLOCK)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / (E2M1_VALUES[-1] * global_scale.float())
+    scale = scale.clamp(max=FLOAT8_E4M3_MAX).to(torch.float8_e4m3fn).float() * global_scale.float()
+    scaled = (blocks / torch.where(scale > 0, scale, 1.0)).clamp(-E2M1_VALUES[-1], E2M1_VALUES[-1])
+    midpoints = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
+    rounded = E2M1_VALUES[torch.bucketize(scaled.abs(), midpoints)] * scaled.sign()
+    return (rounded * scale).reshape(x.shape)
+
+
+def checkpoint_names(model: torch.nn.Module, source: dict[str, torch.Tensor]) -> dict[str, torch.nn.Module]:
+    """`model`'s linear layers by their name in the checkpoint whose tensors are `source` (found by their weights,
+    which `model` loaded from it unchanged), for `linears_by_hand` on a model that renames the checkpoint's keys."""
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for key, tensor in source.items():
+        if key.endswith(".weight") and tensor.ndim == 2:
+            by_shape.setdefault(tuple(tensor.shape), []).append(key)
+    named = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight.detach()
+            for key in by_shape.get(tuple(weight.shape), []):
+                if torch.equal(source[key].to(weight.dtype), weight):
+                    named[key.removesuffix(".weight")] = module
+                    break
+    return named
 
 
 @contextmanager

@@ -22,7 +22,6 @@ from safetensors import safe_open
 
 pytest.importorskip("modelopt")
 
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 CALIBRATION = ["--steps", "3", "--shape", "64x64x5", "--device", "cpu", "--a16-steps", "0"]
 PROMPT = "a red cube slides across a wooden table"
 
@@ -99,10 +98,8 @@ def test_nvfp4_checkpoint_unpacks_to_the_weights_within_half_a_step(tiny_checkpo
         assert block_scales.dtype == torch.float8_e4m3fn and block_scales.shape == (out_features, in_features // 16)
         global_scale = max(source[f"{m}.weight"].abs().max() for m in _group_members(module)) / (FP4_MAX * FP8_MAX)
         assert torch.allclose(quantized[f"{module}.weight_scale_2"], global_scale, rtol=1e-6)
-        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(out_features, in_features).long()
-        values = E2M1_VALUES[nibbles & 0x7] * torch.where(nibbles >= 8, -1.0, 1.0)
         step = block_scales.float().repeat_interleave(16, dim=1) * quantized[f"{module}.weight_scale_2"]
-        restored = values * step
+        restored = oracle.nvfp4_weight(packed, block_scales, quantized[f"{module}.weight_scale_2"])
         # the largest gap of e2m1 (4 -> 6) is 2 steps: at most one step off, plus the block scale's own rounding
         assert ((restored - original).abs() <= step * 1.0 + original.abs() * 2**-4).all(), module
         assert float((restored - original).norm() / original.norm()) < 0.2
@@ -147,7 +144,7 @@ def test_fp8_generator_step_follows_a_hand_written_fp8_forward(fp8_served: dict,
     arguments = {**{k: v for k, v in ONE_STEP.items() if k != "seed"}, "output_type": "latent"}
     reference_16bit = oracle.load_diffusers_pipeline(tiny_checkpoint, torch.bfloat16)
     sixteen = reference_16bit(**arguments, generator=torch.Generator().manual_seed(3)).video
-    by_hand = oracle.hand_written_fp8(reference_16bit, _tensors(fp8_checkpoint))(
+    by_hand = oracle.hand_written_quantized(reference_16bit, _tensors(fp8_checkpoint))(
         **arguments, generator=torch.Generator().manual_seed(3)).video
     assert _relative(ours, by_hand) < 0.03  # same format: bf16 rounding and summation order apart
     assert _relative(ours, by_hand) < 0.75 * _relative(by_hand, sixteen)  # nearer FP8 than FP8 is to 16-bit
@@ -165,7 +162,7 @@ def test_first_and_last_steps_at_16bit_activations_follow_the_hand_written_sched
         mode["now"] = step + 1 == 3  # the next step: the first and the last of 4 at 16-bit activations
         return callback_kwargs
 
-    pipeline = oracle.hand_written_fp8(oracle.load_diffusers_pipeline(tiny_checkpoint, torch.bfloat16),
+    pipeline = oracle.hand_written_quantized(oracle.load_diffusers_pipeline(tiny_checkpoint, torch.bfloat16),
                                  _tensors(fp8_checkpoint), mode)  # fmt: skip
     arguments = {k: v for k, v in FOUR_STEPS.items() if k != "seed"}
     by_hand = pipeline(**arguments, generator=torch.Generator().manual_seed(5), output_type="latent",
@@ -182,3 +179,14 @@ def test_fp8_reasoner_predicts_the_16bit_reasoners_next_tokens(fp8_served: dict,
     # Random weights give flat logits, whose top-1 flips at small perturbations; a tower loaded wrongly agrees on
     # about one position in the vocabulary's size (640).
     assert agreement >= 0.6, agreement
+
+
+def test_nvfp4_activation_rounding_by_hand() -> None:
+    """The oracle's NVFP4 activation path on values worked out by hand: one e4m3 scale per block of 16 (its largest
+    magnitude over 6, over the global scale), each element to the nearest e2m1 value."""
+    first = torch.tensor([6.0, 3.0, 1.2, -0.3, 0.1, -4.4, 2.6, 0.0] + [0.0] * 8)  # block scale 6 / 6 / 0.5 = 2, step 1
+    second = torch.tensor([12.0, 5.2, -1.1, 0.6] + [0.0] * 12)  # global 0.5: block scale 12 / 6 / 0.5 = 4, step 2
+    got = oracle.nvfp4_round_trip(torch.stack([torch.cat([first, second])]), torch.tensor(0.5))
+    expected_first = torch.tensor([6.0, 3.0, 1.0, -0.5, 0.0, -4.0, 3.0, 0.0] + [0.0] * 8)
+    expected_second = torch.tensor([12.0, 6.0, -1.0, 1.0] + [0.0] * 12)
+    assert torch.equal(got[0], torch.cat([expected_first, expected_second]))
