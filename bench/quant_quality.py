@@ -5,18 +5,21 @@ N steps at 16-bit activations (W8A16 / W4A16). Then the reasoner (transformers',
 format by hand): teacher-forced top-1 agreement with the float32 reasoner over a text prompt's positions.
 
     python bench/quant_quality.py CKPT QUANTIZED_CKPT [--steps 8] [--shape 128x128x9] [--seeds 0,1,2]
-                                  [--a16-steps 0,1,2]
+                                  [--a16-steps 0,1,2] [--attention bf16|fp8]
 
 CKPT is 16-bit, QUANTIZED_CKPT its `cosmos3-serve quantize --precision fp8|nvfp4` checkpoint. Both run in
 diffusers' reference pipeline in bf16 on this machine; the quantized linears compute the format by hand
 (`tests/oracle.py`): FP8 inputs scaled by `input_scale` and rounded to e4m3, times the e4m3 weight, in float32
 (which `tests/test_quantize.py` checks vLLM's FP8 kernels against); NVFP4 inputs and weights through their e2m1
-blocks of 16 with e4m3 block scales, their product in float32 (`oracle.linears_by_hand`).
+blocks of 16 with e4m3 block scales, their product in float32 (`oracle.linears_by_hand`). `--attention fp8` also
+rounds the generator attention's queries, keys and values to e4m3 (one scale each, `oracle.hand_written_fp8_attention`)
+in the compared run; with QUANTIZED_CKPT = CKPT it measures FP8 attention alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -127,41 +130,49 @@ def main() -> int:
     parser.add_argument("--shape", default="128x128x9")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--a16-steps", default="0,1,2")
+    parser.add_argument("--attention", choices=["bf16", "fp8"], default="bf16",
+                        help="fp8: the generator's attention on e4m3 inputs (by hand) in the compared run too")
     args = parser.parse_args()
     shape = tuple(int(part) for part in args.shape.split("x"))
     seeds = [int(s) for s in args.seeds.split(",")]
 
     quantization = read_checkpoint_quantization(args.quantized_checkpoint)
     precision = None if quantization is None else quantization.precision
-    if precision not in FORMATS:
-        parser.error(f"{args.quantized_checkpoint} is not an FP8 or NVFP4 checkpoint of `cosmos3-serve quantize`")
+    if precision not in (*FORMATS, None) or (precision is None and args.attention == "bf16"):
+        parser.error(f"{args.quantized_checkpoint} is not an FP8 or NVFP4 checkpoint of `cosmos3-serve quantize` (a "
+                     f"16-bit one compares with --attention fp8 only)")  # fmt: skip
+    name, a16 = FORMATS.get(precision, ("BF16 linears", "-"))
+    if args.attention == "fp8":
+        name += " + FP8 attention"
     sixteen = load(args.checkpoint)
     mode = {"now": False}
-    quantized = oracle.hand_written_quantized(load(args.checkpoint), transformer_tensors(args.quantized_checkpoint),
-                                              mode)  # fmt: skip
+    quantized = load(args.checkpoint)
+    if precision is not None:
+        oracle.hand_written_quantized(quantized, transformer_tensors(args.quantized_checkpoint), mode)
+    attention = oracle.hand_written_fp8_attention if args.attention == "fp8" else contextlib.nullcontext
     rows = []
-    for policy in (int(p) for p in args.a16_steps.split(",")):
+    for policy in (int(p) for p in (args.a16_steps if precision else "0").split(",")):
         per_step, final, psnrs, ssims = [], [], [], []
         for seed in seeds:
             record: list = []
             latents16, frames16 = run(sixteen, seed, args.steps, shape, 0, {"now": False}, record)
             forwards = record[: len(record) // 2]  # the latent run's; the frames' run repeats them
             per_forward = []
-            with torch.no_grad():
+            with torch.no_grad(), attention():
                 for i, (call_args, call_kwargs, expected) in enumerate(forwards):
                     step = i // (len(forwards) // args.steps)
                     mode["now"] = step < policy or step >= args.steps - policy
                     per_forward.append(relative(first_tensor(quantized.transformer(*call_args, **call_kwargs)),
                                                 expected))  # fmt: skip
             per_step.append(per_forward)
-            latents_q, frames_q = run(quantized, seed, args.steps, shape, policy, mode)
+            with attention():
+                latents_q, frames_q = run(quantized, seed, args.steps, shape, policy, mode)
             final.append(relative(latents_q, latents16))
             psnrs.append(psnr(frames_q, frames16))
             ssims.append(ssim(frames_q, frames16))
         steps_mean = [statistics.mean(values) for values in zip(*per_step)]
         rows.append((policy, steps_mean, statistics.mean(final), statistics.mean(psnrs), statistics.mean(ssims)))
 
-    name, a16 = FORMATS[precision]
     print(f"\n{name} vs 16-bit (bf16), {args.checkpoint.name}, {args.shape}, {args.steps} steps, guidance 6, seeds "
           f"{args.seeds}; first / last N steps {a16}")  # fmt: skip
     print(f"{'N':>3}{'velocity rel. error per forward (teacher-forced), mean over seeds':>70}")
@@ -170,10 +181,12 @@ def main() -> int:
     print(f"\n{'N':>3}{'final latents':>15}{'PSNR dB':>10}{'SSIM':>8}")
     for policy, _steps, final, mean_psnr, mean_ssim in rows:
         print(f"{policy:3d}{final:15.3f}{mean_psnr:10.2f}{mean_ssim:8.3f}")
+    if precision is None:  # FP8 attention is the generator's only
+        return 0
     with tempfile.TemporaryDirectory() as view:
         agreement, positions, count = reasoner_agreement(args.checkpoint, args.quantized_checkpoint, Path(view))
-    print(f"\nreasoner, {count} linears {name} by hand: teacher-forced top-1 agreement with the float32 reasoner "
-          f"{agreement:.3f} over {positions} positions")  # fmt: skip
+    print(f"\nreasoner, {count} linears {FORMATS[precision][0]} by hand: teacher-forced top-1 agreement with the "
+          f"float32 reasoner {agreement:.3f} over {positions} positions")  # fmt: skip
     return 0
 
 
