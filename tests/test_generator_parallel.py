@@ -60,7 +60,7 @@ def runs(checkpoint: Path, requests, tmp_path_factory: pytest.TempPathFactory) -
     torch.save({"requests": requests, "prompt_kv": prompt_kv}, folder / "in.pt")
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     subprocess.run([sys.executable, "-m", "tests.generator_parallel_probe", str(checkpoint), str(folder / "in.pt"),
-                    str(folder / "out"), str(WORLD), *DEGREES], check=True, env=env, timeout=600)  # fmt: skip
+                    str(folder / "out"), str(WORLD), "cpu", *DEGREES], check=True, env=env, timeout=600)  # fmt: skip
     ranks = {degrees: [torch.load(folder / f"out.{degrees}.{rank}", weights_only=False) for rank in range(WORLD)]
              for degrees in DEGREES}  # fmt: skip
     return {"ranks": ranks, "one": torch.load(folder / "out.one", weights_only=False)}
