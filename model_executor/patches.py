@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     import aiohttp
 
     from cosmos3_serve.model_executor.parallel_degrees import TowerShard
-
     from cosmos3_serve.server.media_policy import MediaPolicy
 
 logger = logging.getLogger(__name__)

@@ -6,6 +6,8 @@ reference.
 
     python -m tests.generator_parallel_probe CKPT IN.pt OUT WORLD DEVICE DEGREES [DEGREES ...]
 
+(tests call it through `run_probe`, which writes IN.pt with random prompt K/V and reads the results back)
+
 IN.pt: {"requests": {id: GenerationRequest}, "prompt_kv": {id: [kv [layers, 2, tokens, kv heads, head_dim]]}}.
 DEVICE: `cpu` (float32, gloo) or `cuda` (bf16, NCCL, one GPU per rank). DEGREES: `cfg=C,sp=S`, or `tp` for the
 default (the tower sharded over every rank).
@@ -18,11 +20,39 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+    from cosmos3_serve.model_executor.request import GenerationRequest
+
+
+def run_probe(checkpoint: Path, requests: dict[str, GenerationRequest], world: int, device_type: str,
+              all_degrees: list[str], folder: Path) -> dict:  # fmt: skip
+    """This probe on `world` ranks for `requests` with random prompt K/V (every head, both CFG branches where
+    guided): {"ranks": {degrees: [each rank's results]}, "one": the one-rank outputs}."""
+    import torch
+
+    from cosmos3_serve.model_executor.checkpoint.generator_config import GeneratorConfig
+
+    config = GeneratorConfig.from_checkpoint(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    shape, tail = (config.num_hidden_layers, 2), (config.num_key_value_heads, config.head_dim)
+    prompt_kv = {request_id: [torch.randn(*shape, 5 + 3 * i + b, *tail, generator=generator)
+                              for b in range(2 if request.uses_cfg else 1)]
+                 for i, (request_id, request) in enumerate(requests.items())}  # fmt: skip
+    torch.save({"requests": requests, "prompt_kv": prompt_kv}, folder / "in.pt")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    subprocess.run([sys.executable, "-m", "tests.generator_parallel_probe", str(checkpoint), str(folder / "in.pt"),
+                    str(folder / "out"), str(world), device_type, *all_degrees], check=True, env=env,
+                   timeout=900)  # fmt: skip
+    ranks = {degrees: [torch.load(folder / f"out.{degrees}.{rank}", weights_only=False) for rank in range(world)]
+             for degrees in all_degrees}  # fmt: skip
+    return {"ranks": ranks, "one": torch.load(folder / "out.one", weights_only=False)}
 
 
 def rank_main(rank: int, checkpoint: str, spec_path: str, out: str, world: int, device_type: str,

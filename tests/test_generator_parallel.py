@@ -7,15 +7,13 @@ shard's heads once per request; finished requests' results are dealt to the rank
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from cosmos3_serve.model_executor.request import GenerationRequest
+from tests.generator_parallel_probe import run_probe
 from tests.test_actions import action_request
 
 ATOL = 1e-4  # float32: the same sums in other shapes and orders
@@ -48,22 +46,7 @@ def requests() -> dict[str, GenerationRequest]:
 def runs(checkpoint: Path, requests, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Per degrees, each rank's results, and the one-rank results (one probe: every executor in the same four
     processes, one after the other)."""
-    from cosmos3_serve.model_executor.checkpoint.generator_config import GeneratorConfig
-
-    config = GeneratorConfig.from_checkpoint(checkpoint)
-    generator = torch.Generator().manual_seed(0)
-    shape, tail = (config.num_hidden_layers, 2), (config.num_key_value_heads, config.head_dim)
-    prompt_kv = {request_id: [torch.randn(*shape, 5 + 3 * i + b, *tail, generator=generator)
-                              for b in range(2 if request.uses_cfg else 1)]
-                 for i, (request_id, request) in enumerate(requests.items())}  # fmt: skip
-    folder = tmp_path_factory.mktemp("ranks")
-    torch.save({"requests": requests, "prompt_kv": prompt_kv}, folder / "in.pt")
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    subprocess.run([sys.executable, "-m", "tests.generator_parallel_probe", str(checkpoint), str(folder / "in.pt"),
-                    str(folder / "out"), str(WORLD), "cpu", *DEGREES], check=True, env=env, timeout=600)  # fmt: skip
-    ranks = {degrees: [torch.load(folder / f"out.{degrees}.{rank}", weights_only=False) for rank in range(WORLD)]
-             for degrees in DEGREES}  # fmt: skip
-    return {"ranks": ranks, "one": torch.load(folder / "out.one", weights_only=False)}
+    return run_probe(checkpoint, requests, WORLD, "cpu", list(DEGREES), tmp_path_factory.mktemp("ranks"))
 
 
 def _close(got: torch.Tensor | None, expected: torch.Tensor | None) -> bool:

@@ -7,7 +7,7 @@ mirror the reasoner's attention and MLP), so one `TowerShape` describes the text
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -90,41 +90,29 @@ _SMALL_PROCESSOR = ProcessorShape(
     image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=32 * 32, video_max_pixels=32 * 64 * 64
 )
 
+# The tests' checkpoint. Head dims of 64 keep vLLM's CPU attention (needs head_dim >= 32) and real mRoPE
+# interleaving.
+_TINY = CheckpointShape(
+    tower=TowerShape(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        mrope_section=(12, 10, 10),
+    ),
+    vision=_SMALL_VISION,
+    vae=_SMALL_VAE,
+    processor=_SMALL_PROCESSOR,
+    action_dim=8,  # pusht (2 wide) fits; its domain id is 4
+    num_embodiment_domains=32,
+)
+
 SHAPES: dict[str, CheckpointShape] = {
-    # Head dims of 64 keep vLLM's CPU attention (needs head_dim >= 32) and real mRoPE interleaving.
-    "tiny": CheckpointShape(
-        tower=TowerShape(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=64,
-            mrope_section=(12, 10, 10),
-        ),
-        vision=_SMALL_VISION,
-        vae=_SMALL_VAE,
-        processor=_SMALL_PROCESSOR,
-        action_dim=8,  # pusht (2 wide) fits; its domain id is 4
-        num_embodiment_domains=32,
-    ),
+    "tiny": _TINY,
     # Four key / value heads: enough for tests that shard heads over four ranks (tower shards x Ulysses ranks).
-    "tiny-kv4": CheckpointShape(
-        tower=TowerShape(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            head_dim=64,
-            mrope_section=(12, 10, 10),
-        ),
-        vision=_SMALL_VISION,
-        vae=_SMALL_VAE,
-        processor=_SMALL_PROCESSOR,
-        action_dim=8,
-        num_embodiment_domains=32,
-    ),
+    "tiny-kv4": replace(_TINY, tower=replace(_TINY.tower, num_key_value_heads=4)),
     # Nano's head layout on a narrower, shallower tower: the largest random stand-in the CPU machine runs in
     # seconds per step (quality benchmarks of quantized checkpoints).
     "small": CheckpointShape(

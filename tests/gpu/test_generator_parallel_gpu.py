@@ -6,15 +6,13 @@ shards per group. The tiny checkpoint's two key / value heads leave Ulysses insi
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from cosmos3_serve.model_executor.request import GenerationRequest
+from tests.generator_parallel_probe import run_probe
 from tests.test_actions import action_request
 
 pytestmark = [pytest.mark.gpu,
@@ -28,28 +26,14 @@ DEGREES = ("cfg=2", "sp=2", "tp") if WORLD == 2 else ("cfg=2,sp=2", "cfg=2", "tp
 
 @pytest.fixture(scope="module")
 def runs(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from cosmos3_serve.model_executor.checkpoint.generator_config import GeneratorConfig
-
     requests = {
         "image-cfg": GenerationRequest(PROMPT, NEGATIVE, height=64, width=96, num_inference_steps=3, seed=1),
         "video": GenerationRequest(PROMPT, None, num_frames=9, height=64, width=96, num_inference_steps=3, seed=2,
                                    guidance_scale=1.0),  # fmt: skip
         "policy": action_request("policy", steps=3, seed=3),
     }
-    config = GeneratorConfig.from_checkpoint(tiny_checkpoint)
-    generator = torch.Generator().manual_seed(0)
-    shape, tail = (config.num_hidden_layers, 2), (config.num_key_value_heads, config.head_dim)
-    prompt_kv = {request_id: [torch.randn(*shape, 5 + 3 * i + b, *tail, generator=generator)
-                              for b in range(2 if request.uses_cfg else 1)]
-                 for i, (request_id, request) in enumerate(requests.items())}  # fmt: skip
-    folder = tmp_path_factory.mktemp("gpus")
-    torch.save({"requests": requests, "prompt_kv": prompt_kv}, folder / "in.pt")
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    subprocess.run([sys.executable, "-m", "tests.generator_parallel_probe", str(tiny_checkpoint), str(folder / "in.pt"),
-                    str(folder / "out"), str(WORLD), "cuda", *DEGREES], check=True, env=env, timeout=900)  # fmt: skip
-    ranks = {degrees: [torch.load(folder / f"out.{degrees}.{rank}", weights_only=False) for rank in range(WORLD)]
-             for degrees in DEGREES}  # fmt: skip
-    return {"ranks": ranks, "one": torch.load(folder / "out.one", weights_only=False), "requests": requests}
+    result = run_probe(tiny_checkpoint, requests, WORLD, "cuda", list(DEGREES), tmp_path_factory.mktemp("gpus"))
+    return {**result, "requests": requests}
 
 
 def _close(got: torch.Tensor | None, expected: torch.Tensor | None) -> bool:
